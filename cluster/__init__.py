@@ -1,0 +1,1 @@
+"""Ray runtime for facelake: local default vs an existing cluster, resources, schedule files."""

@@ -1,0 +1,69 @@
+"""Start or join Ray, and describe the resources a job may plan with.
+
+Without an address facelake starts a local Ray (the embedded default) with its dashboard bound
+to 127.0.0.1; ``auto``, ``ray://host:port`` or ``host:port`` join an existing cluster. Storage
+credentials are never put in the runtime environment: workers use the AWS credential chain.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import ray
+
+log = logging.getLogger(__name__)
+
+# Environment that every worker needs and that is not secret.
+WORKER_ENV_KEYS = ("DEEPFACE_HOME", "DEEPFACE_BACKEND_ENGINE", "FACELAKE_WEIGHTS_FROM",
+                   "FACELAKE_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+                   "AWS_DEFAULT_REGION", "PYTHONPATH")
+
+
+@dataclass(frozen=True)
+class ClusterResources:
+    """What the connected cluster offers right now."""
+
+    cpus: float
+    gpus: float
+    nodes: int
+
+
+def worker_env() -> dict[str, str]:
+    """Non-secret environment passed to Ray workers (credentials stay in the chain)."""
+    env = {key: os.environ[key] for key in WORKER_ENV_KEYS if key in os.environ}
+    env.setdefault("DEEPFACE_BACKEND_ENGINE", "onnx")
+    return env
+
+
+def connect(address: str | None = None, *, num_cpus: int | None = None) -> ClusterResources:
+    """Join the cluster at ``address``, or start a local Ray when it is None.
+
+    Reuses an already-initialised Ray (notebooks, tests) instead of starting a second one.
+    """
+    if not ray.is_initialized():
+        runtime_env = {"env_vars": worker_env()}
+        if address:
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1",
+                     runtime_env=runtime_env, log_to_driver=True,
+                     object_store_memory=_local_object_store_bytes())
+    return resources()
+
+
+def resources() -> ClusterResources:
+    total = ray.cluster_resources()
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    return ClusterResources(cpus=float(total.get("CPU", 0)), gpus=float(total.get("GPU", 0)), nodes=nodes)
+
+
+def _local_object_store_bytes() -> int:
+    """A modest object store for a local Ray: faces and vectors are small; 1 GiB is plenty."""
+    return int(os.environ.get("FACELAKE_OBJECT_STORE_BYTES", 1 << 30))
+
+
+def shutdown_if_local(started_here: bool) -> None:
+    if started_here and ray.is_initialized():
+        ray.shutdown()

@@ -1,0 +1,159 @@
+"""Detect, align and embed faces with deepface's models, in batches.
+
+deepface loads both models (its YuNet detector client and its SFace recognizer client, from the
+weights facelake provisioned). facelake then uses them directly for two things deepface's own
+``represent`` does not do: it keeps YuNet's five landmarks and aligns each face to SFace's
+112x112 template with a similarity transform (the crop SFace was trained on; deepface's
+rotate-and-cut crop costs it ~15 points of LFW accuracy), and it embeds many faces per
+onnxruntime call instead of one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from facelake.registry import SFACE_TEMPLATE_112, ModelSpec, get_model, weights_fingerprint
+from facelake.weights import provision
+
+log = logging.getLogger(__name__)
+
+# YuNet is run at most at this size (as deepface does): larger inputs make it miss faces.
+DETECT_MAX_SIDE = 640
+# Faces are detected at this low score and then filtered by the quality floor, so that
+# dropped faces can be recorded with their reason instead of silently vanishing.
+DETECT_FLOOR_SCORE = 0.5
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One detected face in image pixels."""
+
+    bbox: tuple[int, int, int, int]  # x, y, width, height
+    score: float
+    landmarks: np.ndarray            # (5, 2) float32: right eye, left eye, nose, mouth corners
+
+
+@dataclass(frozen=True)
+class QualityFloor:
+    """Faces below either bound are dropped, with the reason recorded."""
+
+    min_face: int = 24        # px, the smaller side of the box; SFace input is 112 px
+    min_score: float = 0.8    # YuNet score
+
+    def reason(self, det: Detection) -> str | None:
+        if min(det.bbox[2], det.bbox[3]) < self.min_face:
+            return f"face {det.bbox[2]}x{det.bbox[3]} px is smaller than --min-face {self.min_face}"
+        if det.score < self.min_score:
+            return f"detector score {det.score:.2f} is below --min-score {self.min_score}"
+        return None
+
+
+def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Least-squares 2x3 similarity transform mapping src points onto dst (Umeyama, 1991).
+
+    Written out (12 lines) rather than taken from scikit-image to avoid a dependency; it is the
+    estimate OpenCV's FaceRecognizerSF.alignCrop computes.
+    """
+    src = np.asarray(src, np.float64)
+    dst = np.asarray(dst, np.float64)
+    src_mean, dst_mean = src.mean(0), dst.mean(0)
+    src_c, dst_c = src - src_mean, dst - dst_mean
+    cov = dst_c.T @ src_c / len(src)
+    u, s, vt = np.linalg.svd(cov)
+    d = np.eye(2)
+    if np.linalg.det(u) * np.linalg.det(vt) < 0:
+        d[1, 1] = -1
+    rotation = u @ d @ vt
+    scale = np.trace(np.diag(s) @ d) / src_c.var(0).sum()
+    matrix = np.zeros((2, 3))
+    matrix[:, :2] = scale * rotation
+    matrix[:, 2] = dst_mean - scale * rotation @ src_mean
+    return matrix
+
+
+class FaceEngine:
+    """A loaded detector + recognizer pair. Build once per worker; call from one thread."""
+
+    def __init__(self, model: str | ModelSpec | None = None, *, weights_from: str | None = None,
+                 threads: int | None = None) -> None:
+        self.spec = model if isinstance(model, ModelSpec) else get_model(model)
+        provision(self.spec, weights_from)
+        from deepface.modules import modeling  # imported late: it is slow and pulls in onnxruntime
+
+        self._detector = modeling.build_model(task="face_detector", model_name=self.spec.detector).model
+        recognizer = modeling.build_model(task="facial_recognition", model_name=self.spec.recognizer)
+        self._session = recognizer.model
+        if threads:
+            cv2.setNumThreads(threads)
+            self._session = _session_with_threads(self._session, threads)
+        self._input_name = self._session.get_inputs()[0].name
+        self.weights_sha256 = weights_fingerprint(self.spec)
+        self._template = np.asarray(SFACE_TEMPLATE_112, np.float32)
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self._session.get_providers())
+
+    def detect(self, image_bgr: np.ndarray) -> list[Detection]:
+        """All faces YuNet finds (score >= DETECT_FLOOR_SCORE), largest first."""
+        height, width = image_bgr.shape[:2]
+        scale = min(1.0, DETECT_MAX_SIDE / max(height, width))
+        small = image_bgr if scale == 1.0 else cv2.resize(
+            image_bgr, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA)
+        self._detector.setInputSize((small.shape[1], small.shape[0]))
+        self._detector.setScoreThreshold(DETECT_FLOOR_SCORE)
+        _, rows = self._detector.detect(small)
+        if rows is None:
+            return []
+        found = []
+        for row in rows:
+            x, y, w, h = (row[:4] / scale).tolist()
+            x0, y0 = max(0.0, x), max(0.0, y)
+            x1, y1 = min(float(width), x + w), min(float(height), y + h)
+            if x1 <= x0 or y1 <= y0:
+                continue
+            bbox = (int(round(x0)), int(round(y0)), int(round(x1 - x0)), int(round(y1 - y0)))
+            landmarks = (row[4:14].reshape(5, 2) / scale).astype(np.float32)
+            found.append(Detection(bbox=bbox, score=float(row[14]), landmarks=landmarks))
+        found.sort(key=lambda d: d.bbox[2] * d.bbox[3], reverse=True)
+        return found
+
+    def align(self, image_bgr: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+        """Cut the 112x112 face SFace expects, from five landmarks."""
+        matrix = similarity_transform(landmarks, self._template)
+        return cv2.warpAffine(image_bgr, matrix, self.spec.input_size, flags=cv2.INTER_LINEAR)
+
+    def embed(self, faces_bgr: list[np.ndarray] | np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """L2-normalised embeddings (n, dim) float32 for aligned faces, many per model call."""
+        if len(faces_bgr) == 0:
+            return np.zeros((0, self.spec.dim), np.float32)
+        stack = np.asarray(faces_bgr, dtype=np.uint8)
+        # SFace takes RGB, channels first, 0..255 (as OpenCV's FaceRecognizerSF.feature feeds it)
+        blob = np.ascontiguousarray(stack[..., ::-1].transpose(0, 3, 1, 2), dtype=np.float32)
+        out = [self._session.run(None, {self._input_name: blob[i:i + batch_size]})[0]
+               for i in range(0, len(blob), batch_size)]
+        vectors = np.concatenate(out).astype(np.float32)
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        return vectors / np.maximum(norms, 1e-12)
+
+
+def _session_with_threads(session, threads: int):
+    """Rebuild an onnxruntime session from the same file with a bounded thread count."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    path = session._model_path  # the provisioned, checksum-verified file deepface loaded
+    return ort.InferenceSession(path, sess_options=options, providers=session.get_providers())
+
+
+def default_threads() -> int:
+    """Threads per engine when not told: the CPUs this process may use."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)

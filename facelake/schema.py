@@ -1,0 +1,82 @@
+"""The one definition of every table facelake reads or writes.
+
+Data flows one way: manifest -> faces (+ errors) -> index version -> results (+ errors).
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+# Manifest: one row per archived image. Every other column is carried through to outputs.
+MANIFEST_REQUIRED = ("image_id", "uri")
+
+BBOX = pa.list_(pa.int32(), 4)  # x, y, width, height in pixels of the EXIF-upright image
+LANDMARKS = pa.list_(pa.float32(), 10)  # (x, y) of right eye, left eye, nose, mouth corners
+
+# Columns facelake itself writes in the faces table; carried manifest columns come after.
+FACE_COLUMNS = (
+    "image_id", "face_index", "uri", "bbox", "landmarks", "det_score", "embedding",
+    "model", "detector", "weights_sha256", "content_sha256",
+)
+
+
+def faces_schema(dim: int) -> pa.Schema:
+    """Schema of the faces table for embeddings of size ``dim`` (without carried columns)."""
+    return pa.schema([
+        ("image_id", pa.string()),
+        ("face_index", pa.int32()),
+        ("uri", pa.string()),
+        ("bbox", BBOX),
+        ("landmarks", LANDMARKS),
+        ("det_score", pa.float32()),
+        ("embedding", pa.list_(pa.float32(), dim)),  # L2-normalised
+        ("model", pa.string()),
+        ("detector", pa.string()),
+        ("weights_sha256", pa.string()),
+        ("content_sha256", pa.string()),
+    ])
+
+
+ERRORS_SCHEMA = pa.schema([
+    ("image_id", pa.string()),
+    ("uri", pa.string()),
+    ("stage", pa.string()),        # fetch | decode | detect | quality | embed
+    ("error_type", pa.string()),   # e.g. FileNotFoundError, DecodeError, NoFace, FaceTooSmall
+    ("message", pa.string()),
+    ("content_sha256", pa.string()),
+    ("model", pa.string()),
+])
+
+# Stages and error types written to the errors table, so tests and reports name them once.
+STAGE_FETCH, STAGE_DECODE, STAGE_DETECT, STAGE_QUALITY, STAGE_EMBED, STAGE_VALIDATE = (
+    "fetch", "decode", "detect", "quality", "embed", "validate")
+NO_FACE = "NoFace"
+NO_USABLE_FACE = "NoUsableFace"
+
+RESULT_COLUMNS = pa.schema([
+    ("job_id", pa.string()),
+    ("probe_image_id", pa.string()),
+    ("probe_face_index", pa.int32()),
+    ("probe_bbox", BBOX),
+    ("rank", pa.int32()),
+    ("gallery_image_id", pa.string()),
+    ("gallery_face_index", pa.int32()),
+    ("gallery_bbox", BBOX),
+    ("similarity", pa.float32()),
+    ("est_false_match_rate", pa.float64()),
+    ("above_threshold", pa.bool_()),
+    ("index_version", pa.string()),
+])
+
+# Id table stored beside every index shard: faiss id -> face.
+ID_TABLE_SCHEMA = pa.schema([
+    ("faiss_id", pa.int64()),
+    ("image_id", pa.string()),
+    ("face_index", pa.int32()),
+    ("bbox", BBOX),
+])
+
+
+def carried_columns(schema: pa.Schema, own: tuple[str, ...] = FACE_COLUMNS) -> list[str]:
+    """Manifest columns that are not facelake's own and are carried through."""
+    return [name for name in schema.names if name not in own]

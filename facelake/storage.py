@@ -1,0 +1,205 @@
+"""Storage paths: local folders (the embedded default), file:// and s3:// through fsspec.
+
+Credentials are never taken as options: s3fs reads them from the AWS credential chain
+(environment, ~/.aws, instance or pod roles) on whichever node opens the path, so nothing
+secret is pickled into Ray tasks or written to logs. Only the endpoint and region travel.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+from typing import Iterator
+
+import fsspec
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from facelake.errors import ConfigError
+
+SUPPORTED_SCHEMES = ("file", "s3")
+ENDPOINT_ENV = "FACELAKE_S3_ENDPOINT_URL"
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    """Non-secret settings for object storage; safe to log and to ship to workers."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+
+    @classmethod
+    def from_env(cls, endpoint_url: str | None = None, region: str | None = None) -> "StorageOptions":
+        """Explicit values win, then FACELAKE_S3_ENDPOINT_URL / AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL."""
+        endpoint = (
+            endpoint_url
+            or os.environ.get(ENDPOINT_ENV)
+            or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL")
+        )
+        return cls(endpoint_url=endpoint, region=region or os.environ.get("AWS_DEFAULT_REGION"))
+
+
+def scheme_of(uri: str) -> str:
+    """Return the URI scheme, 'file' for plain paths."""
+    if "://" not in uri:
+        return "file"
+    return uri.split("://", 1)[0].lower()
+
+
+def check_uri(uri: str) -> None:
+    """Refuse schemes facelake does not read or write, naming the supported ones."""
+    scheme = scheme_of(uri)
+    if scheme not in SUPPORTED_SCHEMES:
+        raise ConfigError(
+            f"unsupported URI scheme {scheme!r} in {redact(uri)!r}: use a local path, file:// or s3://"
+        )
+
+
+def redact(uri: str) -> str:
+    """Drop any user:password@ part of a URI before it is shown anywhere."""
+    if "://" in uri and "@" in uri.split("://", 1)[1].split("/", 1)[0]:
+        scheme, rest = uri.split("://", 1)
+        host_and_path = rest.split("@", 1)[1]
+        return f"{scheme}://***@{host_and_path}"
+    return uri
+
+
+_FS_CACHE: dict[tuple, fsspec.AbstractFileSystem] = {}
+
+
+def filesystem(uri: str, options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return (fsspec filesystem, path inside it) for a URI."""
+    check_uri(uri)
+    options = options or StorageOptions.from_env()
+    scheme = scheme_of(uri)
+    if scheme == "file":
+        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        key = ("file",)
+        if key not in _FS_CACHE:
+            _FS_CACHE[key] = fsspec.filesystem("file")
+        return _FS_CACHE[key], os.path.abspath(os.path.expanduser(path))
+    key = ("s3", options.endpoint_url, options.region)
+    if key not in _FS_CACHE:
+        client_kwargs = {"region_name": options.region} if options.region else {}
+        # Retries with backoff for throttling / 5xx are botocore's standard mode.
+        _FS_CACHE[key] = fsspec.filesystem(
+            "s3",
+            endpoint_url=options.endpoint_url,
+            client_kwargs=client_kwargs,
+            config_kwargs={"retries": {"max_attempts": 5, "mode": "standard"}},
+            use_listings_cache=False,
+            skip_instance_cache=True,
+        )
+    return _FS_CACHE[key], uri.split("://", 1)[1]
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI (posix separators for s3)."""
+    if scheme_of(uri) == "s3":
+        return posixpath.join(uri, *parts)
+    return os.path.join(uri, *parts)
+
+
+def arrow_filesystem(uri: str, options: StorageOptions | None = None) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem over the same fsspec filesystem, for pyarrow and Ray Data readers."""
+    fs, path = filesystem(uri, options)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def exists(uri: str, options: StorageOptions | None = None) -> bool:
+    fs, path = filesystem(uri, options)
+    return fs.exists(path)
+
+
+def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
+    fs, path = filesystem(uri, options)
+    with fs.open(path, "rb") as handle:
+        return handle.read()
+
+
+def write_bytes_atomic(uri: str, data: bytes, options: StorageOptions | None = None) -> None:
+    """Write an object so that readers see either nothing or all of it.
+
+    Local files go to a temporary name in the same folder and are renamed over the target;
+    an S3 PUT is already all-or-nothing.
+    """
+    fs, path = filesystem(uri, options)
+    if scheme_of(uri) == "file":
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def write_bytes_new(uri: str, data: bytes, options: StorageOptions | None = None) -> None:
+    """Create an object that must not exist yet (append-only logs); refuse to overwrite."""
+    fs, path = filesystem(uri, options)
+    if scheme_of(uri) == "file":
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "xb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        return
+    if fs.exists(path):
+        raise FileExistsError(f"{redact(uri)} already exists; append-only objects are never rewritten")
+    fs.pipe_file(path, data)
+
+
+def list_files(uri: str, suffix: str = "", options: StorageOptions | None = None) -> list[str]:
+    """Files under a folder/prefix (recursive), as full URIs, sorted; [] if it does not exist."""
+    fs, path = filesystem(uri, options)
+    if not fs.exists(path):
+        return []
+    if fs.isfile(path):
+        return [uri]
+    found = sorted(p for p in fs.find(path) if p.endswith(suffix))
+    prefix = "s3://" if scheme_of(uri) == "s3" else ""
+    return [f"{prefix}{p}" for p in found]
+
+
+def remove(uri: str, recursive: bool = False, options: StorageOptions | None = None) -> None:
+    fs, path = filesystem(uri, options)
+    if fs.exists(path):
+        fs.rm(path, recursive=recursive)
+
+
+def write_table(uri: str, table: pa.Table, options: StorageOptions | None = None) -> None:
+    """Write one Parquet file atomically (temporary object, then rename / single PUT)."""
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    write_bytes_atomic(uri, sink.getvalue(), options)
+
+
+def read_table(uri: str, columns: list[str] | None = None, options: StorageOptions | None = None) -> pa.Table:
+    """Read one Parquet file or every *.parquet under a folder/prefix into one table."""
+    files = list_files(uri, ".parquet", options)
+    if not files:
+        raise FileNotFoundError(f"no Parquet files at {redact(uri)}")
+    fs, _ = arrow_filesystem(uri, options)
+    paths = [filesystem(f, options)[1] for f in files]
+    dataset = pq.ParquetDataset(paths, filesystem=fs)
+    return dataset.read(columns=columns)
+
+
+def iter_batches(uri: str, columns: list[str] | None = None, batch_size: int = 65536,
+                 options: StorageOptions | None = None) -> Iterator[pa.RecordBatch]:
+    """Stream record batches from one Parquet file or a folder of them (bounded memory)."""
+    files = list_files(uri, ".parquet", options)
+    if not files:
+        raise FileNotFoundError(f"no Parquet files at {redact(uri)}")
+    for file_uri in files:
+        fs, path = filesystem(file_uri, options)
+        with fs.open(path, "rb") as handle:
+            reader = pq.ParquetFile(handle)
+            yield from reader.iter_batches(batch_size=batch_size, columns=columns)
