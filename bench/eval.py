@@ -1,0 +1,246 @@
+"""bench/eval: the LFW protocol for facelake's default model, and plain deepface beside it.
+
+    python bench/eval.py [--lfw DIR] [--cache DIR] [--embedder local|ray] [--deepface-folds N]
+
+1. Builds a Parquet manifest of LFW (image_id = file stem, uri, identity) in a temp folder.
+2. Embeds every photo with facelake (largest face, 5-point alignment, batched SFace), cached
+   under --cache by model weights so reruns only measure (LFW data is never committed).
+3. Measures with facelake.jobs.evaluate: 10-fold accuracy on pairs.txt, TAR at FAR over the
+   pairs file and over all LFW pairs (every genuine and every impostor pair), identification,
+   and the calibration, which it writes to facelake/data/calibration-<model>-lfw.json.
+4. Plain deepface on the same pairs: DeepFace.represent(model_name="SFace",
+   detector_backend="yunet") one photo at a time, on the first --deepface-folds folds (the
+   k-fold protocol over those folds), and facelake on the same folds for a like-for-like figure.
+
+Prints JSON and a short table; saves bench/results/eval-lfw.json and the report under
+bench/results/eval-lfw/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_LFW = REPO.parent / "shared" / "faces" / "lfw_deepfunneled"
+# All LFW pairs: ~242k genuine, ~87.5M impostor; every impostor pair is used (no sampling).
+ALL_PAIRS = 100_000_000
+
+
+def lfw_manifest(lfw: Path, folder: str) -> str:
+    from facelake import manifest
+
+    paths = sorted((lfw / "lfw-deepfunneled").glob("*/*.jpg"))
+    if not paths:
+        sys.exit(f"no LFW photos under {lfw / 'lfw-deepfunneled'}")
+    table = pa.table({"image_id": [p.stem for p in paths], "uri": [str(p) for p in paths],
+                      "identity": [p.parent.name for p in paths]})
+    uri = os.path.join(folder, "lfw-manifest.parquet")
+    manifest.write(table, uri)
+    return uri
+
+
+def embed_cached(manifest_uri: str, cache: Path, embedder: str, model: str | None, work: str):
+    """LabeledEmbeddings for the LFW manifest, from the cache when it matches the weights."""
+    from facelake import storage
+    from facelake.jobs.evaluate import EvaluateConfig, LabeledEmbeddings, embed_labeled
+    from facelake.registry import get_model, weights_fingerprint
+
+    spec = get_model(model)
+    path = cache / f"lfw-{spec.name}-{weights_fingerprint(spec)[:12]}.npz"
+    table = storage.read_table(manifest_uri)
+    ids = table["image_id"].to_pylist()
+    if path.exists():
+        data = np.load(path, allow_pickle=False)
+        if list(data["image_id"]) == ids:
+            errors = json.loads(str(data["errors"]))
+            counts = errors if isinstance(errors, dict) else {}
+            if isinstance(errors, list):
+                for err in errors:
+                    counts[err["error_type"]] = counts.get(err["error_type"], 0) + 1
+            print(f"embeddings from cache {path}", file=sys.stderr)
+            return LabeledEmbeddings(image_ids=ids, identities=np.array(table["identity"].to_pylist(), object),
+                                     embeddings=data["embedding"], errors=counts,
+                                     embed_seconds=float(data["seconds"])), True
+    emb = embed_labeled(EvaluateConfig(manifest=manifest_uri, out=work, model=model, embedder=embedder), table)
+    cache.mkdir(parents=True, exist_ok=True)
+    np.savez(path, image_id=np.array(ids), embedding=emb.embeddings, errors=json.dumps(emb.errors),
+             seconds=emb.embed_seconds)
+    return emb, False
+
+
+def deepface_pairs(lfw: Path, pairs, fold_of, folds: int) -> dict:
+    """Plain deepface (SFace + YuNet, DeepFace.represent one photo at a time) on the first folds."""
+    from deepface import DeepFace
+    from deepface.modules import verification
+
+    from facelake.jobs.evaluate import _best_threshold, tar_at_far
+
+    keep = np.flatnonzero(fold_of < folds)
+    photos = sorted({p for i in keep for p in pairs[i][:2]})
+    vectors: dict[str, np.ndarray | None] = {}
+    failed = 0
+    started = time.monotonic()
+    for key in photos:
+        name = key.rsplit("_", 1)[0]
+        path = lfw / "lfw-deepfunneled" / name / f"{key}.jpg"
+        try:
+            # enforce_detection=False: a photo where YuNet finds no face is embedded whole, as
+            # deepface users typically run LFW; with True such pairs would be errors.
+            rep = DeepFace.represent(img_path=str(path), model_name="SFace", detector_backend="yunet",
+                                     enforce_detection=False)
+            vectors[key] = np.asarray(rep[0]["embedding"], np.float64)
+        except Exception:  # noqa: BLE001 - counted
+            vectors[key] = None
+            failed += 1
+    seconds = time.monotonic() - started
+    scores, same, fold = [], [], []
+    for i in keep:
+        a, b, s = pairs[i]
+        va, vb = vectors[a], vectors[b]
+        if va is None or vb is None:
+            scores.append(np.nan)
+        else:
+            scores.append(float(va @ vb / (np.linalg.norm(va) * np.linalg.norm(vb))))
+        same.append(s)
+        fold.append(fold_of[i])
+    scores, same, fold = np.array(scores), np.array(same), np.array(fold)
+    valid = ~np.isnan(scores)
+    accs = []
+    for k in range(folds):
+        train, test = (fold != k) & valid, fold == k
+        t = _best_threshold(scores[train], same[train])
+        accs.append(float((valid[test] & ((scores[test] >= t) == same[test])).sum() / test.sum()))
+    default_sim = 1.0 - verification.find_threshold("SFace", "cosine")
+    imp = scores[valid & ~same]
+    gen = scores[valid & same]
+    return {
+        "folds": folds, "pairs": int(len(keep)), "photos": len(photos), "failed_photos": failed,
+        "seconds": round(seconds, 1), "photos_per_second": round(len(photos) / seconds, 2),
+        "accuracy": float(np.mean(accs)), "fold_accuracy": accs,
+        "protocol": f"{folds}-fold: threshold chosen on the other {folds - 1} fold(s) of these {folds}",
+        "tar_at_far": tar_at_far(gen, imp, (1e-2, 1e-3)),
+        "default_threshold_similarity": default_sim,
+        "default_threshold_fmr": float((imp >= default_sim).mean()),
+        "default_threshold_tar": float((gen >= default_sim).mean()),
+        "_scores": scores, "_same": same, "_fold": fold,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lfw", type=Path, default=DEFAULT_LFW)
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "facelake-eval-cache")
+    parser.add_argument("--embedder", choices=("local", "ray"), default="local")
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--deepface-folds", type=int, default=2, help="folds of pairs.txt for plain deepface (0: skip)")
+    parser.add_argument("--max-impostor-pairs", type=int, default=ALL_PAIRS)
+    parser.add_argument("--results", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--no-ship", action="store_true", help="do not write facelake/data/calibration-*.json")
+    args = parser.parse_args()
+
+    from facelake.jobs.evaluate import (_best_threshold, evaluate_embeddings, read_pairs, tar_at_far,
+                                        write_report, _public)
+    from facelake.registry import get_model
+
+    spec = get_model(args.model)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="facelake-bench-eval-") as tmp:
+        manifest_uri = lfw_manifest(args.lfw, tmp)
+        emb, cached = embed_cached(manifest_uri, args.cache, args.embedder, args.model, os.path.join(tmp, "out"))
+    pairs = read_pairs(str(args.lfw / "pairs.txt"))
+    measure_start = time.monotonic()
+    metrics, calibration = evaluate_embeddings(emb, model=spec.name, dataset="lfw", pairs=pairs,
+                                               max_impostor_pairs=args.max_impostor_pairs)
+    measure_seconds = time.monotonic() - measure_start
+    calibration.notes += ("; LFW deep-funneled, 13,233 photos. Pairs share photos (each photo is in thousands of "
+                          "impostor pairs), so the binomial bound is optimistic; LFW also holds a few mislabeled "
+                          "photos, which inflate the impostor tail (conservative)")
+    report_dir = args.results / "eval-lfw"
+    write_report(metrics, calibration, str(report_dir))
+    shipped = REPO / "facelake" / "data" / f"calibration-{spec.name}-lfw.json"
+    if not args.no_ship:
+        calibration.save(str(shipped))
+
+    result = {
+        "model": spec.name, "dataset": "lfw (deep-funneled, pairs.txt View 2)",
+        "facelake": {
+            "accuracy_10fold": metrics["pairs_protocol"]["accuracy"],
+            "accuracy_10fold_std": metrics["pairs_protocol"]["accuracy_std"],
+            "accuracy_10fold_excluding_failed": metrics["pairs_protocol"]["accuracy_excluding_failed"],
+            "pairs_with_failed_photo": metrics["pairs_protocol"]["pairs_with_failed_photo"],
+            "tar_at_far_pairs_file": metrics["pairs_protocol"]["tar_at_far"],
+            "tar_at_far_all_pairs": metrics["verification"]["tar_at_far"],
+            "genuine_pairs": metrics["verification"]["genuine_pairs"],
+            "impostor_pairs": metrics["verification"]["impostor_pairs"],
+            "photos": metrics["photos"], "identification": metrics["identification"],
+            "embed_seconds": emb.embed_seconds, "embeddings_cached": cached,
+            "photos_per_second": round(len(emb.image_ids) / emb.embed_seconds, 2) if emb.embed_seconds else None,
+            "measure_seconds": round(measure_seconds, 1),
+        },
+        "calibration": {"path": str(shipped.relative_to(REPO)), "rows": len(calibration.thresholds),
+                        "bytes": shipped.stat().st_size if shipped.exists() else None,
+                        "min_certified_fmr": calibration.min_certified_fmr,
+                        "thresholds_by_fmr": calibration.table()},
+        "deepface_published_lfw": spec.deepface_published_lfw,
+    }
+    if args.deepface_folds:
+        df = deepface_pairs(args.lfw, pairs[0], pairs[1], args.deepface_folds)
+        # facelake on exactly the same folds, same protocol
+        pp = metrics["pairs_protocol"]
+        keep = pairs[1] < args.deepface_folds
+        position = {image_id: i for i, image_id in enumerate(emb.image_ids)}
+        ia = np.array([position[p[0]] for p in pairs[0]])[keep]
+        ib = np.array([position[p[1]] for p in pairs[0]])[keep]
+        same = np.array([p[2] for p in pairs[0]])[keep]
+        fold = pairs[1][keep]
+        ok = emb.ok[ia] & emb.ok[ib]
+        s = np.full(len(ia), np.nan)
+        s[ok] = np.einsum("ij,ij->i", emb.embeddings[ia[ok]], emb.embeddings[ib[ok]])
+        accs = []
+        for k in range(args.deepface_folds):
+            train, test = (fold != k) & ok, fold == k
+            t = _best_threshold(s[train], same[train])
+            accs.append(float((ok[test] & ((s[test] >= t) == same[test])).sum() / test.sum()))
+        result["deepface_plain"] = _public(df)
+        result["facelake_same_folds"] = {"folds": args.deepface_folds, "accuracy": float(np.mean(accs)),
+                                         "tar_at_far": tar_at_far(s[ok & same], s[ok & ~same], (1e-2, 1e-3)),
+                                         "default_threshold_fmr_note": "n/a (facelake chooses thresholds from the calibration)"}
+        del pp
+    result["seconds_total"] = round(time.monotonic() - started, 1)
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "eval-lfw.json").write_text(json.dumps(_public(result), indent=2) + "\n")
+    print(json.dumps(_public(result), indent=2))
+
+    f = result["facelake"]
+    tar_all = {r["far"]: r["tar"] for r in f["tar_at_far_all_pairs"]}
+    tar_pf = {r["far"]: r["tar"] for r in f["tar_at_far_pairs_file"]}
+    print(f"\n{'':34s}{'accuracy':>10s}{'TAR@1e-3 pairs':>16s}{'TAR@1e-3 all':>14s}{'photos/s':>10s}")
+    print(f"{'facelake ' + spec.name + ' (10 folds)':34s}{100 * f['accuracy_10fold']:9.2f}%"
+          f"{100 * (tar_pf.get(1e-3) or float('nan')):15.2f}%{100 * (tar_all.get(1e-3) or float('nan')):13.2f}%"
+          f"{f['photos_per_second'] or float('nan'):10.1f}")
+    if "deepface_plain" in result:
+        df, fs = result["deepface_plain"], result["facelake_same_folds"]
+        tar_df = {r["far"]: r["tar"] for r in df["tar_at_far"]}
+        tar_fs = {r["far"]: r["tar"] for r in fs["tar_at_far"]}
+        print(f"{'facelake (first %d folds)' % df['folds']:34s}{100 * fs['accuracy']:9.2f}%"
+              f"{100 * (tar_fs.get(1e-3) or float('nan')):15.2f}%{'':>14s}")
+        print(f"{'plain deepface (first %d folds)' % df['folds']:34s}{100 * df['accuracy']:9.2f}%"
+              f"{100 * (tar_df.get(1e-3) or float('nan')):15.2f}%{'':>14s}{df['photos_per_second']:10.1f}")
+        print(f"plain deepface's default SFace threshold (similarity {df['default_threshold_similarity']:.3f}) accepts "
+              f"{100 * df['default_threshold_fmr']:.2f}% of impostor pairs")
+    print(f"deepface's published LFW accuracy for SFace: {100 * spec.deepface_published_lfw:.1f}%")
+    print(f"time: embed {f['embed_seconds']:.0f} s ({'cached' if f['embeddings_cached'] else 'measured now'}), "
+          f"measure {f['measure_seconds']:.0f} s, total {result['seconds_total']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
