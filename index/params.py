@@ -1,0 +1,88 @@
+"""Index parameters: chosen from the collection size, validated before any work starts.
+
+Defaults (measured on ``facelake.index.synthetic.clustered`` data, see tests/test_index.py and
+bench/results/index.json):
+
+- nlist ~ 4*sqrt(N) rounded to a power of two, at most N/39 (faiss wants >= 39 training points
+  per list) and at most 65536; 1 for tiny collections (then IVF is exact).
+- nprobe = max(16, nlist/64), capped at nlist. Recall@10 against exact IndexFlatIP, 500-1000
+  probes: nlist 256 (10k): nprobe 8 -> 0.948, 16 -> 0.989; nlist 1024 (100k): 8 -> 0.977,
+  16 -> 0.997; nlist 4096 (1M): 16 -> 0.980, 32 -> 0.986, 64 -> 0.991. Larger collections
+  need a larger share of lists scanned less than proportionally, hence the nlist/64 term.
+- train_size = 64 points per list (faiss's k-means samples at most 256), all points when fewer;
+  with PQ at least 64 * 256 so every 8-bit sub-quantizer sees enough residuals.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from facelake.errors import ConfigError
+
+MIN_POINTS_PER_LIST = 39        # faiss warns below this many training points per centroid
+MAX_NLIST = 65536
+TRAIN_POINTS_PER_LIST = 64
+PQ_NBITS = 8                    # 256 codes per sub-quantizer: faiss's default and fastest
+PQ_MIN_TRAIN = 64 * (1 << PQ_NBITS)
+NPROBE_FLOOR = 16
+NPROBE_DIVISOR = 64
+
+
+@dataclass(frozen=True)
+class IndexParams:
+    """What to build: IVF-Flat (pq_m None) or IVF-PQ with pq_m sub-quantizers of 8 bits."""
+
+    dim: int
+    nlist: int
+    pq_m: int | None = None
+    metric: Literal["ip"] = "ip"    # inner product of L2-normalised vectors = cosine
+    nprobe: int = NPROBE_FLOOR
+    train_size: int = 0
+
+    @property
+    def factory(self) -> str:
+        """faiss index_factory string for these parameters (recorded in the manifest)."""
+        return f"IVF{self.nlist},{'Flat' if self.pq_m is None else f'PQ{self.pq_m}x{PQ_NBITS}'}"
+
+    def bytes_per_vector(self) -> int:
+        """Stored bytes per vector, codes plus its 8-byte id."""
+        return (self.dim * 4 if self.pq_m is None else self.pq_m * PQ_NBITS // 8) + 8
+
+
+def default_nprobe(nlist: int) -> int:
+    return max(1, min(nlist, max(NPROBE_FLOOR, nlist // NPROBE_DIVISOR)))
+
+
+def default_nlist(n: int) -> int:
+    target = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(n))))
+    bound = max(1, min(MAX_NLIST, n // MIN_POINTS_PER_LIST))
+    bound = 2 ** int(math.log2(bound))           # largest power of two within the bound
+    return max(1, min(target, bound))
+
+
+def choose_params(n: int, dim: int, *, nlist: int | None = None, pq: int | None = None,
+                  nprobe: int | None = None) -> IndexParams:
+    """Parameters for ``n`` vectors of size ``dim``; None means "decide from n"."""
+    if n < 1:
+        raise ConfigError("no faces to index: the faces table is empty (run `facelake embed` first)")
+    if dim < 1:
+        raise ConfigError(f"embedding dimension must be positive, got {dim}")
+    if nlist is not None and not 1 <= nlist <= min(n, MAX_NLIST):
+        raise ConfigError(f"--nlist {nlist} is out of range for {n} faces: use 1..{min(n, MAX_NLIST)} "
+                          f"(or omit it; the default would be {default_nlist(n)})")
+    if pq is not None:
+        if pq < 1 or dim % pq:
+            divisors = [m for m in (4, 8, 16, 32, 64) if dim % m == 0 and m <= dim]
+            raise ConfigError(f"--pq {pq} must divide the embedding dimension {dim}: try one of {divisors}")
+        if n < (1 << PQ_NBITS):
+            raise ConfigError(f"--pq needs at least {1 << PQ_NBITS} faces to train its codebooks, "
+                              f"got {n}: omit --pq (IVF-Flat) for a collection this small")
+    nlist = nlist or default_nlist(n)
+    if nprobe is not None and not 1 <= nprobe <= nlist:
+        raise ConfigError(f"--nprobe {nprobe} must be within 1..nlist ({nlist})")
+    train = min(n, TRAIN_POINTS_PER_LIST * nlist)
+    if pq is not None:
+        train = min(n, max(train, PQ_MIN_TRAIN))
+    return IndexParams(dim=dim, nlist=nlist, pq_m=pq, nprobe=nprobe or default_nprobe(nlist), train_size=train)

@@ -1,0 +1,224 @@
+"""facelake.index: parameters, build/publish/load/search on real faiss, small real Ray, loopback S3.
+
+References are exact: IndexFlatIP over the same vectors (ids exactly, distances to 4 decimals,
+as faiss's tests/test_contrib.py compares), and builds crash on purpose before the pointer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from facelake import storage
+from facelake.errors import ConfigError, IndexVersionError
+from facelake.index import build, layout, load, params, search, synthetic
+
+MODEL = "sface-yunet"
+WEIGHTS = "0" * 64
+
+
+def faces_table(xb: np.ndarray, **extra) -> pa.Table:
+    n, d = xb.shape
+    columns = {
+        "image_id": pa.array([f"img-{i:07d}" for i in range(n)]),
+        "face_index": pa.array(np.arange(n, dtype=np.int32) % 3),
+        "bbox": pa.array([[i % 50, 0, 32, 32] for i in range(n)], type=pa.list_(pa.int32(), 4)),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(xb.ravel()), d),
+    }
+    columns.update(extra)
+    return pa.table(columns)
+
+
+def exact(xb: np.ndarray, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    flat = faiss.IndexFlatIP(xb.shape[1])
+    flat.add(xb)
+    return flat.search(xq, k)
+
+
+def make(root, xb, **kwargs) -> dict:
+    return build.build_version(faces_table(xb), str(root), model=MODEL, weights_sha256=WEIGHTS, **kwargs)
+
+
+# ---------------------------------------------------------------- parameters (no Ray)
+
+def test_default_params_follow_collection_size():
+    tiny = params.choose_params(61, 128)
+    assert (tiny.nlist, tiny.nprobe, tiny.train_size, tiny.factory) == (1, 1, 61, "IVF1,Flat")
+    mid = params.choose_params(100_000, 128)
+    assert (mid.nlist, mid.nprobe) == (1024, 16)
+    big = params.choose_params(1_000_000, 512, pq=64)
+    assert (big.nlist, big.nprobe, big.factory) == (4096, 64, "IVF4096,PQ64x8")
+    assert params.choose_params(10**10, 128).nlist == params.MAX_NLIST
+    for n in (1, 38, 39, 1000, 77_777):
+        p = params.choose_params(n, 64)
+        assert p.nlist & (p.nlist - 1) == 0 and n >= p.nlist * min(n // p.nlist, 39)
+
+
+@pytest.mark.parametrize("kwargs, fix", [
+    ({"pq": 12}, "must divide the embedding dimension 128"),
+    ({"nlist": 500}, "out of range for 100 faces"),
+    ({"pq": 16}, "omit --pq"),
+    ({"nprobe": 9}, "within 1..nlist"),
+])
+def test_bad_params_name_the_fix(kwargs, fix):
+    with pytest.raises(ConfigError, match=fix):
+        params.choose_params(100, 128, **({"nlist": 4} if "nprobe" in kwargs else {}), **kwargs)
+
+
+def test_merge_topk_pads_missing_results():
+    d1, i1 = np.array([[0.9, 0.5]], np.float32), np.array([[7, 3]])
+    d2, i2 = np.array([[0.7, -3.4e38]], np.float32), np.array([[11, -1]])
+    D, I = search.merge_topk([(d1, i1), (d2, i2)], 4)
+    assert I.tolist() == [[7, 11, 3, -1]]
+    np.testing.assert_allclose(D[0, :3], [0.9, 0.7, 0.5])
+
+
+# ---------------------------------------------------------------- build, publish, load, search
+
+def test_recall_at_10_with_default_params_on_100k(ray_local, tmp_path):
+    xb = synthetic.clustered(100_000, 128)
+    xq = synthetic.queries(xb, 500)
+    manifest = make(tmp_path, xb, shards=2)
+    assert (manifest["nlist"], manifest["nprobe"], manifest["total"]) == (1024, 16, 100_000)
+    handle = load.open_version(str(tmp_path), expect_model=MODEL, expect_dim=128)
+    _, found = search.search_version(handle, xq, 10)
+    _, truth = exact(xb, xq, 10)
+    assert synthetic.recall_at_k(found, truth) >= 0.98
+
+
+def test_merged_shards_equal_exact_and_unsharded(ray_local, tmp_path):
+    xb = synthetic.clustered(6000, 64, seed=3)
+    xq = synthetic.queries(xb, 200, seed=4)
+    sharded = make(tmp_path / "a", xb, shards=4, nlist=32)
+    single = make(tmp_path / "b", xb, shards=1, nlist=32)
+    assert [s["count"] for s in sharded["shards"]] == [1500] * 4
+    h4, h1 = load.open_version(str(tmp_path / "a")), load.open_version(str(tmp_path / "b"))
+    actors = search.start_searchers(h4)
+    D4, I4 = search.search_version(h4, xq, 10, nprobe=32, actors=actors)
+    D1, I1 = search.search_version(h1, xq, 10, nprobe=32)
+    De, Ie = exact(xb, xq, 10)   # faiss ids follow (image_id, face_index) order = row order here
+    np.testing.assert_array_equal(I4, I1)
+    np.testing.assert_array_equal(I4, Ie)
+    np.testing.assert_almost_equal(D4, D1, decimal=4)
+    np.testing.assert_almost_equal(D4, De, decimal=4)
+    ids = load.load_ids(h4)
+    assert ids.column("faiss_id").to_pylist() == list(range(6000))
+    assert ids.column("image_id")[int(I4[0, 0])].as_py() == f"img-{I4[0, 0]:07d}"
+
+
+def test_crash_before_pointer_leaves_old_version_live(ray_local, tmp_path):
+    xb = synthetic.clustered(3000, 32, seed=5)
+    first = make(tmp_path, xb, shards=2)
+
+    def crash(version):
+        raise KeyboardInterrupt(f"killed before publishing {version}")
+
+    with pytest.raises(KeyboardInterrupt):
+        make(tmp_path, synthetic.clustered(3000, 32, seed=6), shards=2, hooks={"before_pointer": crash})
+    assert layout.current_version(str(tmp_path)) == first["version"]
+    handle = load.open_version(str(tmp_path))
+    D, I = search.search_version(handle, xb[:5], 1)
+    assert I[:, 0].tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(KeyboardInterrupt):
+        make(tmp_path, xb, hooks={"before_manifest": crash})
+    assert layout.current_version(str(tmp_path)) == first["version"]
+
+
+def test_corrupted_or_missing_shard_is_refused(ray_local, tmp_path):
+    xb = synthetic.clustered(2000, 32, seed=7)
+    make(tmp_path, xb, shards=2)
+    handle = load.open_version(str(tmp_path))
+    path = tmp_path / "index" / handle.version / "shard-00001.faiss"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    load.load_shard(handle, 0)
+    with pytest.raises(IndexVersionError, match="shard-00001.faiss is corrupt.*rebuild"):
+        load.load_shard(handle, 1)
+    with pytest.raises(IndexVersionError, match="corrupt"):
+        search.search_version(handle, xb[:2], 5)
+    os.remove(tmp_path / "index" / handle.version / "shard-00000.ids.parquet")
+    with pytest.raises(IndexVersionError, match="missing"):
+        load.load_shard(handle, 0)
+    manifest = tmp_path / "index" / handle.version / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"nprobe": 16', '"nprobe": 1'))
+    with pytest.raises(IndexVersionError, match="changed after publishing"):
+        load.open_version(str(tmp_path))
+
+
+def test_other_model_dimension_or_version_refused(ray_local, tmp_path):
+    with pytest.raises(IndexVersionError, match="no index is published"):
+        load.open_version(str(tmp_path))
+    make(tmp_path, synthetic.clustered(500, 32))
+    with pytest.raises(IndexVersionError, match="built with model 'sface-yunet'.*probes use 'arcface'"):
+        load.open_version(str(tmp_path), expect_model="arcface")
+    with pytest.raises(IndexVersionError, match="32-d.*probes are 128-d"):
+        load.open_version(str(tmp_path), expect_dim=128)
+    with pytest.raises(IndexVersionError, match="no manifest"):
+        load.open_version(str(tmp_path), "20200101T000000.000Z-abcdef")
+    mixed = faces_table(synthetic.clustered(10, 32), model=pa.array(["other"] * 10))
+    with pytest.raises(ConfigError, match="one model at a time"):
+        build.build_version(mixed, str(tmp_path), model=MODEL, weights_sha256=WEIGHTS)
+
+
+def test_prune_keeps_last_k_and_the_live_one(ray_local, tmp_path):
+    xb = synthetic.clustered(300, 16)
+    names = [make(tmp_path, xb, keep=10)["version"] for _ in range(4)]
+    assert layout.list_versions(str(tmp_path)) == sorted(names) == names
+    crashed_old = tmp_path / "index" / "20000101T000000.000Z-000000"
+    crashed_new = tmp_path / "index" / "29990101T000000.000Z-000000"
+    crashed_old.mkdir()
+    crashed_new.mkdir()
+    manifest_sha = layout.sha256((tmp_path / "index" / names[1] / "manifest.json").read_bytes())
+    layout.publish(str(tmp_path), names[1], manifest_sha)       # roll back to an older version
+    removed = layout.prune(str(tmp_path), keep=2)
+    assert removed == sorted([crashed_old.name, names[0]])
+    assert layout.list_versions(str(tmp_path)) == names[1:]
+    assert crashed_new.exists()                                # maybe a build in progress
+    layout.prune(str(tmp_path), keep=1)
+    assert layout.list_versions(str(tmp_path)) == [names[1], names[3]]
+    load.open_version(str(tmp_path))
+    with pytest.raises(ConfigError, match="at least 1"):
+        layout.prune(str(tmp_path), keep=0)
+
+
+def test_rebuild_reuses_the_trained_quantizer(ray_local, tmp_path):
+    xb = synthetic.clustered(4000, 32, seed=9)
+    first = make(tmp_path, xb)
+    second = make(tmp_path, xb[:3000], trained_from=first["version"])
+    assert second["trained_from"] == first["version"] and second["nlist"] == first["nlist"]
+    assert second["files"]["trained.faiss"]["sha256"] == first["files"]["trained.faiss"]["sha256"]
+    with pytest.raises(ConfigError, match="drop --nlist/--pq"):
+        make(tmp_path, xb, trained_from=first["version"], nlist=8)
+
+
+def test_tiny_collection_gets_tiny_params_and_still_works(ray_local, tmp_path):
+    xb = synthetic.clustered(61, 128, seed=11)       # the size of the sample's faces
+    manifest = make(tmp_path, xb)
+    assert (manifest["nlist"], manifest["nprobe"], len(manifest["shards"])) == (1, 1, 1)
+    handle = load.open_version(str(tmp_path))
+    D, I = search.search_version(handle, xb, 3)
+    assert I[:, 0].tolist() == list(range(61))
+    np.testing.assert_allclose(D[:, 0], 1.0, atol=1e-5)
+
+
+def test_s3_round_trip(ray_local, s3_bucket):
+    xb = synthetic.clustered(3000, 64, seed=12)
+    xq = synthetic.queries(xb, 50)
+    faces_uri = f"{s3_bucket}/faces/part-0.parquet"
+    storage.write_table(faces_uri, faces_table(xb))
+    root = f"{s3_bucket}/lake"
+    manifest = build.build_version(f"{s3_bucket}/faces", root, model=MODEL, weights_sha256=WEIGHTS, shards=2)
+    assert manifest["source"] == f"{s3_bucket}/faces"
+    pointer = json.loads(storage.read_bytes(f"{root}/index/CURRENT"))
+    assert pointer["version"] == manifest["version"] == layout.list_versions(root)[-1]
+    handle = load.open_version(root, expect_model=MODEL, expect_dim=64)
+    D, I = search.search_version(handle, xq, 10, nprobe=handle.nlist)
+    De, Ie = exact(xb, xq, 10)
+    np.testing.assert_array_equal(I, Ie)
+    np.testing.assert_almost_equal(D, De, decimal=4)
