@@ -19,6 +19,8 @@ app = typer.Typer(no_args_is_help=True, add_completion=False,
 
 # Modules under facelake.jobs that add commands. Keep alphabetical.
 COMMAND_MODULES = (
+    "embed",
+    "evaluate",
     "submit_cmd",
     "weights_cmd",
 )

@@ -1,0 +1,474 @@
+"""`facelake embed`: manifest of archived images -> faces table (+ errors, + dropped faces).
+
+Ray Data reads the manifest and streams batches of rows to a pool of actors, each holding one
+loaded FaceEngine (GPU actors when the cluster has GPUs). An actor fetches the image bytes itself
+(fsspec: s3fs or local), decodes, detects, filters by the quality floor, aligns and embeds every
+face of the batch in one model call. The driver streams the outcomes into bounded Parquet part
+files, each written atomically:
+
+    OUT/faces/part-<run>-<n>.parquet    one row per usable face
+    OUT/errors/part-<run>-<n>.parquet   one row per image that failed or held no usable face
+    OUT/dropped/part-<run>-<n>.parquet  faces below the quality floor, with the reason
+    OUT/_runs/<run>.json                the run's summary, written last
+
+Every manifest row ends in exactly one of faces or errors. An image's rows always land in one
+part file, so a run killed at any point leaves whole images only; a rerun reads the image ids
+already present for the same model and skips them, so nothing is duplicated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import typer
+
+from facelake import manifest, storage
+from facelake.errors import ConfigError
+from facelake.imaging import DEFAULT_MAX_PIXELS, content_sha256, decode_bgr
+from facelake.registry import MODELS, ModelSpec, get_model, weights_fingerprint
+from facelake.schema import (ERRORS_SCHEMA, NO_FACE, NO_USABLE_FACE, STAGE_DECODE, STAGE_DETECT,
+                             STAGE_EMBED, STAGE_FETCH, STAGE_QUALITY, STAGE_VALIDATE, faces_schema)
+
+log = logging.getLogger(__name__)
+
+# Images per actor call: enough faces per model call to amortise it, small enough that one
+# slow object does not hold many others back.
+DEFAULT_BATCH_SIZE = 16
+# Faces per output part file (~70 MB of Parquet at 128-d with carried columns).
+DEFAULT_SHARD_ROWS = 100_000
+
+# CPU reservations. The pool size (one actor per CPU) bounds the model work; each actor
+# reserves only half a CPU so that Ray Data's list and read tasks (1 CPU each) still get
+# scheduled when the pool is full -- with whole-CPU actors a 2-CPU node waits forever.
+ACTOR_CPUS = 0.5
+READ_CPUS = 0.25
+
+DROPPED_SCHEMA = pa.schema([
+    ("image_id", pa.string()), ("bbox", pa.list_(pa.int32(), 4)), ("det_score", pa.float32()),
+    ("reason", pa.string()), ("model", pa.string()),
+])
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """Options of one embed run; ``validate`` checks them before storage or Ray is touched."""
+
+    manifest: str
+    out: str
+    model: str | None = None
+    detector: str | None = None
+    address: str | None = None
+    batch_size: int = DEFAULT_BATCH_SIZE
+    min_face: int = 24
+    min_score: float = 0.8
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    endpoint_url: str | None = None
+    weights_from: str | None = None
+    allowed_roots: tuple[str, ...] = ()
+    shard_rows: int = DEFAULT_SHARD_ROWS
+    workers: int | None = None
+    progress: bool = True
+
+    def validate(self) -> ModelSpec:
+        spec = get_model(self.model)
+        if self.detector and self.detector != spec.detector:
+            raise ConfigError(f"model {spec.name} is registered with detector {spec.detector!r}, not "
+                              f"{self.detector!r}; registered pairs: "
+                              + ", ".join(f"{m.name} ({m.recognizer}+{m.detector})" for m in MODELS.values()))
+        for name, uri in (("MANIFEST", self.manifest), ("--out", self.out)):
+            storage.check_uri(uri)
+        for root in self.allowed_roots:
+            storage.check_uri(root)
+        if self.batch_size < 1 or self.shard_rows < 1:
+            raise ConfigError("--batch-size and --shard-rows must be at least 1")
+        if self.min_face < 1 or not 0.0 <= self.min_score <= 1.0:
+            raise ConfigError("--min-face must be >= 1 px and --min-score within [0, 1]")
+        if self.max_pixels < 1:
+            raise ConfigError("--max-pixels must be positive")
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError("--workers must be at least 1")
+        return spec
+
+
+@dataclass
+class EmbedSummary:
+    """What a run did; also written to OUT/_runs/<run_id>.json."""
+
+    run_id: str
+    model: str
+    manifest_rows: int
+    skipped_done: int = 0
+    images: int = 0
+    images_with_faces: int = 0
+    faces: int = 0
+    errors: int = 0
+    errors_by_type: dict[str, int] = field(default_factory=dict)
+    dropped_faces: int = 0
+    seconds: float = 0.0
+    workers: int = 0
+    device: str = "cpu"
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["images_per_second"] = round(self.images_per_second, 3)
+        return data
+
+
+# ---------------------------------------------------------------------------- worker side
+
+def resolve_uri(uri: str, base_dir: str, allowed_roots: tuple[str, ...]) -> str:
+    """Make a manifest uri absolute (relative to the manifest's folder) and check its roots."""
+    scheme = storage.scheme_of(uri)
+    if scheme not in storage.SUPPORTED_SCHEMES:
+        raise ValueError(f"unsupported URI scheme {scheme!r}: use a local path, file:// or s3://")
+    if scheme == "file" and not uri.startswith("file://") and not os.path.isabs(uri):
+        uri = storage.join(base_dir, uri)
+    if allowed_roots:
+        normal = _normal(uri)
+        if not any(normal == _normal(r) or normal.startswith(_normal(r).rstrip("/") + "/") for r in allowed_roots):
+            raise PermissionError(f"{storage.redact(uri)} is outside the allowed roots")
+    return uri
+
+
+def _normal(uri: str) -> str:
+    if storage.scheme_of(uri) == "s3":
+        scheme, rest = uri.split("://", 1)
+        return "s3://" + os.path.normpath("/" + rest).lstrip("/")
+    path = uri[len("file://"):] if uri.startswith("file://") else uri
+    return os.path.realpath(path)
+
+
+class EmbedWorker:
+    """A Ray Data actor: one loaded model; turns manifest rows into face and error rows."""
+
+    def __init__(self, *, model: str, weights_from: str | None, min_face: int, min_score: float,
+                 max_pixels: int, options: storage.StorageOptions, allowed_roots: tuple[str, ...],
+                 base_dir: str, done_ids: pa.Array | None, threads: int, carried: tuple[str, ...],
+                 carried_schema: pa.Schema) -> None:
+        from facelake.faces import FaceEngine, QualityFloor
+
+        self.engine = FaceEngine(model, weights_from=weights_from, threads=threads)
+        self.spec = self.engine.spec
+        self.floor = QualityFloor(min_face=min_face, min_score=min_score)
+        self.max_pixels = max_pixels
+        self.options = options
+        self.allowed_roots = allowed_roots
+        self.base_dir = base_dir
+        self.done_ids = done_ids
+        self.carried = carried
+        self.schema = outcome_schema(self.spec.dim, carried_schema)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.done_ids is not None and len(self.done_ids):
+            batch = batch.filter(pc.invert(pc.is_in(batch["image_id"], value_set=self.done_ids)))
+        rows = batch.to_pylist()
+        out: dict[str, list] = {name: [] for name in self.schema.names}
+        crops, face_rows = [], []
+        for row in rows:
+            self._one_image(row, out, crops, face_rows)
+        if crops:
+            try:
+                vectors = self.engine.embed(crops)
+            except Exception as err:  # a model failure loses no row: each becomes an error
+                vectors = None
+                for index in face_rows:
+                    out["_kind"][index] = "error"
+                    out["stage"][index], out["error_type"][index] = STAGE_EMBED, type(err).__name__
+                    out["message"][index] = str(err)[:500]
+            if vectors is not None:
+                for index, vector in zip(face_rows, vectors):
+                    out["embedding"][index] = vector.tolist()
+        table = pa.Table.from_pydict(out, schema=self.schema)
+        return _one_error_per_image(table)
+
+    def _append(self, out: dict, row: dict, kind: str, **values) -> int:
+        for name in self.schema.names:
+            if name == "_kind":
+                out[name].append(kind)
+            elif name in values:
+                out[name].append(values[name])
+            elif name in self.carried or name in ("image_id", "uri"):
+                out[name].append(row.get(name))
+            else:
+                out[name].append(None)
+        return len(out["_kind"]) - 1
+
+    def _error(self, out, row, stage, err_type, message, sha=None) -> None:
+        self._append(out, row, "error", stage=stage, error_type=err_type,
+                     message=storage.redact(message)[:500], content_sha256=sha)
+
+    def _one_image(self, row: dict, out: dict, crops: list, face_rows: list) -> None:
+        try:
+            uri = resolve_uri(row["uri"], self.base_dir, self.allowed_roots)
+        except Exception as err:
+            return self._error(out, row, STAGE_VALIDATE, type(err).__name__, str(err))
+        try:
+            data = storage.read_bytes(uri, self.options)
+        except Exception as err:
+            return self._error(out, row, STAGE_FETCH, type(err).__name__, f"cannot read {storage.redact(uri)}: {err}")
+        sha = content_sha256(data)
+        try:
+            image = decode_bgr(data, self.max_pixels)
+        except Exception as err:
+            return self._error(out, row, STAGE_DECODE, type(err).__name__, str(err), sha)
+        try:
+            detections = self.engine.detect(image)
+        except Exception as err:
+            return self._error(out, row, STAGE_DETECT, type(err).__name__, str(err), sha)
+        if not detections:
+            return self._error(out, row, STAGE_DETECT, NO_FACE, "no face found in the image", sha)
+        kept = []
+        for det in detections:
+            reason = self.floor.reason(det)
+            if reason:
+                self._append(out, row, "dropped", bbox=list(det.bbox), det_score=det.score,
+                             message=reason, content_sha256=sha)
+            else:
+                kept.append(det)
+        if not kept:
+            return self._error(out, row, STAGE_QUALITY, NO_USABLE_FACE,
+                               f"{len(detections)} face(s) found, none above the quality floor", sha)
+        for face_index, det in enumerate(kept):
+            try:
+                crop = self.engine.align(image, det.landmarks)
+            except Exception as err:
+                return self._error(out, row, STAGE_EMBED, type(err).__name__, str(err), sha)
+            crops.append(crop)
+            face_rows.append(self._append(
+                out, row, "face", face_index=face_index, bbox=list(det.bbox),
+                landmarks=det.landmarks.reshape(-1).tolist(), det_score=det.score,
+                content_sha256=sha))
+
+
+def _one_error_per_image(table: pa.Table) -> pa.Table:
+    """If an embed failure turned an image's faces into errors, keep one error row for it."""
+    kinds = table["_kind"].to_pylist()
+    if "error" not in kinds:
+        return table
+    failed = {i for i, k in zip(table["image_id"].to_pylist(), kinds) if k == "error"}
+    seen: set[str] = set()
+    keep = []
+    for position, (image_id, kind) in enumerate(zip(table["image_id"].to_pylist(), kinds)):
+        if image_id in failed:
+            if kind != "error" or image_id in seen:
+                continue
+            seen.add(image_id)
+        keep.append(position)
+    return table.take(pa.array(keep, pa.int64()))
+
+
+def outcome_schema(dim: int, carried_schema: pa.Schema) -> pa.Schema:
+    """Schema of what workers return: face, error and dropped rows together, told apart by _kind."""
+    faces = faces_schema(dim)
+    fields = [pa.field("_kind", pa.string())]
+    fields += [faces.field(n) for n in ("image_id", "face_index", "uri", "bbox", "landmarks",
+                                        "det_score", "embedding", "content_sha256")]
+    fields += [pa.field("stage", pa.string()), pa.field("error_type", pa.string()),
+               pa.field("message", pa.string())]
+    fields += list(carried_schema)
+    return pa.schema(fields)
+
+
+# ---------------------------------------------------------------------------- driver side
+
+def outputs(out: str) -> dict[str, str]:
+    """The output layout of an embed run under OUT (one source of truth)."""
+    return {name: storage.join(out, name) for name in ("faces", "errors", "dropped", "_runs")}
+
+
+def done_image_ids(out: str, spec: ModelSpec, options: storage.StorageOptions | None = None) -> pa.Array:
+    """Image ids OUT already holds (faces or errors) for this model; other models are refused."""
+    layout = outputs(out)
+    ids: list[pa.ChunkedArray] = []
+    for table_name in ("faces", "errors"):
+        if not storage.list_files(layout[table_name], ".parquet", options):
+            continue
+        table = storage.read_table(layout[table_name], columns=["image_id", "model"], options=options)
+        models = set(pc.unique(table["model"]).to_pylist())
+        if models - {spec.name}:
+            raise ConfigError(f"{storage.redact(out)} already holds {table_name} made with model(s) "
+                              f"{sorted(models - {spec.name})}; write each model to its own --out")
+        ids.append(table["image_id"])
+    if not ids:
+        return pa.array([], pa.string())
+    return pc.unique(pa.chunked_array([c for chunked in ids for c in chunked.chunks], pa.string()))
+
+
+class PartWriter:
+    """Buffers rows of one table and writes bounded part files atomically."""
+
+    def __init__(self, folder: str, run_id: str, schema: pa.Schema, max_rows: int,
+                 options: storage.StorageOptions | None) -> None:
+        self.folder, self.run_id, self.schema = folder, run_id, schema
+        self.max_rows, self.options = max_rows, options
+        self.pending: list[pa.Table] = []
+        self.rows = 0
+        self.parts = 0
+
+    def add(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self.pending.append(table.select(self.schema.names).cast(self.schema))
+            self.rows += table.num_rows
+            if self.rows >= self.max_rows:
+                self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        name = f"part-{self.run_id}-{self.parts:05d}.parquet"
+        storage.write_table(storage.join(self.folder, name), pa.concat_tables(self.pending), self.options)
+        self.parts += 1
+        self.pending, self.rows = [], 0
+
+
+def run_embed(config: EmbedConfig, *, hooks: dict | None = None) -> EmbedSummary:
+    """Embed every image of a manifest not yet in OUT; return the run's summary."""
+    import ray
+
+    from facelake.cluster import runtime
+
+    spec = config.validate()
+    options = storage.StorageOptions.from_env(config.endpoint_url)
+    info = manifest.validate(config.manifest, options)
+    done = done_image_ids(config.out, spec, options)
+    started_here = not ray.is_initialized()
+    resources = runtime.connect(config.address)
+    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    summary = EmbedSummary(run_id=run_id, model=spec.name, manifest_rows=info.rows,
+                           skipped_done=len(done))
+    use_gpu = resources.gpus >= 1 and _onnx_has_cuda()
+    workers = config.workers or (int(resources.gpus) if use_gpu else max(1, int(resources.cpus)))
+    summary.workers, summary.device = workers, "gpu" if use_gpu else "cpu"
+    base_dir = _manifest_dir(config.manifest)
+    carried_schema = pa.schema([info.schema.field(c) for c in info.carried])
+    ray.data.DataContext.get_current().enable_progress_bars = config.progress
+    arrow_fs, _ = storage.arrow_filesystem(info.files[0], options)
+    # Manifest reads are light; they must still get scheduled when the model actors hold
+    # every CPU (otherwise the pipeline waits forever on a small machine), hence the fractions.
+    dataset = ray.data.read_parquet(info.paths, filesystem=arrow_fs, num_cpus=READ_CPUS)
+    # Small blocks (streamed, no shuffle) so that every actor gets work even from one file.
+    dataset = dataset.repartition(target_num_rows_per_block=config.batch_size)
+    dataset = dataset.map_batches(
+        EmbedWorker, batch_size=config.batch_size, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=workers), num_gpus=1 if use_gpu else 0,
+        num_cpus=0 if use_gpu else ACTOR_CPUS,
+        fn_constructor_kwargs=dict(
+            model=spec.name, weights_from=config.weights_from, min_face=config.min_face,
+            min_score=config.min_score, max_pixels=config.max_pixels, options=options,
+            allowed_roots=config.allowed_roots, base_dir=base_dir, done_ids=done,
+            threads=1, carried=info.carried, carried_schema=carried_schema))
+    layout = outputs(config.out)
+    face_columns = faces_schema(spec.dim)
+    faces_out = PartWriter(layout["faces"], run_id, _with_carried(face_columns, carried_schema),
+                           config.shard_rows, options)
+    errors_out = PartWriter(layout["errors"], run_id, _with_carried(ERRORS_SCHEMA, carried_schema),
+                            config.shard_rows, options)
+    dropped_out = PartWriter(layout["dropped"], run_id, DROPPED_SCHEMA, config.shard_rows, options)
+    error_types: Counter[str] = Counter()
+    wsha = weights_fingerprint(spec)
+    started = time.monotonic()
+    for block in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        kinds = block["_kind"]
+        faces = block.filter(pc.equal(kinds, "face"))
+        errors = block.filter(pc.equal(kinds, "error"))
+        dropped = block.filter(pc.equal(kinds, "dropped"))
+        faces = _stamp(faces, spec, wsha)
+        errors = _stamp(errors, spec, wsha)
+        faces_out.add(faces)
+        errors_out.add(errors)
+        dropped_out.add(dropped.append_column("reason", dropped["message"]).append_column(
+            "model", pa.array([spec.name] * dropped.num_rows, pa.string())))
+        summary.faces += faces.num_rows
+        summary.errors += errors.num_rows
+        summary.dropped_faces += dropped.num_rows
+        summary.images_with_faces += len(pc.unique(faces["image_id"])) if faces.num_rows else 0
+        error_types.update(errors["error_type"].to_pylist())
+        if hooks and "after_block" in hooks:
+            for writer in (faces_out, errors_out, dropped_out):
+                writer.flush()
+            hooks["after_block"](summary)
+    for writer in (faces_out, errors_out, dropped_out):
+        writer.flush()
+    summary.images = summary.images_with_faces + summary.errors
+    summary.errors_by_type = dict(error_types)
+    summary.seconds = round(time.monotonic() - started, 3)
+    storage.write_bytes_atomic(storage.join(layout["_runs"], f"{run_id}.json"),
+                               json.dumps(summary.to_dict(), indent=2).encode(), options)
+    runtime.shutdown_if_local(started_here and config.address is None and hooks is None)
+    return summary
+
+
+def _stamp(table: pa.Table, spec: ModelSpec, wsha: str) -> pa.Table:
+    """Add the columns every output row carries: model, detector, weights checksum."""
+    n = table.num_rows
+    return (table.append_column("model", pa.array([spec.name] * n, pa.string()))
+                 .append_column("detector", pa.array([spec.detector] * n, pa.string()))
+                 .append_column("weights_sha256", pa.array([wsha] * n, pa.string())))
+
+
+def _with_carried(schema: pa.Schema, carried: pa.Schema) -> pa.Schema:
+    return pa.schema(list(schema) + [f for f in carried if f.name not in schema.names])
+
+
+def _manifest_dir(uri: str) -> str:
+    fs, path = storage.filesystem(uri)
+    folder = path if fs.isdir(path) else os.path.dirname(path)
+    return ("s3://" + folder) if storage.scheme_of(uri) == "s3" else folder
+
+
+def _onnx_has_cuda() -> bool:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def print_summary(summary: EmbedSummary) -> None:
+    """A short human summary of a run."""
+    typer.echo(f"embedded {summary.images} image(s) in {summary.seconds:.1f}s "
+               f"({summary.images_per_second:.2f} images/s, {summary.workers} {summary.device} worker(s)); "
+               f"{summary.faces} face(s), {summary.errors} error(s), {summary.dropped_faces} face(s) below "
+               f"the quality floor; {summary.skipped_done} already done and skipped")
+    for error_type, count in sorted(summary.errors_by_type.items()):
+        typer.echo(f"  errors {error_type}: {count}")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("embed")
+    def embed_command(
+        manifest_uri: str = typer.Argument(..., metavar="MANIFEST", help="Parquet manifest (file or folder): local, file:// or s3://"),
+        out: str = typer.Option(..., "--out", help="output folder/prefix for faces, errors and dropped tables"),
+        model: str = typer.Option(None, help=f"registered model ({', '.join(MODELS)})"),
+        detector: str = typer.Option(None, help="detector; must match the model's registered pair"),
+        address: str = typer.Option(None, help="Ray cluster to join (auto, ray://host:port); default: start a local Ray"),
+        batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, help="images per actor call"),
+        min_face: int = typer.Option(24, help="smallest face side kept, pixels"),
+        min_score: float = typer.Option(0.8, help="lowest detector score kept"),
+        max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, help="refuse images with more pixels (decompression bombs)"),
+        endpoint_url: str = typer.Option(None, "--endpoint-url", help="S3-compatible endpoint (credentials come from the AWS chain)"),
+        weights_from: str = typer.Option(None, "--weights-from", help="folder or s3:// prefix with the weight files"),
+        allow_root: list[str] = typer.Option([], "--allow-root", help="only read images under this root (repeatable)"),
+        shard_rows: int = typer.Option(DEFAULT_SHARD_ROWS, help="faces per output Parquet file"),
+        workers: int = typer.Option(None, help="model actors (default: one per CPU, or per GPU)"),
+    ) -> None:
+        """Detect and embed every face of a manifest's images into a faces table."""
+        summary = run_embed(EmbedConfig(
+            manifest=manifest_uri, out=out, model=model, detector=detector, address=address,
+            batch_size=batch_size, min_face=min_face, min_score=min_score, max_pixels=max_pixels,
+            endpoint_url=endpoint_url, weights_from=weights_from, allowed_roots=tuple(allow_root),
+            shard_rows=shard_rows, workers=workers))
+        print_summary(summary)
