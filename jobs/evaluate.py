@@ -67,6 +67,7 @@ class EvaluateConfig:
     group_by: str | None = None
     address: str | None = None
     embedder: Literal["ray", "local"] = "ray"
+    workers: int | None = None  # embed job actors (None: the embed job decides)
     max_impostor_pairs: int = DEFAULT_MAX_IMPOSTOR_PAIRS
     non_mated_fraction: float = DEFAULT_NON_MATED_FRACTION
     group_fmr: float = DEFAULT_GROUP_FMR
@@ -82,6 +83,8 @@ class EvaluateConfig:
             raise ConfigError(f"embedder must be 'ray' or 'local', not {self.embedder!r}")
         if self.max_impostor_pairs < 1:
             raise ConfigError("--max-impostor-pairs must be at least 1")
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError("--workers must be at least 1")
         if not 0.0 < self.non_mated_fraction < 1.0:
             raise ConfigError("--non-mated-fraction must be between 0 and 1 (exclusive)")
         if not 0.0 < self.group_fmr < 1.0:
@@ -155,7 +158,7 @@ def _embed_with_job(config: EvaluateConfig, ids: list[str], dim: int) -> tuple[n
 
     work = storage.join(config.out, "embeddings")
     run_embed(EmbedConfig(manifest=config.manifest, out=work, model=config.model, address=config.address,
-                          progress=False))
+                          workers=config.workers, progress=False))
     layout = outputs(work)
     position = {image_id: i for i, image_id in enumerate(ids)}
     vectors = np.full((len(ids), dim), np.nan, np.float32)
@@ -192,8 +195,12 @@ def _embed_local(config: EvaluateConfig, labeled: pa.Table, dim: int) -> tuple[n
 
 
 def embed_largest_faces_local(uris: list[str], model: str | None = None, *, threads: int | None = None,
-                              batch_size: int = 64, progress_every: int = 0):
-    """Embed the largest usable face of each image in this process (no Ray).
+                              batch_size: int = 64, progress_every: int = 0,
+                              face: Literal["largest", "central"] = "largest"):
+    """Embed one usable face of each image in this process (no Ray): the largest (face_index 0,
+    as the embed job orders them), or with ``face="central"`` the one whose box centre is nearest
+    the image centre (the labeled face of centred data sets such as LFW, where the largest face
+    is sometimes a bystander's).
 
     Returns (embeddings (n, d) float32 with NaN rows for failures, list of error dicts). The same
     detector, quality floor and alignment as the embed job.
@@ -227,8 +234,12 @@ def embed_largest_faces_local(uris: list[str], model: str | None = None, *, thre
             errors.append({"row": row, "uri": uri, "error_type": "NoFace" if not found else "NoUsableFace",
                            "message": "no face found" if not found else floor.reason(found[0])})
             continue
+        chosen = usable[0]
+        if face == "central":
+            cy, cx = image.shape[0] / 2, image.shape[1] / 2
+            chosen = min(usable, key=lambda d: (d.bbox[0] + d.bbox[2] / 2 - cx) ** 2 + (d.bbox[1] + d.bbox[3] / 2 - cy) ** 2)
         pending_rows.append(row)
-        pending_faces.append(engine.align(image, usable[0].landmarks))
+        pending_faces.append(engine.align(image, chosen.landmarks))
         if len(pending_faces) >= batch_size:
             flush()
         if progress_every and (row + 1) % progress_every == 0:
