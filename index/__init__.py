@@ -1,1 +1,14 @@
-"""FAISS: training, sharding, publishing versions, loading, searching, merging (no imports of facelake.jobs)."""
+"""FAISS: training, sharding, publishing versions, loading, searching, merging (no imports of facelake.jobs).
+
+- ``params``: IndexParams and ``choose_params`` (nlist / nprobe / PQ from the collection size,
+  validated; the measured recall behind the defaults). Tested in tests/test_index.py.
+- ``layout``: the one definition of ROOT/index/<version>/ and the CURRENT pointer; version
+  names, listing, publishing, pruning. Tested by the crash and prune tests.
+- ``build``: ``train`` and ``build_version``: faces table -> trained quantizer -> shards added
+  in parallel Ray tasks (GPU when present) -> manifest -> CURRENT. Tested end to end, on S3 too.
+- ``load``: ``open_version`` / ``load_shard`` / ``load_ids``, every byte checked against the
+  manifest's sha256 before parsing; other model or dimension refused.
+- ``search``: ``search_shard``, ``merge_topk`` (faiss ResultHeap), the ``ShardSearcher`` Ray
+  actor and ``search_version``. Tested against exact IndexFlatIP results.
+- ``synthetic``: clustered unit vectors for tests and bench/index.py.
+"""

@@ -57,12 +57,12 @@ def train(xb_sample: np.ndarray, params: IndexParams, use_gpu: bool = False) -> 
     """
     xb_sample = _as_vectors(xb_sample, params.dim)
     index = faiss.index_factory(params.dim, params.factory, faiss.METRIC_INNER_PRODUCT)
+    if params.pq_m is not None:  # polysemous codes are not searched; training them triples PQ time
+        faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False
     if use_gpu:
         faiss.extract_index_ivf(index).clustering_index = faiss.index_cpu_to_all_gpus(
             faiss.IndexFlatIP(params.dim))
     index.train(xb_sample)
-    if use_gpu:
-        faiss.extract_index_ivf(index).clustering_index = None
     return index
 
 

@@ -34,11 +34,12 @@ def search_shard(index: faiss.Index, xq: np.ndarray, k: int, nprobe: int) -> Res
     try:
         ivf = faiss.extract_index_ivf(index)
     except RuntimeError:
-        return index.search(xq, k)                         # not IVF (GPU clone or flat)
-    nprobe = min(nprobe, ivf.nlist)
-    if isinstance(ivf, faiss.IndexIVF):                     # CPU: per-call parameters, thread-safe
+        ivf = None
+    if ivf is not None:                                     # CPU: per-call parameters, thread-safe
+        nprobe = min(nprobe, ivf.nlist)
         return index.search(xq, k, params=faiss.SearchParametersIVF(nprobe=nprobe))
-    faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", nprobe)
+    if hasattr(index, "nprobe"):                            # GPU IVF clone (IndexIVFInterface)
+        index.nprobe = min(nprobe, index.nlist)
     return index.search(xq, k)
 
 
