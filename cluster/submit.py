@@ -152,6 +152,9 @@ def runtime_env(*, pip: Sequence[str] | None = None) -> dict:
             raise ConfigError(f"{key} looks like a secret and would be shown by `ray job list`; "
                               "let the cluster's nodes read credentials from their own credential chain")
     _refuse_secrets(env.values())
+    # The job's driver (facelake's own ray.init through cluster.runtime.connect) passes the same
+    # worker env again; Ray refuses such an overlap unless told to merge it (driver values win).
+    env["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
     result: dict = {"env_vars": env}
     if pip:
         _refuse_secrets(pip)
@@ -205,6 +208,8 @@ def follow(address: str, job_id: str, *, out: TextIO | None = None) -> str:
             out.flush()
             printed += len(chunk)
 
+    # Ray's SDK logs the websocket's closing at INFO; the job's own lines are what matter here.
+    logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.WARNING)
     try:
         asyncio.run(_stream())
     except Exception as err:  # websocket refused or dropped: fall back to polling

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -65,11 +66,15 @@ class RayHead:
             "--metrics-export-port": _free_port(), "--node-manager-port": _free_port(),
             "--object-manager-port": _free_port(),
         }
-        cmd = [RAY, "start", "--head", "--block", f"--port={self.gcs_port}", "--num-cpus=1", "--num-gpus=0",
+        # Two logical CPUs (not cores): Ray Data's ListFiles stage asks for a whole CPU next to
+        # embed's 0.5-CPU actor, so a 1-CPU head would wait forever. The work itself stays small.
+        cmd = [RAY, "start", "--head", "--block", f"--port={self.gcs_port}", "--num-cpus=2", "--num-gpus=0",
                "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
                f"--temp-dir={self.temp_dir}", f"--object-store-memory={200 * 1024 * 1024}", "--disable-usage-stats",
                *[f"{k}={v}" for k, v in ports.items()]]
-        env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+        # Ray enables token auth on a new head when ~/.ray/auth_token exists (any local ray.init()
+        # may have written it); this head states its mode so the tests do not depend on that file.
+        env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
         self.log = open(os.path.join(self.temp_dir, "head.log"), "wb")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True, cwd=self.temp_dir)
@@ -162,7 +167,7 @@ def facelake(*args: str, timeout: float = 300, env: dict | None = None) -> subpr
 
 
 def _job_id_from(stdout: str) -> str:
-    ids = [line.strip() for line in stdout.splitlines() if line.strip().startswith("facelake-")]
+    ids = re.findall(r"\bfacelake-[a-z0-9-]+-\d{8}-\d{6}-[0-9a-f]{6}\b", stdout)
     assert ids, stdout
     return ids[-1]
 
@@ -319,7 +324,7 @@ def test_submitted_embed_writes_its_output(ray_head, provisioned_weights, tmp_pa
                    manifest)
     out = tmp_path / "out"
     result = facelake("submit", "--address", ray_head.address, "--wait", "--",
-                      "embed", str(manifest), "--out", str(out), "--workers", "1", timeout=600)
+                      "embed", str(manifest), "--out", str(out), "--workers", "1", "--address", "auto", timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert list((out / "faces").glob("*.parquet")), result.stdout[-4000:]
     assert list((out / "_runs").glob("*.json"))
@@ -327,6 +332,7 @@ def test_submitted_embed_writes_its_output(ray_head, provisioned_weights, tmp_pa
     assert set(faces.column("image_id").to_pylist()) <= {p[:-4] for p in photos}
 
     bad = facelake("submit", "--address", ray_head.address, "--wait", "--",
-                   "embed", str(tmp_path / "missing.parquet"), "--out", str(tmp_path / "out2"), timeout=600)
+                   "embed", str(tmp_path / "missing.parquet"), "--out", str(tmp_path / "out2"), "--address", "auto",
+                   timeout=600)
     assert bad.returncode == jobsubmit.EXIT_FAILED, bad.stdout + bad.stderr
     assert "manifest" in jobsubmit.logs(ray_head.address, _job_id_from(bad.stderr)).lower()
