@@ -135,6 +135,8 @@ def entrypoint(command: Sequence[str]) -> str:
 def job_metadata(command: Sequence[str], *, user: str | None = None) -> dict[str, str]:
     """Tags for the job: facelake command, user, facelake version and, for searches, the purpose."""
     args = [a for a in command if a != "facelake"]
+    if not args:
+        raise ConfigError("no facelake command to tag; give the subcommand to run")
     meta = {FACELAKE_TAG: args[0], USER_TAG: user or _user(), VERSION_TAG: _version()}
     purpose = _option_value(args, "--purpose")
     if args[0] == "search" and purpose:

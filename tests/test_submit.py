@@ -336,3 +336,10 @@ def test_submitted_embed_writes_its_output(ray_head, provisioned_weights, tmp_pa
                    timeout=600)
     assert bad.returncode == jobsubmit.EXIT_FAILED, bad.stdout + bad.stderr
     assert "manifest" in jobsubmit.logs(ray_head.address, _job_id_from(bad.stderr)).lower()
+
+
+def test_cluster_package_never_imports_jobs():
+    for path in (REPO / "cluster").rglob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"^\s*(from|import)\s+facelake\.jobs", text, re.M), path
+        assert "from facelake import jobs" not in text, path
