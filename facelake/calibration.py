@@ -200,9 +200,7 @@ class Calibration:
         idx = int(np.searchsorted(self.thresholds, threshold, side="left"))
         if idx >= len(self.thresholds):
             return 1.0
-        if self.thresholds[idx] == threshold:
-            return float(self.genuine_below[idx] / self.n_genuine)
-        # between rows: the next row up holds at least as many genuine pairs below (conservative)
+        # at a row: exact; between rows: the next row up counts at least as many (conservative)
         return float(self.genuine_below[idx] / self.n_genuine)
 
     def threshold_for_fmr(self, target_fmr: float) -> float:

@@ -5,7 +5,8 @@
 
 Three steps, each callable from a notebook:
 
-1. ``embed_labeled`` embeds the largest face of every labeled photo (face_index 0) through the
+1. ``embed_labeled`` embeds the largest face of every labeled photo (face_index 0; or the most
+   central face, ``face="central"``, for centred data sets such as LFW) through the
    embed job (``facelake.jobs.embed.run_embed``, on Ray) or, with ``embedder="local"``, through
    one FaceEngine in this process. Photos that fail or hold no usable face are counted, by type.
 2. ``evaluate_embeddings`` (numpy only) measures verification (all genuine pairs and every
@@ -68,6 +69,10 @@ class EvaluateConfig:
     address: str | None = None
     embedder: Literal["ray", "local"] = "ray"
     workers: int | None = None  # embed job actors (None: the embed job decides)
+    # Which face stands for a photo: the largest (face_index 0), or the one nearest the image
+    # centre, which is the labeled face of centred data sets like LFW (local embedder only: the
+    # faces table does not record image sizes).
+    face: Literal["largest", "central"] = "largest"
     max_impostor_pairs: int = DEFAULT_MAX_IMPOSTOR_PAIRS
     non_mated_fraction: float = DEFAULT_NON_MATED_FRACTION
     group_fmr: float = DEFAULT_GROUP_FMR
@@ -83,6 +88,11 @@ class EvaluateConfig:
             raise ConfigError(f"embedder must be 'ray' or 'local', not {self.embedder!r}")
         if self.max_impostor_pairs < 1:
             raise ConfigError("--max-impostor-pairs must be at least 1")
+        if self.face not in ("largest", "central"):
+            raise ConfigError(f"--face must be 'largest' or 'central', not {self.face!r}")
+        if self.face == "central" and self.embedder != "local":
+            raise ConfigError("--face central needs --embedder local (the embed job's faces table has no image "
+                              "sizes to find the centre with)")
         if self.workers is not None and self.workers < 1:
             raise ConfigError("--workers must be at least 1")
         if not 0.0 < self.non_mated_fraction < 1.0:
@@ -187,7 +197,7 @@ def _embed_local(config: EvaluateConfig, labeled: pa.Table, dim: int) -> tuple[n
 
     base = _manifest_dir(config.manifest)
     uris = [resolve_uri(u, base, ()) for u in labeled["uri"].to_pylist()]
-    vectors, errors = embed_largest_faces_local(uris, config.model)
+    vectors, errors = embed_largest_faces_local(uris, config.model, face=config.face)
     counts: dict[str, int] = {}
     for err in errors:
         counts[err["error_type"]] = counts.get(err["error_type"], 0) + 1
@@ -517,7 +527,8 @@ def by_group(emb: LabeledEmbeddings, threshold: float, *, max_pairs: int, seed: 
 def evaluate_embeddings(emb: LabeledEmbeddings, *, model: str | None = None, dataset: str,
                         pairs: tuple[list, np.ndarray, int] | None = None, max_impostor_pairs: int =
                         DEFAULT_MAX_IMPOSTOR_PAIRS, non_mated_fraction: float = DEFAULT_NON_MATED_FRACTION,
-                        group_fmr: float = DEFAULT_GROUP_FMR, seed: int = DEFAULT_SEED) -> tuple[dict, Calibration]:
+                        group_fmr: float = DEFAULT_GROUP_FMR, seed: int = DEFAULT_SEED,
+                        face: str = "largest") -> tuple[dict, Calibration]:
     """All metrics from labeled embeddings (numpy only). Returns (metrics, calibration).
 
     Keys starting with '_' hold score arrays for plots; ``write_report`` leaves them out of JSON.
@@ -529,11 +540,11 @@ def evaluate_embeddings(emb: LabeledEmbeddings, *, model: str | None = None, dat
     gen = genuine_scores(vectors, ids)
     imp, sampled = impostor_scores(vectors, ids, max_pairs=max_impostor_pairs, seed=seed)
     notes = (f"{len(gen):,} genuine pairs (all) and {len(imp):,} impostor pairs "
-             f"({'seeded sample, seed %d' % seed if sampled else 'all'}) of the largest face per photo")
+             f"({'seeded sample, seed %d' % seed if sampled else 'all'}) of the {face} face per photo")
     calibration = Calibration.from_scores(gen, imp, model=spec, dataset=dataset, notes=notes)
     metrics: dict = {
         "model": spec.name, "recognizer": spec.recognizer, "detector": spec.detector,
-        "weights_sha256": calibration.weights_sha256, "dataset": dataset,
+        "weights_sha256": calibration.weights_sha256, "dataset": dataset, "face": face,
         "photos": {"labeled": len(ids) + int((~ok).sum()), "embedded": int(ok.sum()), "failed": int((~ok).sum()),
                    "failed_by_type": emb.errors, "unlabeled_skipped": emb.unlabeled,
                    "identities": int(len(np.unique(ids)))},
@@ -581,11 +592,12 @@ def _plots(metrics: dict, out_dir: str) -> list[str]:
     written = []
     if curve is not None:
         fig, ax = plt.subplots(figsize=(5, 4))
-        ax.semilogx(np.maximum(curve["fmr"], 1e-9), curve["tar"], label="all pairs")
+        shown = curve["fmr"] > 0  # below one impostor pair the data says nothing
+        ax.semilogx(curve["fmr"][shown], curve["tar"][shown], label="all pairs")
         pp = metrics.get("pairs_protocol")
         if pp and len(pp["_genuine"]) and len(pp["_impostor"]):
             c2 = roc(pp["_genuine"], pp["_impostor"])
-            ax.semilogx(np.maximum(c2["fmr"], 1e-9), c2["tar"], label="pairs file")
+            ax.semilogx(c2["fmr"][c2["fmr"] > 0], c2["tar"][c2["fmr"] > 0], label="pairs file")
         ax.set_xlim(max(1e-7, 0.5 / len(imp)), 1)
         ax.set_xlabel("false accept rate (FMR)")
         ax.set_ylabel("true accept rate (TAR)")
@@ -647,11 +659,12 @@ def report_markdown(metrics: dict, plots: list[str]) -> str:
     photos, ver = m["photos"], m["verification"]
     lines = [f"# facelake evaluation: {m['model']} ({m['recognizer']} + {m['detector']}) on {m['dataset']}", "",
              f"Weights {m['weights_sha256'][:16]}... A comparison matches when cosine similarity >= threshold; "
-             "each photo is represented by its largest face.", "",
+             f"each photo is represented by its {m.get('face', 'largest')} face.", "",
              "## Photos", "",
              f"{photos['labeled']} labeled photos of {photos['identities']} identities; {photos['embedded']} embedded, "
              f"{photos['failed']} failed ({', '.join(f'{k}: {v}' for k, v in photos['failed_by_type'].items()) or 'none'}); "
-             f"{photos['unlabeled_skipped']} unlabeled rows skipped.", ""]
+             f"{photos['unlabeled_skipped']} unlabeled rows skipped. Embedding took {m['embed_seconds']:.0f} s, "
+             f"measuring {m['measure_seconds']:.0f} s.", ""]
     if "pairs_protocol" in m:
         pp = m["pairs_protocol"]
         lines += ["## Pairs file, 10-fold protocol", "",
@@ -746,7 +759,8 @@ def evaluate(config: EvaluateConfig) -> EvaluateResult:
     dataset = config.dataset or os.path.basename(config.manifest.rstrip("/")).rsplit(".", 1)[0]
     metrics, calibration = evaluate_embeddings(
         emb, model=config.model, dataset=dataset, pairs=pairs, max_impostor_pairs=config.max_impostor_pairs,
-        non_mated_fraction=config.non_mated_fraction, group_fmr=config.group_fmr, seed=config.seed)
+        non_mated_fraction=config.non_mated_fraction, group_fmr=config.group_fmr, seed=config.seed,
+        face=config.face)
     files = write_report(metrics, calibration, config.out, plots=config.plots)
     return EvaluateResult(metrics=metrics, calibration=calibration, files=files)
 
@@ -762,12 +776,14 @@ def register(app: typer.Typer) -> None:
         group_by: str = typer.Option(None, "--group-by", help="manifest column: FMR and FNMR per group"),
         address: str = typer.Option(None, help="Ray cluster to join; default: start a local Ray"),
         embedder: str = typer.Option("ray", help="'ray' (the embed job) or 'local' (one process)"),
+        face: str = typer.Option("largest", help="face per photo: 'largest', or 'central' (LFW-style centred "
+                                                 "data sets; needs --embedder local)"),
         max_impostor_pairs: int = typer.Option(DEFAULT_MAX_IMPOSTOR_PAIRS, help="sample impostor pairs beyond this many"),
         seed: int = typer.Option(DEFAULT_SEED, help="seed for impostor sampling and the gallery split"),
     ) -> None:
         """Measure verification, identification and calibration on a labeled manifest."""
         result = evaluate(EvaluateConfig(manifest=manifest_uri, out=out, model=model, pairs=pairs,
-                                         group_by=group_by, address=address, embedder=embedder,
+                                         group_by=group_by, address=address, embedder=embedder, face=face,
                                          max_impostor_pairs=max_impostor_pairs, seed=seed))
         m = result.metrics
         typer.echo(f"{m['photos']['embedded']}/{m['photos']['labeled']} photos embedded; "
