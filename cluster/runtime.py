@@ -42,12 +42,15 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> Clust
 
     Reuses an already-initialised Ray (notebooks, tests) instead of starting a second one.
     """
+    # Inside a Ray job (facelake submit) RAY_ADDRESS names the cluster the job runs on.
+    address = address or os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         runtime_env = {"env_vars": worker_env()}
         if address:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1",
+            # address="local": never join a stray cluster another `ray start` left on this machine
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1",
                      runtime_env=runtime_env, log_to_driver=True,
                      object_store_memory=_local_object_store_bytes())
     return resources()

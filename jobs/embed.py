@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 import uuid
@@ -354,13 +355,19 @@ def run_embed(config: EmbedConfig, *, hooks: dict | None = None) -> EmbedSummary
     summary.workers, summary.device = workers, "gpu" if use_gpu else "cpu"
     base_dir = _manifest_dir(config.manifest)
     carried_schema = pa.schema([info.schema.field(c) for c in info.carried])
-    ray.data.DataContext.get_current().enable_progress_bars = config.progress
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = config.progress
+    # Ray Data's V2 file reader lists files in a task that asks for a whole CPU and cannot be
+    # told otherwise (nor can a repartition); on 1-CPU nodes already holding a model actor it
+    # never starts. The V1 reader honours num_cpus=READ_CPUS and splits files into blocks.
+    context.use_datasource_v2 = False
     arrow_fs, _ = storage.arrow_filesystem(info.files[0], options)
     # Manifest reads are light; they must still get scheduled when the model actors hold
-    # every CPU (otherwise the pipeline waits forever on a small machine), hence the fractions.
-    dataset = ray.data.read_parquet(info.paths, filesystem=arrow_fs, num_cpus=READ_CPUS)
-    # Small blocks (streamed, no shuffle) so that every actor gets work even from one file.
-    dataset = dataset.repartition(target_num_rows_per_block=config.batch_size)
+    # most CPUs, hence the fraction. Blocks are kept small (about one actor call each, at
+    # most ~1000 rows) so that every actor gets work even from a single manifest file.
+    blocks = min(math.ceil(info.rows / config.batch_size), max(workers * 4, math.ceil(info.rows / 1000)))
+    dataset = ray.data.read_parquet(info.paths, filesystem=arrow_fs, num_cpus=READ_CPUS,
+                                    override_num_blocks=blocks)
     dataset = dataset.map_batches(
         EmbedWorker, batch_size=config.batch_size, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=workers), num_gpus=1 if use_gpu else 0,

@@ -90,7 +90,7 @@ def ray_local():
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024 * 1024,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024 * 1024,
              runtime_env={"env_vars": {"DEEPFACE_HOME": _DEEPFACE_HOME}})
     yield ray
     ray.shutdown()
