@@ -780,11 +780,12 @@ def register(app: typer.Typer) -> None:
                                                  "data sets; needs --embedder local)"),
         max_impostor_pairs: int = typer.Option(DEFAULT_MAX_IMPOSTOR_PAIRS, help="sample impostor pairs beyond this many"),
         seed: int = typer.Option(DEFAULT_SEED, help="seed for impostor sampling and the gallery split"),
+        workers: int = typer.Option(None, help="embed job model actors (default: the embed job decides)"),
     ) -> None:
         """Measure verification, identification and calibration on a labeled manifest."""
         result = evaluate(EvaluateConfig(manifest=manifest_uri, out=out, model=model, pairs=pairs,
                                          group_by=group_by, address=address, embedder=embedder, face=face,
-                                         max_impostor_pairs=max_impostor_pairs, seed=seed))
+                                         max_impostor_pairs=max_impostor_pairs, seed=seed, workers=workers))
         m = result.metrics
         typer.echo(f"{m['photos']['embedded']}/{m['photos']['labeled']} photos embedded; "
                    f"{m['verification']['genuine_pairs']:,} genuine / {m['verification']['impostor_pairs']:,} impostor pairs")
