@@ -19,6 +19,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False,
 
 # Modules under facelake.jobs that add commands. Keep alphabetical.
 COMMAND_MODULES = (
+    "demo",
     "embed",
     "evaluate",
     "submit_cmd",
