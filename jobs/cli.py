@@ -19,9 +19,11 @@ app = typer.Typer(no_args_is_help=True, add_completion=False,
 
 # Modules under facelake.jobs that add commands. Keep alphabetical.
 COMMAND_MODULES = (
+    "audit_cmd",
     "demo",
     "embed",
     "evaluate",
+    "search",
     "submit_cmd",
     "weights_cmd",
 )

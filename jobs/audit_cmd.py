@@ -1,0 +1,85 @@
+"""`facelake audit ROOT`: list the audit records of a root (searches, erasures, rebuilds).
+
+    facelake audit ROOT [--kind search] [--json] [--endpoint-url URL]
+
+A table, oldest first: time, job id, kind, user, purpose, mode, index version, counts, status;
+``--json`` prints the records themselves (one JSON list). Reading never changes the log.
+Library: ``facelake.audit.list_records``; ``rows(records)`` gives the table's rows. Tested in
+tests/test_search.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from facelake import audit, storage
+
+COLUMNS = ("time", "job_id", "kind", "user", "purpose", "mode", "version", "counts", "status")
+# Purpose is free text; the table shows its start (the full text is in --json).
+PURPOSE_WIDTH = 40
+
+
+def _counts(record: dict) -> str:
+    counts = record.get("counts") or {}
+    if not counts:
+        return ""
+    if "probe_images" in counts:
+        return (f"{counts.get('probe_images', 0)} probes/{counts.get('probe_faces', 0)} faces/"
+                f"{counts.get('result_rows', 0)} results/{counts.get('probe_errors', 0)} errors")
+    return " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+
+
+def _short(text: str, width: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def rows(records: list[dict]) -> list[dict[str, str]]:
+    """One display row per record (strings), in the order given."""
+    out = []
+    for r in records:
+        status = r.get("status") or ""
+        if status == "failed" and r.get("error"):
+            status = f"failed: {_short(r['error'], 60)}"
+        out.append({
+            "time": r.get("started_at") or r.get("recorded_at") or "",
+            "job_id": r.get("job_id", ""),
+            "kind": r.get("kind", ""),
+            "user": r.get("user", ""),
+            "purpose": _short(r.get("purpose") or "", PURPOSE_WIDTH),
+            "mode": r.get("mode") or "",
+            "version": r.get("index_version") or "",
+            "counts": _counts(r),
+            "status": status,
+        })
+    return out
+
+
+def format_table(table_rows: list[dict[str, str]]) -> str:
+    widths = {c: max([len(c)] + [len(row[c]) for row in table_rows]) for c in COLUMNS}
+    lines = ["  ".join(c.upper().ljust(widths[c]) for c in COLUMNS).rstrip()]
+    for row in table_rows:
+        lines.append("  ".join(row[c].ljust(widths[c]) for c in COLUMNS).rstrip())
+    return "\n".join(lines)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("audit")
+    def audit_command(
+        root: str = typer.Argument(..., metavar="ROOT", help="root whose audit log (ROOT/audit/) is listed"),
+        kind: str = typer.Option(None, "--kind", help="only records of this kind (search, erase, ...)"),
+        as_json: bool = typer.Option(False, "--json", help="print the full records as one JSON list"),
+        endpoint_url: str = typer.Option(None, "--endpoint-url", help="S3-compatible endpoint (credentials come from the AWS chain)"),
+    ) -> None:
+        """List the audit records of a root, oldest first."""
+        storage.check_uri(root)
+        records = audit.list_records(root, kind, storage.StorageOptions.from_env(endpoint_url))
+        if as_json:
+            typer.echo(json.dumps(records, indent=2, sort_keys=True, default=str))
+            return
+        if not records:
+            typer.echo(f"no audit records under {storage.redact(audit.audit_dir(root))}")
+            return
+        typer.echo(format_table(rows(records)))
