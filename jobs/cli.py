@@ -22,8 +22,12 @@ COMMAND_MODULES = (
     "audit_cmd",
     "demo",
     "embed",
+    "erase",
     "evaluate",
+    "index_cmd",
+    "rebuild",
     "search",
+    "status",
     "submit_cmd",
     "weights_cmd",
 )

@@ -1,0 +1,76 @@
+"""`facelake index FACES --root ROOT`: build and publish an index version of a faces table.
+
+A thin layer over ``facelake.index.build.build_version`` (issue 4). The model and weights
+checksum come from the faces table itself (one model per table). It takes ROOT's lock, like
+rebuild and erase, so it never races them.
+"""
+
+from __future__ import annotations
+
+import pyarrow.compute as pc
+import typer
+
+from facelake import audit, storage
+from facelake.errors import ConfigError
+from facelake.lock import RootLock
+from facelake.storage import StorageOptions
+
+
+def run_index(faces: str, root: str, *, shards: int | None = None, shard_size: int | None = None,
+              nlist: int | None = None, pq: int | None = None, nprobe: int | None = None, keep: int = 3,
+              endpoint_url: str | None = None, address: str | None = None) -> dict:
+    """Build and publish; returns the version's manifest."""
+    import ray
+
+    from facelake.cluster import runtime
+    from facelake.index.build import build_version
+
+    storage.check_uri(faces)
+    storage.check_uri(root)
+    if shards is not None and shard_size is not None:
+        raise ConfigError("give --shards or --shard-size, not both")
+    options = StorageOptions.from_env(endpoint_url)
+    try:
+        table = storage.read_table(faces, columns=["model", "weights_sha256"], options=options)
+    except FileNotFoundError as err:
+        raise ConfigError(f"no faces table at {storage.redact(faces)}: pass the faces folder `facelake embed` "
+                          f"wrote") from err
+    found = {}
+    for column in ("model", "weights_sha256"):
+        values = [v for v in pc.unique(table[column]).to_pylist() if v]
+        if len(values) != 1:
+            raise ConfigError(f"faces table holds {len(values)} distinct {column} values {values[:3]}: "
+                              f"index the faces of exactly one model")
+        found[column] = values[0]
+    job_id = audit.new_job_id("index")
+    with RootLock(root, job_id, options=options):
+        started = not ray.is_initialized()
+        runtime.connect(address)
+        try:
+            return build_version(faces, root, model=found["model"], weights_sha256=found["weights_sha256"],
+                                 shards=shards, shard_size=shard_size, nlist=nlist, pq=pq, nprobe=nprobe,
+                                 keep=keep, options=options)
+        finally:
+            runtime.shutdown_if_local(started and address is None)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("index")
+    def index_command(
+        faces: str = typer.Argument(..., metavar="FACES", help="faces table (folder or file) written by `facelake embed`"),
+        root: str = typer.Option(..., "--root", help="ROOT under which ROOT/index/<version>/ is published"),
+        shards: int = typer.Option(None, "--shards", help="number of shards"),
+        shard_size: int = typer.Option(None, "--shard-size", help="faces per shard (default 1,000,000)"),
+        nlist: int = typer.Option(None, "--nlist", help="IVF lists (default ~4*sqrt(N), a power of two)"),
+        pq: int = typer.Option(None, "--pq", help="PQ sub-quantizers (IVF-PQ); default IVF-Flat"),
+        nprobe: int = typer.Option(None, "--nprobe", help="lists searched by default (recorded in the manifest)"),
+        keep: int = typer.Option(3, "--keep", help="versions to keep (the live one always)"),
+        endpoint_url: str = typer.Option(None, "--endpoint-url", help="S3-compatible endpoint"),
+        address: str = typer.Option(None, help="Ray cluster to join; default: start a local Ray"),
+    ) -> None:
+        """Train an IVF index on FACES, add shards in parallel, publish a new version of ROOT."""
+        m = run_index(faces, root, shards=shards, shard_size=shard_size, nlist=nlist, pq=pq, nprobe=nprobe,
+                      keep=keep, endpoint_url=endpoint_url, address=address)
+        typer.echo(f"published index version {m['version']}: {m['total']} faces, {m['factory']}, nlist {m['nlist']}, "
+                   f"nprobe {m['nprobe']}, {len(m['shards'])} shard(s), "
+                   f"{'GPU' if m['build']['gpu'] else 'CPU'} build in {m['build']['seconds']}s")

@@ -1,0 +1,546 @@
+"""`facelake rebuild`: bring ROOT's tables of record and live index up to date with a manifest.
+
+One run, under ROOT's lock (facelake.lock):
+
+1. Plan. Compare the manifest with the images of record (faces and errors) and the erasure
+   list: ids not in record are new; ids in record whose (resolved) uri changed, or whose bytes
+   now hash (sha256) to something else than the content_sha256 of record, are changed; ids of
+   record not in the manifest are removed; erased ids are never embedded again and are purged
+   from record if still there. Change detection reads the bytes of every image already in
+   record once per run, in Ray tasks that only hash (no decoding); images of record that
+   cannot be read now keep their record (a transient read error must not drop faces) and are
+   counted as "unverified". An error of record without a hash (fetch failed) is retried when
+   the image becomes readable. `--full` re-embeds everything and retrains.
+2. Embed the new and changed photos with facelake embed's ``run_embed`` into
+   ROOT/staging/<run>/. A killed run's staging is reused by the next run (run_embed skips the
+   image ids already there), so nothing is embedded twice.
+3. Write a new table version of record (facelake.root) and point ROOT/TABLE at it.
+4. Publish an index version with ``build_version`` from the faces of record, reusing the live
+   version's trained quantizer (``trained_from``) while it fits: the collection is within
+   [1/2, 2] x the size it was trained on, and the mean similarity of a sample of faces to their
+   nearest centroid has not dropped by more than 10% from its value at training time.
+   Otherwise (or with --full) it retrains. ROOT/TABLE records the index version built from
+   the table version just before CURRENT is written.
+
+A crash before 3 leaves the previous table and version live; between 3 and 4 the table of
+record is new and the old version live, and the next run publishes; a run that finds the table
+unchanged and CURRENT naming its index does nothing and says so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import typer
+
+from facelake import audit, manifest, root as rootmod, storage
+from facelake.errors import ConfigError
+from facelake.lock import DEFAULT_TTL_S, RootLock
+from facelake.registry import get_model, weights_fingerprint
+from facelake.storage import StorageOptions
+
+log = logging.getLogger(__name__)
+
+HOOK_NAMES = ("locked", "during_embed", "after_embed", "before_table_pointer", "before_manifest",
+              "before_pointer")
+Hooks = Mapping[str, Callable[..., None]]
+# Retrain bounds (see the module docstring).
+RETRAIN_GROWTH = 2.0
+RETRAIN_DRIFT = 0.10
+DRIFT_SAMPLE = 20_000
+# Images per hashing task: enough to amortise a task, few enough to spread over a cluster.
+HASH_CHUNK = 256
+HASH_CPUS = 0.25
+DEFAULT_KEEP = 3
+
+
+@dataclass(frozen=True)
+class RebuildConfig:
+    """Options of one rebuild; ``validate`` checks them before storage or Ray is touched."""
+
+    manifest: str
+    root: str
+    address: str | None = None
+    full: bool = False
+    endpoint_url: str | None = None
+    keep: int = DEFAULT_KEEP
+    model: str | None = None
+    batch_size: int = 16
+    workers: int | None = None
+    weights_from: str | None = None
+    lock_ttl_s: float = DEFAULT_TTL_S
+    progress: bool = True
+
+    def validate(self):
+        spec = get_model(self.model)
+        storage.check_uri(self.manifest)
+        storage.check_uri(self.root)
+        if self.keep < 1:
+            raise ConfigError(f"--keep must be at least 1 (the live version is always kept), got {self.keep}")
+        if self.batch_size < 1 or (self.workers is not None and self.workers < 1):
+            raise ConfigError("--batch-size and --workers must be at least 1")
+        if self.lock_ttl_s <= 0:
+            raise ConfigError("lock TTL must be positive")
+        return spec
+
+
+@dataclass
+class RebuildSummary:
+    job_id: str
+    outcome: str = "running"           # published | nothing-changed | failed
+    manifest_rows: int = 0
+    new: int = 0
+    changed: int = 0
+    removed: int = 0
+    erased_skipped: int = 0
+    unverified: int = 0
+    to_embed: int = 0
+    embed: dict | None = None          # run_embed's summary when something was embedded
+    faces: int = 0
+    images: int = 0
+    errors: int = 0
+    table_version: str | None = None
+    index_version: str | None = None
+    previous_index_version: str | None = None
+    retrained: bool = False
+    retrain_reason: str | None = None
+    seconds: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------- planning
+
+@dataclass
+class Plan:
+    manifest: pa.Table                 # the manifest, uris resolved
+    to_embed: pa.Array                 # image ids to embed (new + changed)
+    drop: pa.Array                     # image ids to remove from record (removed + changed + erased)
+    new: int = 0
+    changed: int = 0
+    removed: int = 0
+    erased_skipped: int = 0
+    unverified: int = 0
+
+
+def _resolve_manifest(uri: str, options: StorageOptions) -> tuple[pa.Table, manifest.ManifestInfo]:
+    from facelake.jobs.embed import _manifest_dir, resolve_uri
+
+    info = manifest.validate(uri, options)
+    table = storage.read_table(uri, options=options)
+    base = _manifest_dir(uri)
+    resolved = []
+    for value in table["uri"].to_pylist():
+        try:
+            resolved.append(resolve_uri(value, base, ()))
+        except ValueError:
+            resolved.append(value)  # the embed job records it as a validate error
+    table = table.set_column(table.schema.get_field_index("uri"), "uri", pa.array(resolved, pa.string()))
+    table = table.set_column(table.schema.get_field_index("image_id"), "image_id",
+                             table["image_id"].cast(pa.string()))
+    return table, info
+
+
+def _hash_chunk(uris: list[str], options: StorageOptions) -> list[str | None]:
+    from facelake.imaging import content_sha256
+
+    out = []
+    for value in uris:
+        try:
+            out.append(content_sha256(storage.read_bytes(value, options)))
+        except Exception:  # unreadable now: the caller keeps the record as it is
+            out.append(None)
+    return out
+
+
+def hash_images(uris: list[str], options: StorageOptions) -> list[str | None]:
+    """sha256 of each image's bytes (None when unreadable), in parallel Ray tasks."""
+    import ray
+
+    if not uris:
+        return []
+    task = ray.remote(num_cpus=HASH_CPUS)(_hash_chunk)
+    refs = [task.remote(uris[i:i + HASH_CHUNK], options) for i in range(0, len(uris), HASH_CHUNK)]
+    return [h for chunk in ray.get(refs) for h in chunk]
+
+
+def plan(config: RebuildConfig, table: pa.Table, record: pa.Table, erased: pa.Array,
+         options: StorageOptions) -> Plan:
+    """What to embed and what to drop (see the module docstring)."""
+    ids = table["image_id"]
+    is_erased = pc.is_in(ids, value_set=erased)
+    wanted = table.filter(pc.invert(is_erased))
+    per_image = record.group_by(["image_id"], use_threads=False).aggregate(
+        [("content_sha256", "first"), ("uri", "first")])
+    rec_ids = per_image["image_id"]
+    gone = pc.invert(pc.is_in(rec_ids, value_set=ids))
+    gone = pc.or_(gone, pc.is_in(rec_ids, value_set=erased))
+    removed = rec_ids.filter(gone)
+    result = Plan(manifest=table, to_embed=pa.array([], pa.string()), drop=removed.combine_chunks()
+                  if isinstance(removed, pa.ChunkedArray) else removed,
+                  removed=len(removed), erased_skipped=int(pc.sum(is_erased).as_py() or 0))
+    if config.full:
+        result.to_embed = wanted["image_id"].combine_chunks()
+        result.drop = rec_ids.combine_chunks() if isinstance(rec_ids, pa.ChunkedArray) else rec_ids
+        result.changed = int(pc.sum(pc.is_in(result.to_embed, value_set=rec_ids)).as_py() or 0)
+        result.new = len(result.to_embed) - result.changed
+        return result
+    known = pc.is_in(wanted["image_id"], value_set=rec_ids)
+    new_ids = wanted["image_id"].filter(pc.invert(known))
+    existing = wanted.filter(known).select(["image_id", "uri"]).join(
+        per_image.rename_columns(["image_id", "rec_sha", "rec_uri"]), "image_id")
+    uri_changed = pc.fill_null(pc.not_equal(existing["uri"], existing["rec_uri"]), True)
+    changed = existing["image_id"].filter(uri_changed).to_pylist()
+    same_uri = existing.filter(pc.invert(uri_changed))
+    hashes = hash_images(same_uri["uri"].to_pylist(), options)
+    for image_id, now, before in zip(same_uri["image_id"].to_pylist(), hashes, same_uri["rec_sha"].to_pylist()):
+        if now is None:
+            if before is not None:
+                result.unverified += 1
+        elif now != before:
+            changed.append(image_id)
+    changed_arr = pa.array(changed, pa.string())
+    result.new, result.changed = len(new_ids), len(changed)
+    result.to_embed = pa.concat_arrays([new_ids.combine_chunks().cast(pa.string())
+                                        if isinstance(new_ids, pa.ChunkedArray) else new_ids.cast(pa.string()),
+                                        changed_arr])
+    result.drop = pa.concat_arrays([result.drop.cast(pa.string()), changed_arr])
+    return result
+
+
+# ---------------------------------------------------------------------------- retraining
+
+def mean_nearest_similarity(trained_bytes: np.ndarray | bytes, xb: np.ndarray) -> float:
+    """Mean inner product of (normalised) vectors to their nearest IVF centroid."""
+    import faiss
+
+    index = faiss.deserialize_index(np.frombuffer(trained_bytes, np.uint8))
+    quantizer = faiss.extract_index_ivf(index).quantizer
+    if len(xb) > DRIFT_SAMPLE:
+        xb = xb[np.sort(np.random.default_rng(0).choice(len(xb), DRIFT_SAMPLE, replace=False))]
+    D, _ = quantizer.search(np.ascontiguousarray(xb, np.float32), 1)
+    return float(D.mean())
+
+
+def retrain_reason(n: int, quantizer: dict | None, live_manifest: dict | None, model: str,
+                   similarity: float | None, full: bool) -> str | None:
+    """Why the quantizer must be retrained, or None to reuse it (the bound of the module docstring)."""
+    if full:
+        return "--full"
+    if live_manifest is None or quantizer is None:
+        return "no reusable trained index"
+    if live_manifest.get("model") != model:
+        return f"live index holds model {live_manifest.get('model')}"
+    trained_n = quantizer.get("faces") or 0
+    if n > RETRAIN_GROWTH * trained_n or n * RETRAIN_GROWTH < trained_n:
+        return f"collection is {n} faces, trained on {trained_n} (bound: x{RETRAIN_GROWTH:g} either way)"
+    if n < int(live_manifest["nlist"]):
+        return f"fewer faces ({n}) than lists ({live_manifest['nlist']})"
+    base = quantizer.get("mean_similarity")
+    if similarity is not None and base is not None and similarity < base * (1 - RETRAIN_DRIFT):
+        return (f"mean similarity to nearest centroid fell from {base:.3f} to {similarity:.3f} "
+                f"(bound: {RETRAIN_DRIFT:.0%})")
+    return None
+
+
+def publish_index(root: str, faces: pa.Table | None, *, model: str, weights_sha256: str, keep: int,
+                  full: bool, lock: RootLock, options: StorageOptions, hooks: Hooks | None = None) -> dict:
+    """Publish an index version of ``faces`` (the faces of record); returns what it did.
+
+    Records the version in ROOT/TABLE just before CURRENT is written. With no faces left, the
+    index is withdrawn (ROOT/index removed) since an empty IVF index cannot be built.
+    """
+    from facelake.index import layout
+    from facelake.index.build import DEFAULT_SHARD_SIZE, build_version, embeddings, read_faces
+    from facelake.index.load import open_version
+
+    hooks = hooks or {}
+    pointer = rootmod.read_pointer(root, options) or {}
+    if faces is None or faces.num_rows == 0:
+        lock.verify()
+        storage.remove(layout.index_root(root), recursive=True, options=options)
+        rootmod.write_pointer(root, {**pointer, "index_version": None, "quantizer": None}, options)
+        return {"version": None, "retrained": False, "reason": "no faces of record: index withdrawn"}
+    live = layout.current_version(root, options)
+    live_manifest = open_version(root, live, options=options).manifest if live else None
+    table = read_faces(faces, options)
+    xb = embeddings(table)
+    quantizer = pointer.get("quantizer")
+    similarity = None
+    if not full and live_manifest is not None and quantizer and live_manifest.get("model") == model:
+        from facelake.index.load import read_verified
+        similarity = mean_nearest_similarity(read_verified(open_version(root, live, options=options),
+                                                           layout.TRAINED), xb)
+    reason = retrain_reason(len(xb), quantizer, live_manifest, model, similarity, full)
+    n = table.num_rows
+    old_shards = len(live_manifest["shards"]) if live_manifest else 1
+    shards = min(n, max(old_shards, math.ceil(n / DEFAULT_SHARD_SIZE)))
+    pq_m = live_manifest.get("pq") if live_manifest else None
+    if pq_m is not None and n < 256:
+        pq_m = None
+    state: dict = {}
+
+    def before_manifest(version: str) -> None:
+        if "before_manifest" in hooks:
+            hooks["before_manifest"](version)
+
+    def before_pointer(version: str) -> None:
+        if "before_pointer" in hooks:
+            hooks["before_pointer"](version)
+        lock.verify()
+        q = quantizer
+        if reason is not None:
+            handle = open_version(root, version, options=options)
+            from facelake.index.load import read_verified
+            q = {"trained_in": version, "faces": n,
+                 "mean_similarity": mean_nearest_similarity(read_verified(handle, layout.TRAINED), xb)}
+        state["quantizer"] = q
+        rootmod.write_pointer(root, {**(rootmod.read_pointer(root, options) or {}), "index_version": version,
+                                     "quantizer": q}, options)
+
+    built = build_version(table, root, model=model, weights_sha256=weights_sha256, shards=shards,
+                          pq=pq_m if reason is not None else None, keep=keep,
+                          trained_from=None if reason is not None else live, options=options,
+                          hooks={"before_manifest": before_manifest, "before_pointer": before_pointer})
+    return {"version": built["version"], "retrained": reason is not None, "reason": reason,
+            "factory": built["factory"], "nlist": built["nlist"], "nprobe": built["nprobe"],
+            "shards": len(built["shards"]), "total": built["total"], "previous": live}
+
+
+# ---------------------------------------------------------------------------- the job
+
+def _staging_run(root: str, options: StorageOptions, model: str) -> str:
+    """Reuse the newest staging run made for this model (a killed rebuild's work); drop others."""
+    runs = rootmod.staging_runs(root, options)
+    chosen = None
+    for run in reversed(runs):
+        try:
+            meta = json.loads(storage.read_bytes(rootmod.uri(root, rootmod.STAGING, run, "staging.json"), options))
+        except (FileNotFoundError, ValueError):
+            meta = {}
+        if chosen is None and meta.get("model") == model:
+            chosen = run
+        elif run != chosen:
+            rootmod.remove_staging(root, run, options)
+    if chosen is None:
+        chosen = rootmod.new_name()
+        storage.write_bytes_atomic(rootmod.uri(root, rootmod.STAGING, chosen, "staging.json"),
+                                   json.dumps({"model": model, "created_at": rootmod.utc_now()}).encode(), options)
+    return chosen
+
+
+def _staged(out: str, kind: str, ids: pa.Array, options: StorageOptions) -> pa.Table | None:
+    folder = storage.join(out, kind)
+    if not storage.list_files(folder, ".parquet", options):
+        return None
+    tables = []
+    for file_uri in storage.list_files(folder, ".parquet", options):
+        fs, path = storage.filesystem(file_uri, options)
+        import pyarrow.parquet as pq
+        with fs.open(path, "rb") as handle:
+            tables.append(pq.read_table(handle))
+    table = pa.concat_tables(tables, promote_options="permissive")
+    return table.filter(pc.is_in(table["image_id"], value_set=ids))
+
+
+def _embed(config: RebuildConfig, spec, the_plan: Plan, run: str, options: StorageOptions,
+           hooks: Hooks) -> tuple[dict, pa.Table | None, pa.Table | None]:
+    from facelake.jobs.embed import EmbedConfig, run_embed
+
+    out = rootmod.uri(config.root, rootmod.STAGING, run)
+    sub = the_plan.manifest.filter(pc.is_in(the_plan.manifest["image_id"], value_set=the_plan.to_embed))
+    sub_uri = storage.join(out, "manifest", "to-embed.parquet")
+    manifest.write(sub, sub_uri, options)
+    embed_hooks = None
+    if "during_embed" in hooks:
+        embed_hooks = {"after_block": hooks["during_embed"]}
+    summary = run_embed(EmbedConfig(manifest=sub_uri, out=out, model=spec.name, address=config.address,
+                                    batch_size=config.batch_size, endpoint_url=config.endpoint_url,
+                                    weights_from=config.weights_from, workers=config.workers,
+                                    progress=config.progress), hooks=embed_hooks)
+    faces = _staged(out, "faces", the_plan.to_embed, options)
+    errors = _staged(out, "errors", the_plan.to_embed, options)
+    return summary.to_dict(), faces, errors
+
+
+def _keep_runs(root: str, run: str, options: StorageOptions) -> None:
+    """Copy the staging run's embed summaries to ROOT/_runs (staging is removed afterwards)."""
+    for file_uri in storage.list_files(rootmod.uri(root, rootmod.STAGING, run, "_runs"), ".json", options):
+        name = file_uri.rstrip("/").rsplit("/", 1)[-1]
+        storage.write_bytes_atomic(rootmod.uri(root, rootmod.RUNS, name), storage.read_bytes(file_uri, options), options)
+
+
+def run_rebuild(config: RebuildConfig, hooks: Hooks | None = None) -> RebuildSummary:
+    """Bring ROOT up to date with the manifest (see the module docstring); return what it did."""
+    import ray
+
+    from facelake.cluster import runtime
+    from facelake.index import layout
+
+    spec = config.validate()
+    hooks = dict(hooks or {})
+    unknown = set(hooks) - set(HOOK_NAMES)
+    if unknown:
+        raise ConfigError(f"unknown hook(s) {sorted(unknown)}; known: {HOOK_NAMES}")
+    options = StorageOptions.from_env(config.endpoint_url)
+    table, info = _resolve_manifest(config.manifest, options)
+    job_id = audit.new_job_id("rebuild")
+    summary = RebuildSummary(job_id=job_id, manifest_rows=info.rows)
+    started_at = audit.utc_now()
+    clock = time.monotonic()
+    started_ray = False
+    with RootLock(config.root, job_id, ttl_s=config.lock_ttl_s, options=options) as lock:
+        try:
+            if "locked" in hooks:
+                hooks["locked"](job_id)
+            rootmod.collect_garbage(config.root, options)
+            base = rootmod.current(config.root, options)
+            if base is not None and base.model not in (None, spec.name):
+                raise ConfigError(f"{storage.redact(config.root)} holds faces of model {base.model!r}, not "
+                                  f"{spec.name!r}: use one root per model")
+            record = rootmod.record_ids(config.root, base, options)
+            erased = rootmod.erased_ids(config.root, options)
+            started_ray = not ray.is_initialized()
+            runtime.connect(config.address)
+            t = time.monotonic()
+            the_plan = plan(config, table, record, erased, options)
+            summary.seconds["plan"] = round(time.monotonic() - t, 3)
+            for name in ("new", "changed", "removed", "erased_skipped", "unverified"):
+                setattr(summary, name, getattr(the_plan, name))
+            summary.to_embed = len(the_plan.to_embed)
+            if summary.unverified:
+                log.warning("%d image(s) of record could not be read to check for changes; their faces are kept",
+                            summary.unverified)
+            pointer = rootmod.read_pointer(config.root, options) or {}
+            live = layout.current_version(config.root, options)
+            summary.previous_index_version = live
+            table_changes = len(the_plan.to_embed) + len(the_plan.drop)
+            if not table_changes and base is None:
+                raise ConfigError("the manifest lists no image to embed (all erased?) and ROOT holds none")
+            if not table_changes and live and pointer.get("index_version") == live and not config.full:
+                for run in rootmod.staging_runs(config.root, options):
+                    rootmod.remove_staging(config.root, run, options)
+                summary.outcome = "nothing-changed"
+                summary.index_version = live
+                summary.table_version = base.name
+                summary.faces, summary.errors = base.face_rows, base.error_rows
+                summary.images = _images(config.root, base, options)
+                return summary
+            version = base
+            if table_changes:
+                faces = errors = None
+                run = None
+                if len(the_plan.to_embed):
+                    run = _staging_run(config.root, options, spec.name)
+                    t = time.monotonic()
+                    summary.embed, faces, errors = _embed(config, spec, the_plan, run, options, hooks)
+                    summary.seconds["embed"] = round(time.monotonic() - t, 3)
+                if "after_embed" in hooks:
+                    hooks["after_embed"](job_id)
+                lock.verify()
+                t = time.monotonic()
+                version = rootmod.write_version(
+                    config.root, base, drop_ids=the_plan.drop, add={rootmod.FACES: faces, rootmod.ERRORS: errors},
+                    model=spec.name, job_id=job_id, options=options,
+                    hook=lambda name: _before_table_pointer(hooks, lock, name))
+                summary.seconds["table"] = round(time.monotonic() - t, 3)
+                if run is not None:
+                    _keep_runs(config.root, run, options)
+            t = time.monotonic()
+            faces_of_record = rootmod.read_faces(config.root, version=version, options=options)
+            published = publish_index(config.root, faces_of_record, model=spec.name,
+                                      weights_sha256=weights_fingerprint(spec), keep=config.keep,
+                                      full=config.full, lock=lock, options=options, hooks=hooks)
+            summary.seconds["index"] = round(time.monotonic() - t, 3)
+            summary.index_version = published["version"]
+            summary.retrained, summary.retrain_reason = published["retrained"], published["reason"]
+            summary.table_version = version.name
+            summary.faces, summary.errors = version.face_rows, version.error_rows
+            summary.images = _images(config.root, version, options)
+            for run in rootmod.staging_runs(config.root, options):
+                rootmod.remove_staging(config.root, run, options)
+            rootmod.collect_garbage(config.root, options)
+            summary.outcome = "published"
+            return summary
+        except BaseException as err:
+            summary.outcome = "failed"
+            summary.seconds["total"] = round(time.monotonic() - clock, 3)
+            _audit(config, summary, info, started_at, options, error=f"{type(err).__name__}: {err}")
+            raise
+        finally:
+            if summary.outcome != "failed":
+                summary.seconds["total"] = round(time.monotonic() - clock, 3)
+                _audit(config, summary, info, started_at, options)
+            runtime.shutdown_if_local(started_ray and config.address is None and not hooks)
+
+
+def _before_table_pointer(hooks: Hooks, lock: RootLock, name: str) -> None:
+    if "before_table_pointer" in hooks:
+        hooks["before_table_pointer"](name)
+    lock.verify()
+
+
+def _images(root: str, version, options: StorageOptions) -> int:
+    faces = rootmod.read_faces(root, ["image_id"], version, options)
+    return 0 if faces is None else len(pc.unique(faces["image_id"]))
+
+
+def _audit(config: RebuildConfig, summary: RebuildSummary, info, started_at: str, options: StorageOptions,
+           error: str | None = None) -> None:
+    record = {"job_id": summary.job_id, "kind": "rebuild", "started_at": started_at, "finished_at": audit.utc_now(),
+              "manifest": storage.redact(config.manifest), "manifest_fingerprint": info.fingerprint,
+              "full": config.full, **{k: v for k, v in summary.to_dict().items() if k != "job_id"}}
+    if error:
+        record["error"] = error[:2000]
+    try:
+        audit.write_record(config.root, record, options)
+    except Exception as err:  # never hide the job's own outcome behind an audit failure
+        log.error("could not write the audit record of %s: %s", summary.job_id, err)
+
+
+def print_summary(summary: RebuildSummary) -> None:
+    if summary.outcome == "nothing-changed":
+        typer.echo(f"nothing changed: {summary.manifest_rows} manifest row(s) match the record "
+                   f"({summary.erased_skipped} erased, {summary.unverified} unverified); no embedding, "
+                   f"no new version; live version {summary.index_version}")
+        return
+    typer.echo(f"plan: {summary.new} new, {summary.changed} changed, {summary.removed} removed, "
+               f"{summary.erased_skipped} erased (never embedded), {summary.unverified} unverified")
+    if summary.embed:
+        e = summary.embed
+        typer.echo(f"embedded {e['images']} image(s): {e['faces']} face(s), {e['errors']} error(s) "
+                   f"({e['skipped_done']} already staged by an earlier run)")
+    else:
+        typer.echo("embedded nothing")
+    typer.echo(f"record: {summary.faces} face(s) of {summary.images} image(s), {summary.errors} error(s); "
+               f"table version {summary.table_version}")
+    typer.echo(f"published index version {summary.index_version} (was {summary.previous_index_version}); "
+               + (f"retrained: {summary.retrain_reason}" if summary.retrained else "reused the trained quantizer"))
+    typer.echo("seconds: " + ", ".join(f"{k} {v}" for k, v in summary.seconds.items()))
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("rebuild")
+    def rebuild_command(
+        manifest_uri: str = typer.Argument(..., metavar="MANIFEST", help="Parquet manifest (file or folder): local, file:// or s3://"),
+        root: str = typer.Option(..., "--root", help="ROOT holding the faces of record and the index versions"),
+        address: str = typer.Option(None, help="Ray cluster to join (auto, ray://host:port); default: start a local Ray"),
+        full: bool = typer.Option(False, "--full", help="re-embed every photo and retrain the quantizer"),
+        endpoint_url: str = typer.Option(None, "--endpoint-url", help="S3-compatible endpoint (credentials come from the AWS chain)"),
+        keep: int = typer.Option(DEFAULT_KEEP, "--keep", help="index versions to keep (the live one always)"),
+        weights_from: str = typer.Option(None, "--weights-from", help="folder or s3:// prefix with the weight files"),
+    ) -> None:
+        """Embed new and changed photos, drop removed ones, publish a new index version."""
+        summary = run_rebuild(RebuildConfig(manifest=manifest_uri, root=root, address=address, full=full,
+                                            endpoint_url=endpoint_url, keep=keep, weights_from=weights_from))
+        print_summary(summary)

@@ -1,0 +1,115 @@
+"""`facelake status ROOT`: versions, live version, counts, lock, last jobs and last errors."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pyarrow.compute as pc
+import typer
+
+from facelake import audit, lock as lockmod, root as rootmod, storage
+from facelake.storage import StorageOptions
+
+LAST = 5
+
+
+def collect(root: str, options: StorageOptions | None = None) -> dict:
+    """Everything `status` prints, as a dict (notebooks and tests use this)."""
+    from facelake.index import layout
+
+    storage.check_uri(root)
+    table = rootmod.current(root, options)
+    pointer = rootmod.read_pointer(root, options) or {}
+    faces = rootmod.read_faces(root, ["image_id"], table, options) if table else None
+    errors = rootmod.read_errors(root, ["image_id", "stage", "error_type", "message"], table, options) if table else None
+    erased = rootmod.erasures(root, options)
+    versions = []
+    for name in layout.list_versions(root, options):
+        manifest = layout.read_manifest(root, name, options)
+        versions.append({"version": name, "total": manifest.get("total"), "factory": manifest.get("factory"),
+                         "shards": len(manifest.get("shards", [])), "created_at": manifest.get("created_at"),
+                         "trained_from": manifest.get("trained_from")})
+    runs = []
+    for uri in storage.list_files(rootmod.uri(root, rootmod.RUNS), ".json", options)[-LAST:]:
+        runs.append(json.loads(storage.read_bytes(uri, options)))
+    records = audit.list_records(root, options=options)
+    keep = ("job_id", "kind", "user", "started_at", "recorded_at", "outcome", "index_version",
+            "resulting_version", "to_embed", "ids_count", "reason", "error")
+    return {
+        "root": storage.redact(root),
+        "live_version": layout.current_version(root, options),
+        "versions": versions,
+        "table_version": table.name if table else None,
+        "table_index_version": pointer.get("index_version"),
+        "quantizer": pointer.get("quantizer"),
+        "counts": {"faces": table.face_rows if table else 0,
+                   "images": len(pc.unique(faces["image_id"])) if faces is not None else 0,
+                   "errors": table.error_rows if table else 0,
+                   "erasures": len(pc.unique(erased["image_id"]))},
+        "lock": lockmod.read_lock(root, options),
+        "staging_runs": rootmod.staging_runs(root, options),
+        "last_embed_runs": runs,
+        "last_jobs": [{k: r[k] for k in keep if k in r} for r in records[-LAST:]],
+        "failed_jobs": [{k: r[k] for k in keep if k in r} for r in records
+                        if r.get("outcome") == "failed"][-LAST:],
+        "errors_by_type": dict(Counter(f"{r['stage']}/{r['error_type']}" for r in errors.select(
+            ["stage", "error_type"]).to_pylist())) if errors is not None else {},
+        "last_errors": errors.slice(max(0, errors.num_rows - LAST)).to_pylist() if errors is not None else [],
+    }
+
+
+def print_status(info: dict) -> None:
+    echo = typer.echo
+    echo(f"root {info['root']}")
+    echo(f"live index version: {info['live_version'] or 'none'}"
+         + ("" if info["live_version"] == info["table_index_version"] or not info["table_version"]
+            else f" (the table of record was last indexed as {info['table_index_version']}: run rebuild)"))
+    for v in info["versions"]:
+        mark = "*" if v["version"] == info["live_version"] else " "
+        echo(f"  {mark} {v['version']}  {v['total']} faces  {v['factory']}  {v['shards']} shard(s)  "
+             f"created {v['created_at']}" + (f"  quantizer from {v['trained_from']}" if v["trained_from"] else ""))
+    c = info["counts"]
+    echo(f"record (table version {info['table_version'] or 'none'}): {c['faces']} faces of {c['images']} images, "
+         f"{c['errors']} errors, {c['erasures']} erased ids")
+    if info["quantizer"]:
+        q = info["quantizer"]
+        echo(f"quantizer trained in {q.get('trained_in')} on {q.get('faces')} faces "
+             f"(mean nearest-centroid similarity {q.get('mean_similarity', 0):.3f})")
+    echo(f"lock: {lockmod.describe(info['lock']) if info['lock'] else 'free'}")
+    if info["staging_runs"]:
+        echo(f"staging: {', '.join(info['staging_runs'])} (a killed rebuild; the next rebuild resumes it)")
+    echo("last jobs:")
+    for job in info["last_jobs"] or [{}]:
+        if job:
+            echo(f"  {job.get('started_at') or job.get('recorded_at')}  {job['kind']:<14} {job['job_id']}  "
+                 f"{job.get('user', '')}  {job.get('outcome', '')} "
+                 f"{job.get('index_version') or job.get('resulting_version') or ''}"
+                 + (f"  error: {job['error'][:120]}" if job.get("error") else ""))
+        else:
+            echo("  none")
+    for run in info["last_embed_runs"]:
+        echo(f"  embed run {run['run_id']}: {run['images']} images, {run['faces']} faces, {run['errors']} errors")
+    if info["failed_jobs"]:
+        echo("last failed jobs:")
+        for job in info["failed_jobs"]:
+            echo(f"  {job['job_id']}: {job.get('error', '')[:200]}")
+    echo("errors of record by stage/type: " + (", ".join(f"{k} {v}" for k, v in sorted(info["errors_by_type"].items()))
+                                               or "none"))
+    for row in info["last_errors"]:
+        echo(f"  {row['image_id']}: {row['stage']}/{row['error_type']}: {(row['message'] or '')[:120]}")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("status")
+    def status_command(
+        root: str = typer.Argument(..., metavar="ROOT", help="ROOT managed by rebuild/erase"),
+        endpoint_url: str = typer.Option(None, "--endpoint-url", help="S3-compatible endpoint"),
+        as_json: bool = typer.Option(False, "--json", help="print JSON instead of text"),
+    ) -> None:
+        """Show versions, the live version, counts, the lock, last jobs and last errors of ROOT."""
+        info = collect(root, StorageOptions.from_env(endpoint_url))
+        if as_json:
+            typer.echo(json.dumps(info, indent=2, default=str))
+        else:
+            print_status(info)
