@@ -15,6 +15,9 @@ from PIL import Image, ImageOps
 
 # 50 Mpx covers 8K photos and large scans; bombs claim far more. Config can change it.
 DEFAULT_MAX_PIXELS = 50_000_000
+# Photo formats only: Pillow's other openers (EPS runs Ghostscript, PSD, FITS, ...) are attack
+# surface an archive of photos does not need. Formats are recognised by content, not by name.
+PHOTO_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
 
 
 class DecodeError(ValueError):
@@ -36,8 +39,10 @@ def decode_bgr(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
         raise DecodeError("empty object (0 bytes)")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            # max_pixels below replaces Pillow's warning level (~89 Mpx), so that a --max-pixels
+            # above it works; Pillow's hard ceiling (2x that) still raises DecompressionBombError.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=PHOTO_FORMATS)
             width, height = image.size
             if width <= 0 or height <= 0:
                 raise DecodeError(f"image has no pixels ({width}x{height})")
@@ -48,7 +53,7 @@ def decode_bgr(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
             image.load()
     except DecodeError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+    except Image.DecompressionBombError as err:
         raise ImageTooLarge(f"refused as a possible decompression bomb: {err}") from err
     except Exception as err:  # Pillow raises many types for bad bytes; the row records which
         raise DecodeError(f"cannot decode image: {type(err).__name__}: {err}") from err
