@@ -354,10 +354,16 @@ def _staged(out: str, kind: str, ids: pa.Array, options: StorageOptions) -> pa.T
 
 
 def _embed(config: RebuildConfig, spec, the_plan: Plan, run: str, options: StorageOptions,
-           hooks: Hooks) -> tuple[dict, pa.Table | None, pa.Table | None]:
+           hooks: Hooks) -> tuple[dict | None, pa.Table | None, pa.Table | None]:
     from facelake.jobs.embed import EmbedConfig, run_embed
 
+    from facelake.jobs.embed import done_image_ids
+
     out = rootmod.uri(config.root, rootmod.STAGING, run)
+    staged = done_image_ids(out, spec, options)
+    if not pc.any(pc.invert(pc.is_in(the_plan.to_embed, value_set=staged))).as_py():
+        # a killed run already staged every photo: no embed job (and no model load) at all
+        return None, _staged(out, "faces", the_plan.to_embed, options), _staged(out, "errors", the_plan.to_embed, options)
     sub = the_plan.manifest.filter(pc.is_in(the_plan.manifest["image_id"], value_set=the_plan.to_embed))
     sub_uri = storage.join(out, "manifest", "to-embed.parquet")
     manifest.write(sub, sub_uri, options)

@@ -1,0 +1,170 @@
+"""`facelake rebuild` on real sample photos, real Ray and faiss: increments, removal, crash recovery.
+
+Crashes are raised through the job's hooks at each stage (during embedding, after embedding,
+before the table pointer, before the index manifest, before CURRENT), one after another, each
+rerun getting past the previous crash point; on local storage and on the loopback S3 endpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from facelake import root as rootmod, storage
+from facelake.index import layout
+from facelake.index.load import load_ids, open_version
+from facelake.index.search import search_version
+from facelake.jobs.embed import done_image_ids
+from facelake.registry import get_model
+from facelake.jobs.rebuild import RebuildConfig, retrain_reason, run_rebuild
+from tests.helpers import SAMPLE_DIR, sample_manifest
+
+BASE = ["img1.jpg", "img3.jpg"]
+ADDED = ["img2.jpg", "img6.jpg", "img10.jpg"]
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def crash(*_):
+    raise Crash("killed here (test)")
+
+
+def rebuild(manifest_uri: str, root: str, hooks=None, **kwargs):
+    return run_rebuild(RebuildConfig(manifest=manifest_uri, root=root, progress=False, batch_size=1, workers=1,
+                                     **kwargs), hooks=hooks)
+
+
+def put_photos(base: str, names: list[str]) -> None:
+    for name in names:
+        storage.write_bytes_atomic(storage.join(base, name), (SAMPLE_DIR / name).read_bytes())
+
+
+def write_manifest(uri: str, names: list[str], base: str) -> None:
+    storage.write_table(uri, sample_manifest(names, base=base))
+
+
+def found_image_ids(root: str, vectors: np.ndarray, k: int = 10) -> set[str]:
+    handle = open_version(root)
+    _, I = search_version(handle, vectors, k)
+    ids = load_ids(handle)["image_id"].to_pylist()
+    return {ids[i] for i in I.ravel() if i >= 0}
+
+
+def assert_record_consistent(root: str) -> pa.Table:
+    faces = rootmod.read_faces(root)
+    keys = [f"{a}/{b}" for a, b in zip(faces["image_id"].to_pylist(), faces["face_index"].to_pylist())]
+    assert len(keys) == len(set(keys)), "a face is duplicated in the record"
+    errors = rootmod.read_errors(root)
+    if errors is not None:
+        assert not set(errors["image_id"].to_pylist()) & set(faces["image_id"].to_pylist())
+    handle = open_version(root)
+    assert handle.total == faces.num_rows
+    assert sorted(load_ids(handle)["image_id"].to_pylist()) == sorted(faces["image_id"].to_pylist())
+    return faces
+
+
+def test_add_change_remove_and_nothing_changed(ray_local, provisioned_weights, tmp_path):
+    photos, root = str(tmp_path / "photos"), str(tmp_path / "root")
+    manifest_uri = str(tmp_path / "manifest.parquet")
+    put_photos(photos, BASE + ADDED[:2])
+    write_manifest(manifest_uri, BASE, photos)
+
+    first = rebuild(manifest_uri, root)
+    assert first.outcome == "published" and first.embed["images"] == 2 and first.new == 2
+    v1 = layout.current_version(root)
+    assert v1 == first.index_version and first.retrained
+
+    again = rebuild(manifest_uri, root)
+    assert again.outcome == "nothing-changed" and again.embed is None and again.to_embed == 0
+    assert layout.list_versions(root) == [v1] and layout.current_version(root) == v1
+
+    write_manifest(manifest_uri, BASE + ADDED[:2], photos)
+    added = rebuild(manifest_uri, root)
+    assert (added.new, added.changed, added.removed) == (2, 0, 0)
+    assert added.embed["manifest_rows"] == 2 and added.embed["images"] == 2   # only the new photos
+    assert added.index_version != v1
+    # 4 faces is within 2x of 2, so only drift can force a retrain (tiny collections do drift)
+    assert open_version(root).manifest["trained_from"] == (None if added.retrained else v1)
+    assert added.retrained is False or "fell" in added.retrain_reason
+    assert_record_consistent(root)
+
+    # the same image id now holds another photo: detected by content hash, re-embedded alone
+    shutil.copy(SAMPLE_DIR / "img4.jpg", f"{photos}/{ADDED[0]}")
+    changed = rebuild(manifest_uri, root)
+    assert (changed.new, changed.changed, changed.removed) == (0, 1, 0) and changed.embed["images"] == 1
+    faces = assert_record_consistent(root)
+    sha = faces.filter(pc.equal(faces["image_id"], ADDED[0].split(".")[0]))["content_sha256"].to_pylist()
+    from facelake.imaging import content_sha256
+    assert set(sha) == {content_sha256((SAMPLE_DIR / "img4.jpg").read_bytes())}
+
+    # a photo no longer listed: its faces leave the record and the search
+    gone = "img1"
+    vectors = np.array(faces.filter(pc.equal(faces["image_id"], gone))["embedding"].to_pylist(), np.float32)
+    assert gone in found_image_ids(root, vectors)
+    write_manifest(manifest_uri, [n for n in BASE + ADDED[:2] if n != "img1.jpg"], photos)
+    removed = rebuild(manifest_uri, root)
+    assert (removed.new, removed.changed, removed.removed) == (0, 0, 1) and removed.embed is None
+    faces = assert_record_consistent(root)
+    assert gone not in faces["image_id"].to_pylist()
+    assert gone not in found_image_ids(root, vectors)
+    assert rebuild(manifest_uri, root).outcome == "nothing-changed"
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_crash_at_each_stage_then_resume_without_duplicates(where, ray_local, provisioned_weights, tmp_path, request):
+    base = str(tmp_path) if where == "local" else request.getfixturevalue("s3_bucket")
+    photos, root, manifest_uri = f"{base}/photos", f"{base}/root", f"{base}/manifest/m.parquet"
+    put_photos(photos, BASE + ADDED)
+    write_manifest(manifest_uri, BASE, photos)
+    v0 = rebuild(manifest_uri, root).index_version
+    table0 = rootmod.read_pointer(root)["table_version"]
+    write_manifest(manifest_uri, BASE + ADDED, photos)
+
+    def old_still_live(table_moved: bool = False) -> None:
+        assert layout.current_version(root) == v0
+        assert (rootmod.read_pointer(root)["table_version"] != table0) == table_moved
+        assert found_image_ids(root, np.array(rootmod.read_faces(root)["embedding"].to_pylist()[:1], np.float32))
+
+    for stage, table_moved in [("during_embed", False), ("after_embed", False), ("before_table_pointer", False),
+                               ("before_manifest", True), ("before_pointer", True)]:
+        with pytest.raises(Crash):
+            rebuild(manifest_uri, root, hooks={stage: crash})
+        old_still_live(table_moved)
+        if stage == "during_embed":
+            (run,) = rootmod.staging_runs(root)  # the killed run's staged faces are kept for the next run
+            staged_by_killed = len(done_image_ids(f"{root}/staging/{run}", get_model()))
+            assert 1 <= staged_by_killed < len(ADDED)
+        if stage == "after_embed":  # the run after the killed one embedded only what was not staged yet
+            (run,) = rootmod.staging_runs(root)
+            (summary_uri,) = storage.list_files(f"{root}/staging/{run}/_runs", ".json")
+            staged = json.loads(storage.read_bytes(summary_uri))
+            assert staged["skipped_done"] >= 1 and staged["skipped_done"] + staged["images"] == len(ADDED)
+    # every crashed run after the first found the staged images and embedded only the rest
+    done = rebuild(manifest_uri, root)
+    assert done.outcome == "published" and done.embed is None and done.to_embed == 0
+    assert layout.current_version(root) == done.index_version != v0
+    faces = assert_record_consistent(root)
+    assert set(faces["image_id"].to_pylist()) == {n.split(".")[0] for n in BASE + ADDED}
+    assert not rootmod.staging_runs(root)
+    # base run + the run that finished embedding; later runs found everything staged and embedded nothing
+    runs = [json.loads(storage.read_bytes(u)) for u in storage.list_files(f"{root}/_runs", ".json")]
+    assert len(runs) == 2 and sum(r["images"] for r in runs) + staged_by_killed == len(BASE) + len(ADDED)
+    assert rebuild(manifest_uri, root).outcome == "nothing-changed"
+
+
+def test_retrain_bound():
+    live = {"model": "m", "nlist": 4}
+    q = {"faces": 1000, "mean_similarity": 0.5}
+    assert retrain_reason(1500, q, live, "m", 0.48, False) is None
+    assert "x2" in retrain_reason(2001, q, live, "m", 0.5, False)
+    assert "x2" in retrain_reason(499, q, live, "m", 0.5, False)
+    assert "fell" in retrain_reason(1000, q, live, "m", 0.44, False)
+    assert retrain_reason(1000, q, live, "m", 0.5, True) == "--full"
+    assert retrain_reason(1000, None, None, "m", None, False)
