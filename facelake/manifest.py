@@ -1,7 +1,8 @@
 """Manifests: Parquet tables listing archived images (image_id, uri, carried columns).
 
 Validation runs on the driver before any work starts and streams the file(s), so a
-multi-million-row manifest costs one pass over two columns.
+multi-million-row manifest costs one pass over two columns and 8 bytes of memory per row
+(bench/manifest_memory.py measures it).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -51,11 +53,14 @@ def validate(uri: str, options: storage.StorageOptions | None = None,
     if not files:
         raise ManifestError(f"no manifest at {storage.redact(uri)}: give a Parquet file or a folder/prefix of them")
     schema = None
+    expected_rows = 0
     for file_uri in files:
         fs, path = storage.filesystem(file_uri, options)
         try:
             with fs.open(path, "rb") as handle:
-                file_schema = pq.read_schema(handle)
+                parquet = pq.ParquetFile(handle)
+                file_schema = parquet.schema_arrow
+                expected_rows += parquet.metadata.num_rows
         except Exception as err:
             raise ManifestError(f"{storage.redact(file_uri)} is not a readable Parquet file: {err}") from err
         if schema is None:
@@ -70,32 +75,62 @@ def validate(uri: str, options: storage.StorageOptions | None = None,
     clash = [c for c in schema.names if c in RESERVED]
     if clash:
         raise ManifestError(f"manifest columns {clash} collide with columns facelake writes; rename them")
-    ids: list[pa.Array] = []
+    duplicated = sorted({c for c in schema.names if schema.names.count(c) > 1})
+    if duplicated:
+        raise ManifestError(f"manifest {storage.redact(uri)} has column name(s) {duplicated} more than once; "
+                            "give every column its own name")
+    # Uniqueness in bounded memory: one 64-bit hash per row (8 bytes, not the id strings), sorted;
+    # equal hashes are then checked exactly in a second pass over only those ids. Python's str
+    # hash is SipHash keyed per process, so a manifest cannot be crafted to collide on purpose.
+    hashes = np.empty(expected_rows, np.int64)
     digest = hashlib.sha256()
     rows = 0
-    for batch in storage.iter_batches(uri, columns=["image_id", "uri"], options=options):
-        image_id, image_uri = batch.column(0), batch.column(1)
-        if not pa.types.is_string(image_id.type) and not pa.types.is_large_string(image_id.type):
-            raise ManifestError(f"image_id must be a string column, not {image_id.type}")
-        if image_id.null_count or image_uri.null_count:
-            raise ManifestError(f"manifest has null image_id or uri values near row {rows}; every row needs both")
-        if pc.any(pc.equal(pc.utf8_length(image_id), 0)).as_py():
-            raise ManifestError(f"manifest has an empty image_id near row {rows}")
-        ids.append(image_id.cast(pa.string()))
-        digest.update(b"".join(s.encode() + b"\0" for s in image_id.to_pylist()))
-        digest.update(b"".join(s.encode() + b"\0" for s in image_uri.to_pylist()))
-        rows += len(batch)
+    try:
+        for batch in storage.iter_batches(uri, columns=["image_id", "uri"], options=options):
+            image_id, image_uri = batch.column(0), batch.column(1)
+            for name, column in (("image_id", image_id), ("uri", image_uri)):
+                if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
+                    raise ManifestError(f"{name} must be a string column, not {column.type}")
+            if image_id.null_count or image_uri.null_count:
+                raise ManifestError(f"manifest has null image_id or uri values near row {rows}; every row needs both")
+            if pc.any(pc.equal(pc.utf8_length(image_id), 0)).as_py():
+                raise ManifestError(f"manifest has an empty image_id near row {rows}")
+            if rows + len(batch) > expected_rows:
+                raise ManifestError(f"manifest {storage.redact(uri)} changed while it was validated; rerun")
+            id_list = image_id.to_pylist()
+            hashes[rows:rows + len(batch)] = np.fromiter(map(hash, id_list), np.int64, len(id_list))
+            # sha256 of "id\0" for each id, then of "uri\0" for each uri, batch by batch
+            digest.update(("\0".join(id_list) + "\0").encode() if id_list else b"")
+            uris = image_uri.to_pylist()
+            digest.update(("\0".join(uris) + "\0").encode() if uris else b"")
+            rows += len(batch)
+    except ManifestError:
+        raise
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise ManifestError(f"cannot read manifest {storage.redact(uri)}: {type(err).__name__}: {err}") from err
     if rows == 0:
         raise ManifestError(f"manifest {storage.redact(uri)} has no rows")
-    all_ids = pa.chunked_array(ids)
-    counts = pc.value_counts(all_ids)
-    dupes = counts.filter(pc.greater(counts.field("counts"), 1))
-    if len(dupes):
-        sample = [d["values"] for d in dupes.to_pylist()[:5]]
-        raise ManifestError(f"image_id must be unique: {len(dupes)} duplicated, e.g. {sample}")
+    hashes = hashes[:rows]
+    hashes.sort()
+    clashing = np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
+    del hashes
+    if len(clashing):
+        _refuse_duplicates(uri, options, set(clashing.tolist()))
     carried = tuple(c for c in schema.names if c not in MANIFEST_REQUIRED)
     return ManifestInfo(uri=uri, files=tuple(files), schema=schema, rows=rows, carried=carried,
                         fingerprint=digest.hexdigest())
+
+
+def _refuse_duplicates(uri: str, options: storage.StorageOptions | None, clashing: set[int]) -> None:
+    """Second pass: count exactly the ids whose hashes clashed; raise if any id repeats."""
+    counts: dict[str, int] = {}
+    for batch in storage.iter_batches(uri, columns=["image_id"], options=options):
+        for image_id in batch.column(0).to_pylist():
+            if hash(image_id) in clashing:
+                counts[image_id] = counts.get(image_id, 0) + 1
+    dupes = [image_id for image_id, count in counts.items() if count > 1]
+    if dupes:
+        raise ManifestError(f"image_id must be unique: {len(dupes)} duplicated, e.g. {sorted(dupes)[:5]}")
 
 
 def write(table: pa.Table, uri: str, options: storage.StorageOptions | None = None) -> None:
