@@ -188,7 +188,7 @@ def run_search(config: SearchConfig, *, hooks: Hooks | None = None) -> SearchSum
         raise ConfigError(f"unknown hook(s) {sorted(unknown)}; known: {HOOK_NAMES}")
     options = storage.StorageOptions.from_env(config.endpoint_url)
     summary = SearchSummary(job_id=audit.new_job_id("search"), mode=config.mode)
-    started_at, started = audit.utc_now(), time.monotonic()
+    started_at, started = _utc_now_ms(), time.monotonic()
     status, error = "failed", None
     try:
         _search(config, options, summary, hooks)
@@ -587,11 +587,17 @@ def _audit_record(config: SearchConfig, summary: SearchSummary, started_at: str,
                    "result_rows": summary.result_rows, "no_candidate_faces": summary.no_candidate_faces},
         "notes": summary.notes,
         "started_at": started_at,
-        "ended_at": audit.utc_now(),
+        "ended_at": _utc_now_ms(),
         "seconds": summary.seconds,
         "status": status,
         "error": error,
     }
+
+
+def _utc_now_ms() -> str:
+    """UTC time to the millisecond, so that records of jobs started in one second sort in order."""
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
 
 
 def _same_place(a: str, b: str) -> bool:
