@@ -461,10 +461,13 @@ def _schema_of(uri: str, options) -> pa.Schema:
 
 def _searcher(handle, executor: Executor):
     """(search(xq, k, nprobe) -> (D, I), actors to stop afterwards)."""
+    import ray
+
     from facelake.index import search
 
     if executor == "ray":
         actors = search.start_searchers(handle)
+        ray.get([actor.ntotal.remote() for actor in actors])   # shards loaded before the clock starts
         return (lambda xq, k, nprobe: search.search_version(handle, xq, k, nprobe, actors)), actors
     shards = [search.LocalShardSearcher(handle, s) for s in range(handle.shard_count)]
     return (lambda xq, k, nprobe: search.merge_topk([s.search(xq, k, nprobe) for s in shards], k)), []
@@ -603,6 +606,40 @@ def _utc_now_ms() -> str:
 def _same_place(a: str, b: str) -> bool:
     strip = lambda u: (u[len("file://"):] if u.startswith("file://") else u).rstrip("/")  # noqa: E731
     return strip(a) == strip(b)
+
+
+# ------------------------------------------------------------------------------ demo
+
+DEMO_PROBES = 5   # one photo each of the first identities of the sample
+
+
+def demo_search(manifest_uri: str, root: str, out: str, *, top_k: int = 3) -> dict:
+    """`facelake demo`'s last step: one photo per identity of the sample searched against the
+    sample index; prints the top candidates per probe and returns what was made."""
+    from facelake.jobs.embed import _manifest_dir, resolve_uri
+
+    table = storage.read_table(manifest_uri)
+    base = _manifest_dir(manifest_uri)
+    picks: dict[str, dict] = {}
+    for row in sorted(table.to_pylist(), key=lambda r: r["image_id"]):
+        identity = row.get("identity")
+        if identity and identity not in picks and len(picks) < DEMO_PROBES:
+            picks[identity] = {**row, "uri": resolve_uri(row["uri"], base, ())}
+    probes_uri = storage.join(out, "probes", "manifest.parquet")
+    storage.write_table(probes_uri, pa.Table.from_pylist(list(picks.values()), schema=table.schema))
+    summary = run_search(SearchConfig(probes=probes_uri, root=root, out=out, top_k=top_k,
+                                      purpose="facelake demo: sample probes against the sample index"))
+    print_summary(summary)
+    rows = storage.read_table(outputs(out)["results"]).sort_by(
+        [("probe_image_id", "ascending"), ("probe_face_index", "ascending"), ("rank", "ascending")]).to_pylist()
+    for row in rows:
+        if row["rank"] is None:
+            continue
+        same = " (the probe photo itself)" if row["gallery_image_id"] == row["probe_image_id"] else ""
+        typer.echo(f"  probe {row['probe_image_id']} [{row.get('probe_identity')}] #{row['rank']}: "
+                   f"{row['gallery_image_id']} [{row.get('gallery_identity')}] similarity {row['similarity']:.3f}, "
+                   f"est. FMR {row['est_false_match_rate']:.2g}{same}")
+    return {"results": out, "search_job": summary.job_id, "result_rows": summary.result_rows}
 
 
 # ------------------------------------------------------------------------------ CLI
