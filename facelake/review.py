@@ -260,21 +260,39 @@ def _table_or_empty(uri: str, schema: pa.Schema, options: StorageOptions | None,
     return storage.read_table(uri, columns=columns, options=options)
 
 
+def _of_record(folder: str, kind: str, columns: list[str] | None, options: StorageOptions | None
+               ) -> tuple[bool, pa.Table | None]:
+    """(True, table or None) when FOLDER is a ROOT of record (ROOT/TABLE), read through facelake.root
+    (never by listing ROOT/faces, which may hold orphaned parts); (False, None) otherwise."""
+    from facelake import root as record
+
+    if record.read_pointer(folder, options) is None:
+        return False, None
+    return True, record.read_table(folder, kind, columns=columns, options=options)
+
+
 def read_faces(archive: str, columns: list[str] | None = None, options: StorageOptions | None = None,
                as_pandas: bool = True):
-    """The faces table an embed run wrote under ARCHIVE/faces (all columns unless ``columns``)."""
-    folder = storage.join(archive, "faces")
-    if not _parquet_files(folder, options):
-        raise FileNotFoundError(f"no faces table at {storage.redact(folder)}: run `facelake embed MANIFEST "
-                                f"--out {storage.redact(archive)}` first")
-    table = storage.read_table(folder, columns=columns, options=options)
+    """The faces of ARCHIVE: an embed job's --out (ARCHIVE/faces) or a ROOT of record (its live table)."""
+    managed, table = _of_record(archive, "faces", columns, options)
+    if not managed:
+        folder = storage.join(archive, "faces")
+        if _parquet_files(folder, options):
+            table = storage.read_table(folder, columns=columns, options=options)
+    if table is None:
+        raise FileNotFoundError(f"no faces table at {storage.redact(archive)}: run `facelake embed MANIFEST "
+                                f"--out {storage.redact(archive)}` (or `facelake rebuild`) first")
     return table.to_pandas() if as_pandas else table
 
 
 def read_errors(folder: str, options: StorageOptions | None = None) -> "pd.DataFrame":
-    """FOLDER/errors of an embed run (ARCHIVE) or a search (RESULTS); empty when there were none."""
+    """Images that failed: FOLDER/errors of an embed run (ARCHIVE), a search (RESULTS) or a ROOT of
+    record; empty when there were none."""
     from facelake.schema import ERRORS_SCHEMA
 
+    managed, table = _of_record(folder, "errors", None, options)
+    if managed:
+        return (table if table is not None else ERRORS_SCHEMA.empty_table()).to_pandas()
     return _table_or_empty(storage.join(folder, "errors"), ERRORS_SCHEMA, options).to_pandas()
 
 
@@ -303,8 +321,10 @@ def dropped_by_reason(archive: str, options: StorageOptions | None = None) -> "p
 def faces_per_photo(archive: str, options: StorageOptions | None = None) -> "pd.DataFrame":
     """How many photos hold 0, 1, 2, ... usable faces (0: photos in the errors table)."""
     pd = _pandas()
-    faces = storage.read_table(storage.join(archive, "faces"), columns=["image_id"], options=options) \
-        if _parquet_files(storage.join(archive, "faces"), options) else pa.table({"image_id": pa.array([], pa.string())})
+    try:
+        faces = read_faces(archive, columns=["image_id"], options=options, as_pandas=False)
+    except FileNotFoundError:
+        faces = pa.table({"image_id": pa.array([], pa.string())})
     counts = faces.group_by("image_id").aggregate([("image_id", "count")])["image_id_count"].to_numpy()
     failed = read_errors(archive, options)["image_id"].nunique()
     values, photos = np.unique(np.asarray(counts, np.int64), return_counts=True)
