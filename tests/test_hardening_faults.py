@@ -1,0 +1,429 @@
+"""Faults injected into real parts: the driver SIGKILLed mid-job, S3 throttling / 500s / dropped
+connections (a loopback proxy in front of the moto server), a shard searcher killed mid-search,
+and a Ray worker node removed mid-embed (ray.cluster_utils.Cluster, 3 one-CPU nodes).
+
+What must hold every time: every manifest row ends in exactly one of faces/errors, no face is
+written twice, a rerun resumes; a search returns the exact results or fails loudly, never a
+silently partial answer.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow as pa
+import pytest
+import s3fs
+
+from facelake import audit, storage
+from facelake.jobs.embed import EmbedConfig, outputs, run_embed
+from facelake.registry import get_model, weights_fingerprint
+from facelake.schema import NO_FACE, NO_USABLE_FACE
+from tests.helpers import SAMPLE_DIR, sample_manifest
+
+MODEL = "sface-yunet"
+WEIGHTS = weights_fingerprint(get_model(MODEL))
+# Sample photos that each hold at least one usable face (a fixed list: runs are comparable).
+PHOTOS = ["img1.jpg", "img2.jpg", "img3.jpg", "img4.jpg", "img5.jpg", "img6.jpg", "img7.jpg",
+          "img8.jpg", "img9.jpg", "img10.jpg", "img11.jpg", "img12.jpg", "img13.jpg", "img14.jpg",
+          "img15.jpg", "img16.jpg", "img17.jpg", "img18.jpg", "img19.jpg", "couple.jpg"]
+
+
+def read_outcomes(out: str) -> tuple[pa.Table | None, pa.Table | None]:
+    layout = outputs(out)
+    faces = storage.read_table(layout["faces"]) if storage.list_files(layout["faces"], ".parquet") else None
+    errors = storage.read_table(layout["errors"]) if storage.list_files(layout["errors"], ".parquet") else None
+    return faces, errors
+
+
+def assert_exactly_once(out: str, manifest_ids: list[str]) -> tuple[pa.Table, dict]:
+    """Every manifest row in exactly one of faces/errors; no (image_id, face_index) twice."""
+    faces, errors = read_outcomes(out)
+    face_ids = set(faces["image_id"].to_pylist()) if faces is not None else set()
+    error_rows = errors.to_pylist() if errors is not None else []
+    error_ids = [r["image_id"] for r in error_rows]
+    assert len(error_ids) == len(set(error_ids)), "an image has two error rows"
+    assert not face_ids & set(error_ids), f"in both faces and errors: {face_ids & set(error_ids)}"
+    assert face_ids | set(error_ids) == set(manifest_ids), \
+        f"lost: {set(manifest_ids) - face_ids - set(error_ids)}; unknown: {(face_ids | set(error_ids)) - set(manifest_ids)}"
+    if faces is not None:
+        keys = list(zip(faces["image_id"].to_pylist(), faces["face_index"].to_pylist()))
+        assert len(keys) == len(set(keys)), "a face was written twice"
+    return faces, {r["image_id"]: r for r in error_rows}
+
+
+# ------------------------------------------------------------------------ driver killed
+
+def _embed_cli(manifest: str, out: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "facelake.jobs.cli", "embed", manifest, "--out", out, "--batch-size", "1",
+            "--shard-rows", "1", "--workers", "1", *extra]
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a process we started and every process it started (its local Ray included)."""
+    try:
+        family = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    for member in family:
+        try:
+            member.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=30)
+    psutil.wait_procs(family, timeout=30)
+
+
+def test_driver_sigkilled_mid_job_rerun_resumes_exactly_once(tmp_path, provisioned_weights):
+    names = PHOTOS[:10]
+    manifest_uri = str(tmp_path / "m.parquet")
+    storage.write_table(manifest_uri, sample_manifest(names))
+    out = str(tmp_path / "out")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["FACELAKE_OBJECT_STORE_BYTES"] = str(200 << 20)
+    faces_dir = Path(out) / "faces"
+
+    proc = subprocess.Popen(_embed_cli(manifest_uri, out), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if faces_dir.exists() and any(p.name.endswith(".parquet") for p in faces_dir.iterdir()):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the first run ended before it could be killed"
+        assert any(p.name.endswith(".parquet") for p in faces_dir.iterdir()), "no part file after 240 s"
+    finally:
+        _kill_tree(proc)
+    partial, _ = read_outcomes(out)
+    done_before = set(partial["image_id"].to_pylist())
+    assert 0 < len(done_before) < len(names), "the kill did not land mid-job"
+    assert not (Path(out) / "_runs").exists(), "a killed run wrote its summary"
+
+    done = subprocess.run(_embed_cli(manifest_uri, out), env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    faces, errors = assert_exactly_once(out, [n[:-4] for n in names])
+    assert not errors, errors
+    assert "already done and skipped" in done.stdout
+    skipped = int(done.stdout.split(" already done and skipped")[0].rsplit(";", 1)[1].strip())
+    assert skipped >= len(done_before)
+    # faces written before the kill are kept as they were, not recomputed
+    before = {(r["image_id"], r["face_index"]): r["embedding"] for r in partial.to_pylist()}
+    after = {(r["image_id"], r["face_index"]): r["embedding"] for r in faces.to_pylist()}
+    assert all(after[key] == vector for key, vector in before.items())
+
+
+# ------------------------------------------------------------------------ a 3-node cluster
+
+@pytest.fixture(scope="module")
+def cluster3():
+    """Head + two worker nodes, one CPU each; the driver is connected to it."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 150 << 20})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1, object_store_memory=150 << 20)
+    cluster.wait_for_nodes()
+    from facelake.cluster import runtime
+    runtime.connect(cluster.address)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+# ------------------------------------------------------------------------ S3 faults
+
+class FaultProxy:
+    """A loopback HTTP proxy in front of the moto server that fails chosen object keys.
+
+    ``faults[key] = (kind, times)``: kind is "503" (SlowDown), "500" (InternalError), "403"
+    (AccessDenied) or "reset" (connection closed without a response); ``times`` requests fail,
+    then they pass (None: fail forever). Every request for a faulted key is timestamped.
+    """
+
+    BODIES = {"503": ("SlowDown", "Please reduce your request rate."),
+              "500": ("InternalError", "We encountered an internal error. Please try again."),
+              "403": ("AccessDenied", "Access Denied")}
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream.split("://", 1)[1]
+        self.faults: dict[str, tuple[str, int | None]] = {}
+        self.seen: dict[str, list[float]] = {}
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _any(self):
+                key = self.path.split("?", 1)[0]
+                fault = proxy._fault_for(key)
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                if fault == "reset":
+                    self.close_connection = True
+                    return
+                if fault:
+                    code, message = proxy.BODIES[fault]
+                    payload = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+                               f'<Message>{message}</Message><RequestId>fault</RequestId></Error>').encode()
+                    self.send_response(int(fault))
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(0 if self.command == "HEAD" else len(payload)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(payload)
+                    return
+                conn = http.client.HTTPConnection(proxy.upstream, timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection",)}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                response = conn.getresponse()
+                data = response.read()
+                self.send_response(response.status)
+                for k, v in response.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", response.getheader("Content-Length", str(len(data)))
+                                 if self.command == "HEAD" else str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _any
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def _fault_for(self, path: str) -> str | None:
+        with self.lock:
+            for key, (kind, times) in self.faults.items():
+                if path.endswith(key):
+                    self.seen.setdefault(key, []).append(time.monotonic())
+                    if times is None:
+                        return kind
+                    if times > 0:
+                        self.faults[key] = (kind, times - 1)
+                        return kind
+                    return None
+        return None
+
+    def __enter__(self) -> "FaultProxy":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_s3_throttling_errors_and_resets_retried_then_recorded(s3_endpoint, s3_bucket, cluster3, tmp_path,
+                                                              provisioned_weights):
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True)
+    bucket = s3_bucket[len("s3://"):]
+    plan = {  # image_id: (photo, fault kind, failing requests)
+        "throttled": ("img1.jpg", "503", 3),
+        "flaky500": ("img2.jpg", "500", 2),
+        "reset": ("img3.jpg", "reset", 2),
+        "broken": ("img4.jpg", "500", None),
+        "denied": ("img5.jpg", "403", None),
+        "clean1": ("img6.jpg", None, 0),
+        "clean2": ("img7.jpg", None, 0),
+    }
+    for image_id, (photo, _, _) in plan.items():
+        fs.pipe(f"{bucket}/photos/{image_id}.jpg", (SAMPLE_DIR / photo).read_bytes())
+    ids = list(plan)
+    manifest = pa.table({"image_id": ids, "uri": [f"{s3_bucket}/photos/{i}.jpg" for i in ids]})
+    storage.write_table(f"{s3_bucket}/manifests/m.parquet", manifest)
+    out = str(tmp_path / "out")
+
+    with FaultProxy(s3_endpoint) as proxy:
+        for image_id, (_, kind, times) in plan.items():
+            if kind:
+                proxy.faults[f"/photos/{image_id}.jpg"] = (kind, times)
+        summary = run_embed(EmbedConfig(manifest=f"{s3_bucket}/manifests/m.parquet", out=out, batch_size=1,
+                                        endpoint_url=proxy.url, address=cluster3.address, progress=False))
+    faces, errors = assert_exactly_once(out, ids)
+    assert set(faces["image_id"].to_pylist()) == {"throttled", "flaky500", "reset", "clean1", "clean2"}
+    assert set(errors) == {"broken", "denied"}
+    for image_id in ("throttled", "flaky500", "reset"):
+        assert len(proxy.seen[f"/photos/{image_id}.jpg"]) > plan[image_id][2], f"{image_id} was not retried"
+    # a permanent 500 is retried with growing waits, then recorded at the fetch stage
+    attempts = proxy.seen["/photos/broken.jpg"]
+    assert len(attempts) >= 3
+    gaps = np.diff(attempts)
+    assert attempts[-1] - attempts[0] > 0.5 and gaps.max() > 0.1, f"no backoff between attempts: {gaps}"
+    assert errors["broken"]["stage"] == "fetch"
+    assert errors["denied"]["stage"] == "fetch" and errors["denied"]["error_type"] == "PermissionError"
+    assert summary.images == len(ids)
+
+
+# ------------------------------------------------------------------------ shard searcher killed
+
+def _faces_table(xb: np.ndarray) -> pa.Table:
+    n, d = xb.shape
+    return pa.table({
+        "image_id": pa.array([f"img-{i:07d}" for i in range(n)]),
+        "face_index": pa.array(np.zeros(n, np.int32)),
+        "bbox": pa.array([[0, 0, 32, 32]] * n, type=pa.list_(pa.int32(), 4)),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(xb.ravel(), pa.float32()), d),
+        "model": pa.array([MODEL] * n), "weights_sha256": pa.array([WEIGHTS] * n),
+    })
+
+
+def test_shard_searcher_killed_mid_search_fails_loudly_never_partial(cluster3, tmp_path):
+    import ray
+    from ray.exceptions import RayActorError
+
+    from facelake.index import build, search, synthetic
+    from facelake.index.load import open_version
+
+    xb = synthetic.clustered(8000, 64, seed=3)
+    root = str(tmp_path / "root")
+    build.build_version(_faces_table(xb), root, model=MODEL, weights_sha256=WEIGHTS, shards=3, nlist=32)
+    handle = open_version(root)
+    xq = synthetic.queries(xb, 2000, seed=4)
+    k = 10
+    reference = search.search_version(handle, xq, k)           # in-process, every shard
+    actors = search.start_searchers(handle, num_cpus=0.1)
+    try:
+        D, I = search.search_version(handle, xq, k, actors=actors)
+        np.testing.assert_array_equal(I, reference[1])
+
+        outcomes: list = []
+
+        def hammer():
+            for _ in range(30):
+                try:
+                    outcomes.append(search.search_version(handle, xq, k, actors=actors))
+                except Exception as err:  # noqa: BLE001 - recorded and checked below
+                    outcomes.append(err)
+
+        thread = threading.Thread(target=hammer)
+        thread.start()
+        time.sleep(0.3)
+        ray.kill(actors[1], no_restart=True)
+        thread.join(timeout=120)
+        assert not thread.is_alive()
+        results = [o for o in outcomes if not isinstance(o, Exception)]
+        failures = [o for o in outcomes if isinstance(o, Exception)]
+        for D, I in results:  # every answer given is the whole answer
+            np.testing.assert_array_equal(I, reference[1])
+            np.testing.assert_allclose(D, reference[0], rtol=1e-5, atol=1e-5)
+        assert failures, "searches kept answering although a shard's searcher was dead"
+        assert all(isinstance(f, RayActorError) for f in failures), failures
+        first_failure = next(i for i, o in enumerate(outcomes) if isinstance(o, Exception))
+        assert all(isinstance(o, Exception) for o in outcomes[first_failure:]), "answers after a shard died"
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+
+
+def test_search_job_with_a_killed_searcher_fails_and_is_audited(cluster3, tmp_path, monkeypatch):
+    """The job (facelake search) on a killed shard actor raises, writes no _search.json and audits
+    the job as failed; results already flushed are the only trace, flagged by that missing summary."""
+    import ray
+
+    from facelake.index import build, search as index_search, synthetic
+    from facelake.jobs import search as search_job
+
+    xb = synthetic.clustered(3000, 128, seed=5)
+    root = str(tmp_path / "root")
+    build.build_version(_faces_table(xb), root, model=MODEL, weights_sha256=WEIGHTS, shards=2, nlist=16)
+    probes = _faces_table(synthetic.queries(xb, 400, seed=6))
+    storage.write_table(str(tmp_path / "probes.parquet"), probes)
+    started: list = []
+    real_start = index_search.start_searchers
+
+    def spy(handle, **kwargs):
+        actors = real_start(handle, **kwargs)
+        started.extend(actors)
+        return actors
+
+    monkeypatch.setattr(index_search, "start_searchers", spy)
+
+    def kill_one(summary):
+        if summary.searched_faces == 100:
+            ray.kill(started[0], no_restart=True)
+
+    out = tmp_path / "results"
+    config = search_job.SearchConfig(probes=str(tmp_path / "probes.parquet"), root=root, out=str(out),
+                                     purpose="hardening: shard actor killed", batch_size=100,
+                                     address=cluster3.address)
+    with pytest.raises(Exception) as failure:
+        search_job.run_search(config, hooks={"after_batch": kill_one})
+    assert isinstance(failure.value, ray.exceptions.RayActorError) or "died" in str(failure.value).lower()
+    assert not (out / "_search.json").exists(), "a failed search wrote its success summary"
+    record = [r for r in audit.list_records(root, kind="search")][-1]
+    assert record["status"] == "failed" and record["error"]
+    assert record["counts"]["searched_faces"] < 400
+
+
+# ------------------------------------------------------------------------ worker node removed
+
+def _actor_nodes() -> dict[str, int]:
+    """node id -> alive actors on it (GCS actor table; no dashboard needed)."""
+    import ray
+
+    counts: dict[str, int] = {}
+    for info in ray._private.state.actors().values():  # noqa: SLF001 - test introspection only
+        if info.get("State") in ("ALIVE", 2) and "MapWorker" in str(info.get("ActorClassName", "")):
+            node = info.get("Address", {}).get("NodeID")
+            counts[node] = counts.get(node, 0) + 1
+    return counts
+
+
+def test_worker_node_removed_mid_embed_job_completes_exactly_once(cluster3, tmp_path, provisioned_weights):
+    """Must run last in this module: it takes a node away from the shared cluster."""
+    manifest_uri = str(tmp_path / "m.parquet")
+    storage.write_table(manifest_uri, sample_manifest(PHOTOS))
+    out = str(tmp_path / "out")
+    result: dict = {}
+
+    def job():
+        try:
+            result["summary"] = run_embed(EmbedConfig(manifest=manifest_uri, out=out, batch_size=1, shard_rows=1,
+                                                      address=cluster3.address, progress=False))
+        except BaseException as err:  # noqa: BLE001 - re-raised by the assertion below
+            result["error"] = err
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    faces_dir = Path(out) / "faces"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and thread.is_alive():
+        if faces_dir.exists() and any(p.name.endswith(".parquet") for p in faces_dir.iterdir()):
+            break
+        time.sleep(0.2)
+    assert thread.is_alive(), f"the job ended before the node could be removed: {result}"
+    by_node = _actor_nodes()
+    workers = list(cluster3.worker_nodes)
+    victim = max(workers, key=lambda node: by_node.get(node.node_id, 0))
+    killed_actors = by_node.get(victim.node_id, 0)
+    cluster3.remove_node(victim, allow_graceful=False)
+    removed_while_running = thread.is_alive()
+    thread.join(timeout=400)
+    assert not thread.is_alive(), "the job hung after losing a node"
+    assert "error" not in result, f"the job failed after losing a node: {result.get('error')!r}"
+    assert removed_while_running and killed_actors >= 1, (removed_while_running, by_node)
+    faces, errors = assert_exactly_once(out, [n[:-4] for n in PHOTOS])
+    assert all(e["error_type"] in (NO_FACE, NO_USABLE_FACE) for e in errors.values()), errors
+    assert result["summary"].images == len(PHOTOS)
