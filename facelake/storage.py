@@ -32,6 +32,14 @@ class StorageOptions:
     endpoint_url: str | None = None
     region: str | None = None
 
+    def __post_init__(self) -> None:
+        # user:password@ in an endpoint would travel to workers and into logs, and S3 clients
+        # cannot send it anyway (it clashes with the signed Authorization header).
+        if self.endpoint_url and redact(self.endpoint_url) != self.endpoint_url:
+            raise ConfigError(f"the S3 endpoint URL {redact(self.endpoint_url)!r} carries credentials: give "
+                              "the endpoint without user:password@ and the keys through the AWS credential "
+                              "chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, ~/.aws, instance or pod roles)")
+
     @classmethod
     def from_env(cls, endpoint_url: str | None = None, region: str | None = None) -> "StorageOptions":
         """Explicit values win, then FACELAKE_S3_ENDPOINT_URL / AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL."""
