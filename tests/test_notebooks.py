@@ -6,6 +6,7 @@ is also checked directly against the same real outputs."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -24,33 +25,22 @@ CELL_TIMEOUT = 180  # seconds per cell; the slowest (the review grid) takes a fe
 pytestmark = pytest.mark.slow
 
 
-def _search_results(paths: dict[str, str]) -> None:
-    """RESULTS for the review notebook, made by the real search job when the demo did not make them
-    (jobs/search.py has run_search but not yet demo_search): every demo face searched against the
-    demo's live index, in this process (executor="local"), audited like any search."""
-    from facelake.jobs.search import SearchConfig, run_search
-
-    run_search(SearchConfig(probes=storage.join(paths["archive"], "faces"), root=paths["root"],
-                            out=paths["results"], purpose="tests/test_notebooks.py: review notebook",
-                            top_k=5, executor="local"))
-
-
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory, provisioned_weights):
-    """`facelake demo` into a temp folder, plus its search results and an evaluation report."""
+    """`facelake demo` (embed -> index -> search) into a temp folder, and an evaluation report."""
     from facelake.jobs.demo import SAMPLE_MANIFEST, run_demo
     from facelake.jobs.evaluate import EvaluateConfig, evaluate
 
     out = str(tmp_path_factory.mktemp("demo") / "demo-out")
-    try:
-        run_demo(out)
-    except AttributeError as err:  # search.py present, its demo step not written yet
-        if "demo_search" not in str(err):
-            raise
+    made = run_demo(out)
     paths = review.paths_from_env({"FACELAKE_DEMO_OUT": out})
-    if not storage.list_files(storage.join(paths["results"], "results"), ".parquet"):
-        _search_results(paths)
-    evaluate(EvaluateConfig(manifest=str(SAMPLE_MANIFEST), out=paths["report"]))
+    assert made.get("results") == paths["results"], "facelake demo's search step (jobs/search.py) made no results"
+    assert storage.list_files(storage.join(paths["results"], "results"), ".parquet")
+    # The report embeds the same manifest with the same model into REPORT/embeddings; seeded with the
+    # demo's embed output, the embed job's resume skips every photo (saves ~30 s on 2 cores).
+    shutil.copytree(paths["archive"], storage.join(paths["report"], "embeddings"))
+    report = evaluate(EvaluateConfig(manifest=str(SAMPLE_MANIFEST), out=paths["report"]))
+    assert report.metrics["photos"]["embedded"] == 61  # every labeled sample photo
     return paths
 
 
