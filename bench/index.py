@@ -21,7 +21,6 @@ import resource
 import shutil
 import sys
 import tempfile
-import threading
 import time
 
 import faiss
@@ -32,42 +31,13 @@ import ray
 
 from facelake.index import build, load, search, synthetic
 
+from peak_rss import PeakRSS  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 K = 10
 NQ = 1000
 PQ_M = {128: 32, 512: 64}    # 4 dims per sub-quantizer at 128-d, 8 at 512-d: 32 / 64 bytes codes
 
 
-class PeakRSS:
-    """Peak summed RSS of this process tree, sampled in a thread."""
-
-    def __init__(self) -> None:
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _sample(self) -> int:
-        me = psutil.Process()
-        total = 0
-        for proc in [me, *me.children(recursive=True)]:
-            try:
-                total += proc.memory_info().rss
-            except psutil.Error:
-                pass
-        return total
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._sample())
-            time.sleep(0.05)
-
-    def __enter__(self) -> "PeakRSS":
-        self.base = self._sample()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def faces_table(xb: np.ndarray) -> pa.Table:

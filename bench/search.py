@@ -30,7 +30,6 @@ import platform
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -53,37 +52,9 @@ LFW = "/work/shared/faces/lfw_deepfunneled/lfw-deepfunneled"
 K = 10
 MODEL = "sface-yunet"
 
+from peak_rss import PeakRSS  # noqa: E402  (bench/ is on sys.path when run as a script)
 
-class PeakRSS:
-    """Peak summed RSS of this process tree, sampled in a thread."""
 
-    def __init__(self) -> None:
-        self.peak, self._stop = 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        me = psutil.Process()
-        while not self._stop.is_set():
-            total = 0
-            for proc in [me, *me.children(recursive=True)]:
-                try:
-                    total += proc.memory_info().rss
-                except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
-            time.sleep(0.05)
-
-    def __enter__(self) -> "PeakRSS":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    @property
-    def gib(self) -> float:
-        return round(self.peak / 2**30, 2)
 
 
 def faces_table(xb: np.ndarray, ids: list[str]) -> pa.Table:
