@@ -345,11 +345,13 @@ def run_embed(config: EmbedConfig, *, hooks: dict | None = None) -> EmbedSummary
     options = storage.StorageOptions.from_env(config.endpoint_url)
     info = manifest.validate(config.manifest, options)
     done = done_image_ids(config.out, spec, options)
-    started_here = not ray.is_initialized()
-    resources = runtime.connect(config.address)
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     summary = EmbedSummary(run_id=run_id, model=spec.name, manifest_rows=info.rows,
                            skipped_done=len(done))
+    if len(done) and not _remaining(config.manifest, done, options):
+        return summary  # every image is already in OUT: start no Ray, load no model
+    started_here = not ray.is_initialized()
+    resources = runtime.connect(config.address)
     use_gpu = resources.gpus >= 1 and _onnx_has_cuda()
     workers = config.workers or (int(resources.gpus) if use_gpu else max(1, int(resources.cpus)))
     summary.workers, summary.device = workers, "gpu" if use_gpu else "cpu"
@@ -416,6 +418,14 @@ def run_embed(config: EmbedConfig, *, hooks: dict | None = None) -> EmbedSummary
                                json.dumps(summary.to_dict(), indent=2).encode(), options)
     runtime.shutdown_if_local(started_here and config.address is None and hooks is None)
     return summary
+
+
+def _remaining(manifest_uri: str, done: pa.Array, options: storage.StorageOptions) -> int:
+    """How many manifest rows are not yet in OUT (one streamed pass over image_id)."""
+    remaining = 0
+    for batch in storage.iter_batches(manifest_uri, columns=["image_id"], options=options):
+        remaining += len(batch) - (pc.sum(pc.is_in(batch.column(0), value_set=done)).as_py() or 0)
+    return remaining
 
 
 def _stamp(table: pa.Table, spec: ModelSpec, wsha: str) -> pa.Table:
