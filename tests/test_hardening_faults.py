@@ -85,7 +85,7 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 
 
 def test_driver_sigkilled_mid_job_rerun_resumes_exactly_once(tmp_path, provisioned_weights):
-    names = PHOTOS[:10]
+    names = PHOTOS
     manifest_uri = str(tmp_path / "m.parquet")
     storage.write_table(manifest_uri, sample_manifest(names))
     out = str(tmp_path / "out")
@@ -100,7 +100,7 @@ def test_driver_sigkilled_mid_job_rerun_resumes_exactly_once(tmp_path, provision
         while time.monotonic() < deadline and proc.poll() is None:
             if faces_dir.exists() and any(p.name.endswith(".parquet") for p in faces_dir.iterdir()):
                 break
-            time.sleep(0.2)
+            time.sleep(0.05)
         assert proc.poll() is None, "the first run ended before it could be killed"
         assert any(p.name.endswith(".parquet") for p in faces_dir.iterdir()), "no part file after 240 s"
     finally:
