@@ -31,8 +31,19 @@ class ClusterResources:
 
 
 def worker_env() -> dict[str, str]:
-    """Non-secret environment passed to Ray workers (credentials stay in the chain)."""
+    """Non-secret environment passed to Ray workers (credentials stay in the chain).
+
+    Ray logs a job's runtime environment, so a value carrying ``user:password@`` is refused
+    rather than shipped.
+    """
+    from facelake.errors import ConfigError
+    from facelake.storage import redact
+
     env = {key: os.environ[key] for key in WORKER_ENV_KEYS if key in os.environ}
+    for key, value in env.items():
+        if redact(value) != value:
+            raise ConfigError(f"{key} holds credentials inside its URL; remove them and let each node "
+                              "read credentials from the AWS credential chain (environment, profile, role)")
     env.setdefault("DEEPFACE_BACKEND_ENGINE", "onnx")
     return env
 

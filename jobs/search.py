@@ -196,11 +196,33 @@ def run_search(config: SearchConfig, *, hooks: Hooks | None = None) -> SearchSum
         return summary
     except BaseException as err:
         error = f"{type(err).__name__}: {storage.redact(str(err))}"[:2000]
+        _remove_partial_results(config.out, summary.job_id, options)
+        if _is_ray_actor_death(err):
+            raise SearchInterrupted(
+                f"a shard searcher died during search {summary.job_id} ({type(err).__name__}); no "
+                f"results were kept: rerun the search with a new --out") from err
         raise
     finally:
         summary.seconds = round(time.monotonic() - started, 3)
         record = _audit_record(config, summary, started_at, status, error)
         audit.write_record(config.root, record, options)
+
+
+class SearchInterrupted(FacelakeError):
+    """A search lost a shard actor part-way; nothing partial is left behind."""
+
+
+def _is_ray_actor_death(err: BaseException) -> bool:
+    import ray.exceptions
+
+    return isinstance(err, ray.exceptions.RayActorError)
+
+
+def _remove_partial_results(out: str, job_id: str, options: storage.StorageOptions) -> None:
+    """A failed search leaves no result part files: readers never see a partial candidate list."""
+    for uri in storage.list_files(outputs(out)["results"], ".parquet", options):
+        if job_id in uri.rsplit("/", 1)[-1]:
+            storage.remove(uri, options=options)
 
 
 def _search(config: SearchConfig, options: storage.StorageOptions, summary: SearchSummary,
