@@ -23,6 +23,9 @@ from facelake.errors import ConfigError
 
 SUPPORTED_SCHEMES = ("file", "s3")
 ENDPOINT_ENV = "FACELAKE_S3_ENDPOINT_URL"
+# botocore's defaults are 60 s each; photos are small objects, so a slow answer is a stuck one.
+CONNECT_TIMEOUT_S = 10
+READ_TIMEOUT_S = 30
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,9 @@ def filesystem(uri: str, options: StorageOptions | None = None) -> tuple[fsspec.
             "s3",
             endpoint_url=options.endpoint_url,
             client_kwargs=client_kwargs,
-            config_kwargs={"retries": {"max_attempts": 5, "mode": "standard"}},
+            # a hung connection or read fails over to the next retry instead of waiting minutes
+            config_kwargs={"retries": {"max_attempts": 5, "mode": "standard"},
+                           "connect_timeout": CONNECT_TIMEOUT_S, "read_timeout": READ_TIMEOUT_S},
             use_listings_cache=False,
             skip_instance_cache=True,
         )
