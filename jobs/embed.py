@@ -355,7 +355,7 @@ def run_embed(config: EmbedConfig, *, hooks: dict | None = None) -> EmbedSummary
     use_gpu = resources.gpus >= 1 and _onnx_has_cuda()
     workers = config.workers or (int(resources.gpus) if use_gpu else max(1, int(resources.cpus)))
     summary.workers, summary.device = workers, "gpu" if use_gpu else "cpu"
-    base_dir = _manifest_dir(config.manifest, options)
+    base_dir = manifest_dir(config.manifest, options)
     carried_schema = pa.schema([info.schema.field(c) for c in info.carried])
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = config.progress
@@ -440,7 +440,8 @@ def _with_carried(schema: pa.Schema, carried: pa.Schema) -> pa.Schema:
     return pa.schema(list(schema) + [f for f in carried if f.name not in schema.names])
 
 
-def _manifest_dir(uri: str, options: storage.StorageOptions) -> str:
+def manifest_dir(uri: str, options: storage.StorageOptions | None = None) -> str:
+    """The folder a manifest's relative uris resolve against (the manifest file's folder)."""
     fs, path = storage.filesystem(uri, options)
     folder = path if fs.isdir(path) else os.path.dirname(path)
     return ("s3://" + folder) if storage.scheme_of(uri) == "s3" else folder

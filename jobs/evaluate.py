@@ -193,9 +193,9 @@ def _embed_with_job(config: EvaluateConfig, ids: list[str], dim: int) -> tuple[n
 
 
 def _embed_local(config: EvaluateConfig, labeled: pa.Table, dim: int) -> tuple[np.ndarray, dict[str, int]]:
-    from facelake.jobs.embed import _manifest_dir, resolve_uri
+    from facelake.jobs.embed import manifest_dir, resolve_uri
 
-    base = _manifest_dir(config.manifest)
+    base = manifest_dir(config.manifest)
     uris = [resolve_uri(u, base, ()) for u in labeled["uri"].to_pylist()]
     vectors, errors = embed_largest_faces_local(uris, config.model, face=config.face)
     counts: dict[str, int] = {}

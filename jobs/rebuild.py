@@ -133,11 +133,11 @@ class Plan:
 
 
 def _resolve_manifest(uri: str, options: StorageOptions) -> tuple[pa.Table, manifest.ManifestInfo]:
-    from facelake.jobs.embed import _manifest_dir, resolve_uri
+    from facelake.jobs.embed import manifest_dir, resolve_uri
 
     info = manifest.validate(uri, options)
     table = storage.read_table(uri, options=options)
-    base = _manifest_dir(uri)
+    base = manifest_dir(uri)
     resolved = []
     for value in table["uri"].to_pylist():
         try:

@@ -638,10 +638,10 @@ DEMO_PROBES = 5   # one photo each of the first identities of the sample
 def demo_search(manifest_uri: str, root: str, out: str, *, top_k: int = 3) -> dict:
     """`facelake demo`'s last step: one photo per identity of the sample searched against the
     sample index; prints the top candidates per probe and returns what was made."""
-    from facelake.jobs.embed import _manifest_dir, resolve_uri
+    from facelake.jobs.embed import manifest_dir, resolve_uri
 
     table = storage.read_table(manifest_uri)
-    base = _manifest_dir(manifest_uri)
+    base = manifest_dir(manifest_uri)
     picks: dict[str, dict] = {}
     for row in sorted(table.to_pylist(), key=lambda r: r["image_id"]):
         identity = row.get("identity")

@@ -75,6 +75,9 @@ class RayHead:
         # Ray enables token auth on a new head when ~/.ray/auth_token exists (any local ray.init()
         # may have written it); this head states its mode so the tests do not depend on that file.
         env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
+        # Job entrypoints run `facelake` from the head's PATH, as on a cluster whose image has it
+        # installed; here that is this virtualenv's bin folder (not on PATH under `make test`).
+        env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
         self.log = open(os.path.join(self.temp_dir, "head.log"), "wb")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True, cwd=self.temp_dir)
