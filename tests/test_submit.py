@@ -43,15 +43,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _registered_commands() -> set[str]:
-    from facelake.jobs import cli
-
-    if not cli.app.registered_commands:
-        cli._register_all()
-    names = {c.name or c.callback.__name__ for c in cli.app.registered_commands}
-    return names | {g.name for g in cli.app.registered_groups}
-
-
 class RayHead:
     """A Ray head node owned by this test module: started with --block, stopped by its process group."""
 
@@ -317,7 +308,6 @@ def test_list_shows_only_facelakes_jobs(ray_head):
     assert all(r.job_id.startswith("facelake-") for r in rows)
 
 
-@pytest.mark.skipif("embed" not in _registered_commands(), reason="`facelake embed` is not registered yet")
 def test_submitted_embed_writes_its_output(ray_head, provisioned_weights, tmp_path):
     photos = ["img1.jpg", "img2.jpg", "img3.jpg"]
     shutil.copytree(REPO / "samples" / "faces", tmp_path / "faces",
