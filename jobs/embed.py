@@ -27,7 +27,6 @@ import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import typer

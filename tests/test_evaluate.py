@@ -9,7 +9,6 @@ import json
 import os
 import random
 
-import numpy as np
 import pyarrow as pa
 import pytest
 

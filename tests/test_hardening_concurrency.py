@@ -5,7 +5,6 @@ missing-file error on a version that CURRENT named."""
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 import pyarrow as pa

@@ -95,7 +95,7 @@ def test_merged_shards_equal_exact_and_unsharded(ray_local, tmp_path):
     xb = synthetic.clustered(6000, 64, seed=3)
     xq = synthetic.queries(xb, 200, seed=4)
     sharded = make(tmp_path / "a", xb, shards=4, nlist=32)
-    single = make(tmp_path / "b", xb, shards=1, nlist=32)
+    make(tmp_path / "b", xb, shards=1, nlist=32)
     assert [s["count"] for s in sharded["shards"]] == [1500] * 4
     h4, h1 = load.open_version(str(tmp_path / "a")), load.open_version(str(tmp_path / "b"))
     actors = search.start_searchers(h4)
