@@ -68,13 +68,25 @@ RESULT_COLUMNS = pa.schema([
     ("index_version", pa.string()),
 ])
 
-# Id table stored beside every index shard: faiss id -> face.
+# Id table stored beside every index shard: faiss id -> face. These columns always come first;
+# after them the shard keeps every other column of the faces table (uri and the manifest's
+# carried columns) except those in ID_TABLE_DROPPED, so a search result row needs nothing but
+# the shard that found it.
 ID_TABLE_SCHEMA = pa.schema([
     ("faiss_id", pa.int64()),
     ("image_id", pa.string()),
     ("face_index", pa.int32()),
     ("bbox", BBOX),
 ])
+# Faces-table columns an id table does not keep: the vector lives in the shard, the model's
+# provenance in the version manifest, and landmarks/content hashes are not needed to review.
+ID_TABLE_DROPPED = ("embedding", "landmarks", "model", "detector", "weights_sha256", "content_sha256")
+
+
+def id_table_schema(faces: pa.Schema) -> pa.Schema:
+    """The id table schema of a version built from faces of schema ``faces``."""
+    extra = [f for f in faces if f.name not in ID_TABLE_SCHEMA.names and f.name not in ID_TABLE_DROPPED]
+    return pa.schema(list(ID_TABLE_SCHEMA) + extra)
 
 
 def carried_columns(schema: pa.Schema, own: tuple[str, ...] = FACE_COLUMNS) -> list[str]:

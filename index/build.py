@@ -1,21 +1,32 @@
-"""Build an index version: train once, add shards in parallel Ray tasks, publish atomically.
+"""Build an index version: train on a sample, add shards in parallel Ray tasks, publish atomically.
 
-Every shard is an IVF index over the same trained quantizer (a clone of ``trained.faiss`` with
-its own vectors added under global ids), so shards are interchangeable and can be merged
-faiss contrib/ondisk style. Faces get faiss ids 0..N-1 in (image_id, face_index) order.
+No vector passes through the driver. It reads only the Parquet footers of the faces table's
+part files (row counts and schemas) and hands each task a list of (file, row range) pieces:
 
-Erasure: a CPU IVF index supports ``remove_ids``, but GPU indexes cannot remove ids and removal
-leaves the id tables stale, so erasure rebuilds the affected shards from the faces table (reusing
-the quantizer via ``trained_from``) instead of editing shard files in place.
+1. sample tasks (one per part file) draw that file's share of the training sample;
+2. one train task gathers the sample from the object store and trains the IVF quantizer (and
+   PQ codebooks) into ``trained.faiss``;
+3. shard tasks read their own rows from the part files, drop erased images, add the vectors
+   to a clone of the trained index under global faiss ids, and write the shard's files: the
+   faiss index, the id table (every column a result row needs: image_id, face_index, bbox, uri
+   and the manifest's carried columns) and, for compressed shards, the full vectors for exact
+   re-ranking. While the shard is in memory they also search the tuning queries exactly and at
+   each nprobe, so the driver can choose nprobe from measured recall@10.
+
+Every shard is an IVF index over the same trained quantizer, so shards are interchangeable.
+Faces get faiss ids in input order: part files sorted by name, rows in file order (an image's
+faces are in one part). Erased faces leave gaps in the ids; id tables carry the ids explicitly.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import io
 import logging
 import math
 import time
+from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import faiss
@@ -29,18 +40,21 @@ import facelake
 from facelake import storage
 from facelake.errors import ConfigError
 from facelake.index import layout
-from facelake.index.params import IndexParams, choose_params
-from facelake.schema import ID_TABLE_SCHEMA
+from facelake.index.params import TARGET_RECALL, TUNING_QUERIES, IndexParams, choose_params, nprobe_ladder
+from facelake.schema import id_table_schema
 from facelake.storage import StorageOptions
 
 log = logging.getLogger(__name__)
 
-# One shard per million faces by default: 512 MB (128-d) to 2 GB (512-d) of IVF-Flat per
-# search actor, and enough shards to spread search over a cluster at archive scale.
+# One shard per million faces by default: 512 MB (128-d IVF-Flat) or ~50 MB (PQ) per search
+# actor, and enough shards to spread search over a cluster at archive scale.
 DEFAULT_SHARD_SIZE = 1_000_000
 FACE_INPUT_COLUMNS = ("image_id", "face_index", "bbox", "embedding")
+TUNING_K = 10
+NPROBE_MARGIN = 2
 Hooks = Mapping[str, Callable[[str], None]]
 HOOK_NAMES = ("before_manifest", "before_pointer")
+FacesInput = pa.Table | str | list
 
 
 def gpu_available() -> bool:
@@ -73,61 +87,70 @@ def _as_vectors(x: np.ndarray, dim: int) -> np.ndarray:
     return x
 
 
-@ray.remote
-def _train_task(sample: np.ndarray, params: IndexParams, use_gpu: bool) -> np.ndarray:
-    return faiss.serialize_index(train(sample, params, use_gpu))
+# ------------------------------------------------------------------------------ the input
+
+@dataclass(frozen=True)
+class Part:
+    """One input file of the faces table (or an in-memory table in the object store)."""
+
+    uri: str | None
+    rows: int
+    first_row: int                      # global row number (= faiss id) of its first row
+    ref: object = None                  # ray.ObjectRef of an in-memory table
 
 
-@ray.remote
-def _add_task(trained: np.ndarray, xb: np.ndarray, ids: pa.Table, first_id: int, uris: tuple[str, str],
-              options: StorageOptions | None, use_gpu: bool, threads: int) -> dict:
-    """Clone the trained index, add one shard under global ids, write its two files."""
-    faiss.omp_set_num_threads(threads)
-    index = faiss.deserialize_index(trained)
-    faiss_ids = np.arange(first_id, first_id + len(xb), dtype=np.int64)
-    if use_gpu:
-        resources = faiss.StandardGpuResources()
-        gpu = faiss.index_cpu_to_gpu(resources, 0, index)
-        gpu.add_with_ids(xb, faiss_ids)
-        index = faiss.index_gpu_to_cpu(gpu)
-    else:
-        index.add_with_ids(xb, faiss_ids)
-    index_bytes = faiss.serialize_index(index).tobytes()
-    del index
-    sink = io.BytesIO()
-    pq.write_table(ids, sink, compression="zstd")
-    files = {}
-    for uri, data in zip(uris, (index_bytes, sink.getvalue())):
-        storage.write_bytes_atomic(uri, data, options)
-        files[uri.rstrip("/").rsplit("/", 1)[-1]] = {"sha256": layout.sha256(data), "bytes": len(data)}
-    return files
+def list_parts(faces: FacesInput, options: StorageOptions | None) -> tuple[list[Part], pa.Schema]:
+    """The faces table's parts with row counts, and their unified schema (footers only)."""
+    if isinstance(faces, pa.Table):
+        return [Part(uri=None, rows=faces.num_rows, first_row=0, ref=ray.put(faces))], faces.schema
+    uris = faces if isinstance(faces, list) else storage.list_files(faces, ".parquet", options)
+    if not uris:
+        raise ConfigError(f"no faces table at {storage.redact(str(faces))}: run `facelake embed` first or "
+                          f"pass the folder it wrote")
+    parts, schemas, first = [], [], 0
+    for uri in sorted(uris) if not isinstance(faces, list) else uris:
+        fs, path = storage.filesystem(uri, options)
+        with fs.open(path, "rb") as handle:
+            meta = pq.ParquetFile(handle)
+            rows, schema = meta.metadata.num_rows, meta.schema_arrow
+        parts.append(Part(uri=uri, rows=rows, first_row=first))
+        schemas.append(schema)
+        first += rows
+    return parts, pa.unify_schemas(schemas, promote_options="permissive")
 
 
-def read_faces(faces: pa.Table | str, options: StorageOptions | None = None) -> pa.Table:
-    """The faces table (from a URI or as given), checked and sorted into faiss id order."""
-    if isinstance(faces, str):
-        try:
-            faces = storage.read_table(faces, columns=None, options=options)
-        except FileNotFoundError as err:
-            raise ConfigError(f"no faces table at {storage.redact(faces)}: run `facelake embed` "
-                              f"first or pass the folder it wrote") from err
-    missing = [c for c in FACE_INPUT_COLUMNS if c not in faces.column_names]
+def check_schema(schema: pa.Schema) -> int:
+    """The embedding dimension, after checking the faces table has what an index needs."""
+    missing = [c for c in FACE_INPUT_COLUMNS if c not in schema.names]
     if missing:
         raise ConfigError(f"faces table lacks column(s) {missing}: pass the table `facelake embed` "
                           f"wrote (schema facelake.schema.faces_schema)")
-    if not pa.types.is_fixed_size_list(faces.schema.field("embedding").type):
+    if not pa.types.is_fixed_size_list(schema.field("embedding").type):
         raise ConfigError("faces.embedding must be a fixed_size_list<float32>: pass the table "
                           "`facelake embed` wrote")
-    return faces.sort_by([("image_id", "ascending"), ("face_index", "ascending")])
+    return schema.field("embedding").type.list_size
 
 
-def _check_model(faces: pa.Table, model: str, weights_sha256: str) -> None:
-    for column, expected in (("model", model), ("weights_sha256", weights_sha256)):
-        if column in faces.column_names:
-            found = [v for v in pc.unique(faces.column(column)).to_pylist() if v != expected]
-            if found:
-                raise ConfigError(f"faces table holds {column} {found[:3]}, not {expected!r}: index "
-                                  f"faces of one model at a time (re-embed with --model {model})")
+def _read_rows(part: Part, start: int, stop: int, columns: list[str] | None,
+               options: StorageOptions | None) -> pa.Table:
+    """Rows [start, stop) (part-local) of one part, reading only the row groups that hold them."""
+    if part.ref is not None:
+        table = ray.get(part.ref)
+        return table.slice(start, stop - start).select([c for c in columns or table.column_names
+                                                        if c in table.column_names])
+    fs, path = storage.filesystem(part.uri, options)
+    with fs.open(path, "rb") as handle:
+        reader = pq.ParquetFile(handle)
+        groups, first, offset = [], None, 0
+        for g in range(reader.metadata.num_row_groups):
+            n = reader.metadata.row_group(g).num_rows
+            if offset + n > start and offset < stop:
+                groups.append(g)
+                first = offset if first is None else first
+            offset += n
+        wanted = [c for c in (columns or reader.schema_arrow.names) if c in reader.schema_arrow.names]
+        table = reader.read_row_groups(groups, columns=wanted) if groups else reader.schema_arrow.empty_table()
+    return table.slice(start - (first or 0), stop - start)
 
 
 def embeddings(faces: pa.Table) -> np.ndarray:
@@ -142,8 +165,20 @@ def embeddings(faces: pa.Table) -> np.ndarray:
     return xb
 
 
+def read_faces(faces: pa.Table | str, options: StorageOptions | None = None) -> pa.Table:
+    """The whole faces table, checked (small tables, tests and notebooks; jobs never call it)."""
+    if isinstance(faces, str):
+        try:
+            faces = storage.read_table(faces, columns=None, options=options)
+        except FileNotFoundError as err:
+            raise ConfigError(f"no faces table at {storage.redact(faces)}: run `facelake embed` "
+                              f"first or pass the folder it wrote") from err
+    check_schema(faces.schema)
+    return faces
+
+
 def shard_bounds(n: int, shards: int | None, shard_size: int | None) -> list[tuple[int, int]]:
-    """Contiguous [start, stop) faiss id ranges, as even as possible."""
+    """Contiguous [start, stop) row ranges, as even as possible."""
     if shards is not None and shard_size is not None:
         raise ConfigError("give --shards or --shard-size, not both")
     if shards is not None and not 1 <= shards <= n:
@@ -155,22 +190,178 @@ def shard_bounds(n: int, shards: int | None, shard_size: int | None) -> list[tup
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
 
 
-def _sample(xb: np.ndarray, size: int) -> np.ndarray:
-    if size >= len(xb):
-        return xb
-    picks = np.sort(np.random.default_rng(0).choice(len(xb), size, replace=False))
-    return xb[picks]
+def pieces(parts: list[Part], start: int, stop: int) -> list[tuple[int, int, int]]:
+    """(part number, part-local start, part-local stop) covering global rows [start, stop)."""
+    out = []
+    for number, part in enumerate(parts):
+        lo, hi = max(start, part.first_row), min(stop, part.first_row + part.rows)
+        if lo < hi:
+            out.append((number, lo - part.first_row, hi - part.first_row))
+    return out
 
 
-def _id_table(faces: pa.Table, start: int, stop: int) -> pa.Table:
-    part = faces.slice(start, stop - start)
-    return pa.table({
-        "faiss_id": pa.array(np.arange(start, stop, dtype=np.int64)),
-        "image_id": part.column("image_id").cast(pa.string()),
-        "face_index": part.column("face_index").cast(pa.int32()),
-        "bbox": part.column("bbox").cast(ID_TABLE_SCHEMA.field("bbox").type),
-    }, schema=ID_TABLE_SCHEMA)
+# ------------------------------------------------------------------------------ tasks
 
+@ray.remote
+def _sample_task(part: Part, size: int, seed: int, options: StorageOptions | None) -> tuple[np.ndarray, np.ndarray]:
+    """``size`` random rows of one part: (normalised vectors, global row numbers)."""
+    picks = np.sort(np.random.default_rng(seed).choice(part.rows, size, replace=False))
+    table = _read_rows(part, 0, part.rows, ["image_id", "embedding"], options).take(pa.array(picks))
+    return embeddings(table), picks + part.first_row
+
+
+@ray.remote
+def _train_task(params: IndexParams, use_gpu: bool, *samples: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    xb = np.concatenate([s[0] for s in samples])
+    return faiss.serialize_index(train(xb, params, use_gpu))
+
+
+@ray.remote
+def _tuning_queries_task(count: int, *samples: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """A random subset of the training sample, used as probes to tune nprobe (self-excluded)."""
+    xb = np.concatenate([s[0] for s in samples])
+    ids = np.concatenate([s[1] for s in samples])
+    picks = np.random.default_rng(1).choice(len(xb), min(count, len(xb)), replace=False)
+    return np.ascontiguousarray(xb[picks]), ids[picks]
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """What one shard task builds: its rows, where its files go, how."""
+
+    shard_no: int
+    pieces: list[tuple[int, int, int]]
+    uris: tuple[str, str, str]
+    id_schema: pa.Schema
+    model: str
+    weights_sha256: str
+    params: IndexParams
+    use_gpu: bool
+    threads: int
+
+
+@ray.remote
+def _shard_task(job: ShardJob, parts: list[Part], trained: np.ndarray, erased: pa.Array | None,
+                tuning: tuple[np.ndarray, np.ndarray] | None, options: StorageOptions | None) -> dict:
+    """Read one shard's rows, add them to a clone of the trained index, write its files."""
+    from facelake.index.load import LoadedShard
+
+    faiss.omp_set_num_threads(job.threads)
+    wanted = list(job.id_schema.names[1:]) + ["embedding", "model", "weights_sha256"]
+    tables = []
+    for number, start, stop in job.pieces:
+        table = _read_rows(parts[number], start, stop, wanted, options)
+        first = parts[number].first_row + start
+        tables.append(table.append_column("faiss_id", pa.array(np.arange(first, first + table.num_rows))))
+    table = pa.concat_tables(tables, promote_options="permissive") if tables else None
+    _check_model(table, job.model, job.weights_sha256)
+    erased_count = 0
+    if erased is not None and len(erased):
+        keep = pc.invert(pc.is_in(table["image_id"], value_set=erased))
+        erased_count = table.num_rows - pc.sum(keep).as_py()
+        table = table.filter(keep)
+    xb = embeddings(table)
+    ids = table.select(job.id_schema.names).cast(job.id_schema)
+    faiss_ids = ids.column("faiss_id").to_numpy()
+    index = faiss.deserialize_index(trained)
+    if job.use_gpu:
+        resources = faiss.StandardGpuResources()
+        gpu = faiss.index_cpu_to_gpu(resources, 0, index)
+        gpu.add_with_ids(xb, faiss_ids)
+        index = faiss.index_gpu_to_cpu(gpu)
+    else:
+        index.add_with_ids(xb, faiss_ids)
+
+    files = {}
+    index_bytes = faiss.serialize_index(index).tobytes()
+    payloads = [(job.uris[0], index_bytes), (job.uris[1], _ipc_bytes(ids))]
+    if job.params.rerank:
+        payloads.append((job.uris[2], _npy_bytes(xb)))
+    for uri, data in payloads:
+        storage.write_bytes_atomic(uri, data, options)
+        files[uri.rstrip("/").rsplit("/", 1)[-1]] = {"sha256": layout.sha256(data), "bytes": len(data)}
+    result = {"files": files, "count": len(xb), "erased": erased_count,
+              "resident_bytes": len(index_bytes) + faiss_ids.nbytes}
+    if tuning is not None and len(xb):
+        shard = LoadedShard(index=index, ids=ids, faiss_ids=faiss_ids, vectors=xb, rerank=job.params.rerank)
+        result["tuning"] = _tuning_results(shard, xb, faiss_ids, tuning[0], job.params)
+    return result
+
+
+def _tuning_results(shard, xb: np.ndarray, faiss_ids: np.ndarray, xq: np.ndarray, params: IndexParams) -> dict:
+    """Exact and per-nprobe top-(k+1) of the tuning queries over this shard."""
+    from facelake.index.search import search_reranked
+
+    k = TUNING_K + 1
+    flat = faiss.IndexFlatIP(params.dim)
+    flat.add(xb)
+    D, rows = flat.search(xq, k)
+    exact = (D, np.where(rows >= 0, faiss_ids[np.maximum(rows, 0)], -1))
+    return {"exact": exact, "approx": {p: search_reranked(shard, xq, k, p) for p in nprobe_ladder(params.nlist)}}
+
+
+def _ipc_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def _npy_bytes(xb: np.ndarray) -> bytes:
+    sink = io.BytesIO()
+    np.save(sink, np.ascontiguousarray(xb, dtype=np.float32))
+    return sink.getvalue()
+
+
+def _check_model(faces: pa.Table, model: str, weights_sha256: str) -> None:
+    for column, expected in (("model", model), ("weights_sha256", weights_sha256)):
+        if column in faces.column_names:
+            found = [v for v in pc.unique(faces.column(column)).to_pylist() if v != expected]
+            if found:
+                raise ConfigError(f"faces table holds {column} {found[:3]}, not {expected!r}: index "
+                                  f"faces of one model at a time (re-embed with --model {model})")
+
+
+# ------------------------------------------------------------------------------ tuning
+
+def recall_curve(results: list[dict], qids: np.ndarray, nlist: int) -> dict[int, float]:
+    """recall@10 per nprobe over every shard's tuning results, each query excluded from its own."""
+    from facelake.index.search import merge_topk
+
+    def top(lists: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+        _, I = merge_topk(lists, TUNING_K + 1)
+        I = np.where(I == qids[:, None], -2, I)            # drop the query itself
+        out = np.full((len(I), TUNING_K), -1, np.int64)
+        for row, ids in enumerate(I):
+            kept = ids[ids != -2][:TUNING_K]
+            out[row, :len(kept)] = kept
+        return out
+
+    tuned = [r["tuning"] for r in results if "tuning" in r]
+    truth = top([t["exact"] for t in tuned])
+    valid = truth >= 0
+    curve = {}
+    for nprobe in nprobe_ladder(nlist):
+        found = top([t["approx"][nprobe] for t in tuned])
+        hits = sum(len(np.intersect1d(f[f >= 0], t[t >= 0])) for f, t in zip(found, truth))
+        curve[nprobe] = round(hits / max(1, int(valid.sum())), 4)
+    return curve
+
+
+def choose_nprobe(curve: dict[int, float], nlist: int, target: float = TARGET_RECALL) -> int:
+    """NPROBE_MARGIN times the smallest nprobe whose measured recall@10 reaches ``target``.
+
+    A face of the collection is an easier probe than a new photo of the same person: it sits
+    where its neighbours are. On clustered synthetic faces (20k-100k) new-photo recall at twice
+    the nprobe was at least the sample's recall at the nprobe, hence the margin.
+    """
+    for nprobe in sorted(curve):
+        if curve[nprobe] >= target:
+            return min(nlist, nprobe * NPROBE_MARGIN)
+    return min(nlist, max(curve) * NPROBE_MARGIN)
+
+
+# ------------------------------------------------------------------------------ the build
 
 def _reuse_trained(root: str, version: str, model: str, dim: int, nlist: int | None, pq_m: int | None,
                    options: StorageOptions | None) -> tuple[np.ndarray, dict]:
@@ -178,22 +369,34 @@ def _reuse_trained(root: str, version: str, model: str, dim: int, nlist: int | N
 
     handle = open_version(root, version, expect_model=model, expect_dim=dim, options=options)
     old = handle.manifest
-    if (nlist and nlist != old["nlist"]) or (pq_m is not None and pq_m != old["pq"]):
+    if (nlist and nlist != old["nlist"]) or (pq_m is not None and pq_m and pq_m != old["pq"]):
         raise ConfigError(f"--trained-from {version} has nlist {old['nlist']} and pq {old['pq']}: drop "
                           f"--nlist/--pq or build without --trained-from")
     return np.frombuffer(read_verified(handle, layout.TRAINED), np.uint8), old
 
 
-def build_version(faces: pa.Table | str, root: str, *, model: str, weights_sha256: str,
+def _sample_sizes(parts: list[Part], total: int) -> list[int]:
+    """Rows drawn from each part so that the sample is ``total`` rows, proportional to size."""
+    n = sum(p.rows for p in parts)
+    sizes = [min(p.rows, math.ceil(total * p.rows / n)) for p in parts]
+    return sizes
+
+
+def build_version(faces: FacesInput, root: str, *, model: str, weights_sha256: str,
                   shards: int | None = None, shard_size: int | None = None, nlist: int | None = None,
-                  pq: int | None = None, nprobe: int | None = None, keep: int = 3,
+                  pq: int | None = None, nprobe: int | None = None, rerank: int | None = None, keep: int = 3,
                   trained_from: str | None = None, use_gpu: bool | None = None,
-                  options: StorageOptions | None = None, hooks: Hooks | None = None) -> dict:
+                  erased_ids: pa.Array | None = None, target_recall: float = TARGET_RECALL,
+                  source: str | None = None, options: StorageOptions | None = None,
+                  hooks: Hooks | None = None) -> dict:
     """Build, publish and return the manifest of a new index version under ROOT/index/.
 
-    ``faces`` is a faces table or the URI of the Parquet dataset ``facelake embed`` wrote.
-    ``hooks`` maps "before_manifest" / "before_pointer" to callables given the version name
-    (tests crash there on purpose). Older versions beyond ``keep`` are pruned afterwards.
+    ``faces`` is the URI of the Parquet dataset ``facelake embed`` wrote, a list of its part
+    URIs (a root's faces of record), or an in-memory table (tests, notebooks). Faces of
+    ``erased_ids`` are left out of every shard. Needs a connected Ray (``ray.init`` or
+    ``facelake.cluster.runtime.connect``). ``hooks`` maps "before_manifest" / "before_pointer" to
+    callables given the version name (tests crash there on purpose). Older versions beyond
+    ``keep`` are pruned afterwards.
     """
     storage.check_uri(root)
     if keep < 1:
@@ -203,60 +406,72 @@ def build_version(faces: pa.Table | str, root: str, *, model: str, weights_sha25
     unknown = set(hooks or {}) - set(HOOK_NAMES)
     if unknown:
         raise ConfigError(f"unknown hook(s) {sorted(unknown)}; known: {HOOK_NAMES}")
+    if not 0.0 < target_recall <= 1.0:
+        raise ConfigError(f"target recall must be within (0, 1], got {target_recall}")
     if isinstance(faces, str):
         storage.check_uri(faces)
+    if not ray.is_initialized():
+        raise ConfigError("build_version needs a running Ray: call facelake.cluster.runtime.connect() "
+                          "(or ray.init()) first")
     options = options or StorageOptions.from_env()
     started = time.perf_counter()
 
-    table = read_faces(faces, options)
-    _check_model(table, model, weights_sha256)
-    n = table.num_rows
-    dim = table.schema.field("embedding").type.list_size
-    bounds = shard_bounds(n, shards, shard_size) if n else []
-    trained = old = None
+    parts, schema = list_parts(faces, options)
+    dim = check_schema(schema)
+    n = sum(p.rows for p in parts)
+    trained = None
     if trained_from:
         trained, old = _reuse_trained(root, trained_from, model, dim, nlist, pq, options)
-        nlist, pq = old["nlist"], old["pq"]
-    params = choose_params(n, dim, nlist=nlist, pq=pq, nprobe=nprobe)
+        nlist, pq, rerank = old["nlist"], old["pq"] or 0, old.get("rerank", 0)
+    params = choose_params(n, dim, nlist=nlist, pq=pq, nprobe=nprobe, rerank=rerank)
     if use_gpu and not hasattr(faiss, "StandardGpuResources"):
         raise ConfigError("use_gpu=True but this faiss has no GPU support: install faiss-gpu-cu12 "
                           "(make install-gpu) or leave use_gpu unset")
-
-    if not ray.is_initialized():
-        from facelake.cluster.runtime import connect
-        connect()
     use_gpu = gpu_available() if use_gpu is None else use_gpu
     if use_gpu and ray.cluster_resources().get("GPU", 0) < 1:
         raise ConfigError("use_gpu=True but the Ray cluster has no GPU: leave use_gpu unset")
+    bounds = shard_bounds(n, shards, shard_size)
     version = layout.new_version_name(root, options)
-    log.info("index %s: %d faces, dim %d, %s, nprobe %d, train on %d, %d shard(s), %s",
-             version, n, dim, params.factory, params.nprobe, params.train_size, len(bounds),
-             "GPU" if use_gpu else "CPU")
-
-    xb = embeddings(table)
+    log.info("index %s: %d faces in %d part(s), dim %d, %s, train on %d, %d shard(s), %s", version, n,
+             len(parts), dim, params.factory, params.train_size, len(bounds), "GPU" if use_gpu else "CPU")
     gpus = {"num_gpus": 1} if use_gpu else {}
+
+    samples = [_sample_task.options(num_cpus=0.5).remote(p, size, i, options)
+               for i, (p, size) in enumerate(zip(parts, _sample_sizes(parts, max(params.train_size,
+                                                                                TUNING_QUERIES)))) if size]
+    train_started = time.perf_counter()
     if trained is None:
-        train_started = time.perf_counter()
-        trained = ray.get(_train_task.options(**gpus).remote(_sample(xb, params.train_size), params, use_gpu))
-        trained_seconds = round(time.perf_counter() - train_started, 3)
-    else:
-        trained_seconds = 0.0
+        trained = ray.get(_train_task.options(**gpus).remote(params, use_gpu, *samples))
+    trained_seconds = round(time.perf_counter() - train_started, 3)
     trained_bytes = trained.tobytes()
     storage.write_bytes_atomic(layout.file_uri(root, version, layout.TRAINED), trained_bytes, options)
     files = {layout.TRAINED: {"sha256": layout.sha256(trained_bytes), "bytes": len(trained_bytes)}}
+    tuning = _tuning_queries_task.remote(TUNING_QUERIES, *samples)
 
+    id_schema = id_table_schema(schema)
     threads = _threads_per_task(len(bounds))
     trained_ref = ray.put(trained)
+    erased = None if erased_ids is None or not len(erased_ids) else ray.put(pa.array(erased_ids, pa.string()))
     tasks = []
     for shard_no, (start, stop) in enumerate(bounds):
-        uris = tuple(layout.file_uri(root, version, name) for name in layout.shard_files(shard_no))
-        tasks.append(_add_task.options(num_cpus=threads, **gpus).remote(
-            trained_ref, xb[start:stop], _id_table(table, start, stop), start, uris, options, use_gpu, threads))
-    for shard_files in ray.get(tasks):
-        files.update(shard_files)
+        job = ShardJob(shard_no=shard_no, pieces=pieces(parts, start, stop),
+                       uris=tuple(layout.file_uri(root, version, name) for name in layout.shard_files(shard_no)),
+                       id_schema=id_schema, model=model, weights_sha256=weights_sha256, params=params,
+                       use_gpu=use_gpu, threads=threads)
+        tasks.append(_shard_task.options(num_cpus=threads, **gpus).remote(job, parts, trained_ref, erased, tuning,
+                                                                          options))
+    results = ray.get(tasks)
+    for result in results:
+        files.update(result["files"])
+    qids = ray.get(tuning)[1]
+    curve = recall_curve(results, qids, params.nlist)
+    chosen = nprobe or choose_nprobe(curve, params.nlist, target_recall)
+    total = sum(r["count"] for r in results)
+    if total == 0:
+        raise ConfigError("no faces left to index: every face is erased or the faces table is empty")
 
     manifest = {
-        "format": 1,
+        "format": 2,
         "version": version,
         "model": model,
         "weights_sha256": weights_sha256,
@@ -265,14 +480,25 @@ def build_version(faces: pa.Table | str, root: str, *, model: str, weights_sha25
         "factory": params.factory,
         "nlist": params.nlist,
         "pq": params.pq_m,
-        "nprobe": params.nprobe,
+        "rerank": params.rerank,
+        "nprobe": chosen,
+        "nprobe_how": ("explicit --nprobe" if nprobe else
+                       f"{NPROBE_MARGIN}x the smallest with recall@10 >= {target_recall} on sample faces"),
+        "tuning": {"queries": int(len(qids)), "k": TUNING_K, "recall_at_10": {str(k): v for k, v in curve.items()},
+                   "target": target_recall},
         "train_size": params.train_size,
-        "shards": [{"shard": i, "first_id": a, "count": b - a,
-                    "index_file": layout.shard_files(i)[0], "ids_file": layout.shard_files(i)[1]}
-                   for i, (a, b) in enumerate(bounds)],
-        "total": n,
+        "columns": id_schema.names,
+        "shards": [{"shard": i, "first_id": a, "count": r["count"], "erased": r["erased"],
+                    "resident_bytes": r["resident_bytes"],
+                    "index_file": layout.shard_files(i)[0], "ids_file": layout.shard_files(i)[1],
+                    **({"vectors_file": layout.shard_files(i)[2]} if params.rerank else {})}
+                   for i, ((a, _), r) in enumerate(zip(bounds, results))],
+        "total": total,
+        "erased_faces": sum(r["erased"] for r in results),
+        "erased_ids_sha256": _ids_digest(erased_ids),
         "files": files,
-        "source": storage.redact(faces) if isinstance(faces, str) else "<in-memory table>",
+        "source": source or (storage.redact(faces) if isinstance(faces, str) else
+                             f"<{len(parts)} part file(s)>" if isinstance(faces, list) else "<in-memory table>"),
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "facelake_version": facelake.__version__,
         "faiss_version": faiss.__version__,
@@ -286,6 +512,16 @@ def build_version(faces: pa.Table | str, root: str, *, model: str, weights_sha25
     layout.publish(root, version, manifest_sha, options)
     layout.prune(root, keep, options)
     return manifest
+
+
+def _ids_digest(ids: pa.Array | None) -> str | None:
+    """sha256 of the sorted erased ids a version was built without (None when none)."""
+    if ids is None or not len(ids):
+        return None
+    digest = hashlib.sha256()
+    for value in sorted(pa.array(ids, pa.string()).to_pylist()):
+        digest.update(value.encode() + b"\0")
+    return digest.hexdigest()
 
 
 def _run_hook(hooks: Hooks | None, name: str, version: str) -> None:

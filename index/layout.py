@@ -1,7 +1,10 @@
 """The one source of truth for where an index version lives and how it is published.
 
     ROOT/index/<version>/shard-00000.faiss        serialized faiss index (CPU format)
-    ROOT/index/<version>/shard-00000.ids.parquet  faiss_id -> image_id, face_index, bbox
+    ROOT/index/<version>/shard-00000.ids.arrow    faiss_id -> image_id, face_index, bbox, uri,
+                                                  carried columns (Arrow IPC: memory-mapped)
+    ROOT/index/<version>/shard-00000.vectors.npy  full float32 vectors in id-table order, only
+                                                  for compressed (PQ) shards: exact re-ranking
     ROOT/index/<version>/trained.faiss            the empty trained index (reusable quantizer)
     ROOT/index/<version>/manifest.json            parameters, counts, sha256 of every file
     ROOT/index/CURRENT                            {"version": ..., "manifest_sha256": ...}
@@ -45,9 +48,10 @@ def file_uri(root: str, version: str, name: str) -> str:
     return storage.join(version_uri(root, version), name)
 
 
-def shard_files(shard_no: int) -> tuple[str, str]:
-    """(index file, id table file) names of one shard."""
-    return f"shard-{shard_no:05d}.faiss", f"shard-{shard_no:05d}.ids.parquet"
+def shard_files(shard_no: int) -> tuple[str, str, str]:
+    """(index file, id table file, full-vector file) names of one shard."""
+    stem = f"shard-{shard_no:05d}"
+    return f"{stem}.faiss", f"{stem}.ids.arrow", f"{stem}.vectors.npy"
 
 
 def new_version_name(root: str | None = None, options: StorageOptions | None = None) -> str:

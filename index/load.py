@@ -7,21 +7,23 @@ own reader (nothing is ever unpickled).
 
 from __future__ import annotations
 
-import io
+import hashlib
+import os
+import tempfile
 from dataclasses import dataclass
 
 import faiss
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from facelake import storage
 from facelake.errors import IndexVersionError
 from facelake.index import layout
-from facelake.schema import ID_TABLE_SCHEMA
 from facelake.storage import StorageOptions
 
 MANIFEST_KEYS = ("version", "model", "dim", "metric", "nlist", "nprobe", "shards", "total", "files")
+HASH_CHUNK = 8 << 20
+LAYOUT_FORMAT = 2               # id tables as memory-mappable Arrow IPC files, tuned nprobe
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,10 @@ class VersionHandle:
     def total(self) -> int:
         return int(self.manifest["total"])
 
+    @property
+    def rerank(self) -> int:
+        return int(self.manifest.get("rerank") or 0)
+
     def uri(self, name: str) -> str:
         return layout.file_uri(self.root, self.version, name)
 
@@ -73,6 +79,10 @@ def open_version(root: str, version: str | None = None, *, expect_model: str | N
                                     f"`facelake index FACES --root {storage.redact(root)}`")
         version, expect_sha = pointer["version"], pointer.get("manifest_sha256")
     manifest = layout.read_manifest(root, version, options, expect_sha256=expect_sha)
+    if int(manifest.get("format", 1)) < LAYOUT_FORMAT:
+        raise IndexVersionError(f"index version {version} uses the old layout format {manifest.get('format', 1)} "
+                                f"(id tables in Parquet): publish a new version with `facelake index` or "
+                                f"`facelake rebuild --full`")
     missing = [key for key in MANIFEST_KEYS if key not in manifest]
     if missing or manifest["version"] != version:
         raise IndexVersionError(f"manifest of index version {version} is malformed (missing {missing}): "
@@ -120,21 +130,89 @@ def load_trained(handle: VersionHandle) -> faiss.Index:
     return _deserialize(read_verified(handle, layout.TRAINED), handle.uri(layout.TRAINED))
 
 
-def load_shard(handle: VersionHandle, shard_no: int) -> tuple[faiss.Index, pa.Table]:
-    """(faiss index, id table) of one shard, both checksum-verified before parsing."""
+def verified_local_path(handle: VersionHandle, name: str, cache_dir: str | None = None) -> str:
+    """A local path to one file of the version, checked against the manifest's sha256 while it
+    streams (never whole in memory): the file itself for local roots, else a copy downloaded
+    into ``cache_dir`` (a temporary folder by default). Memory-mapped files are read from it."""
+    entry = handle.manifest["files"].get(name)
+    if entry is None:
+        raise IndexVersionError(f"{name} is not listed in the manifest of index version {handle.version}")
+    uri = handle.uri(name)
+    fs, path = storage.filesystem(uri, handle.options)
+    digest = hashlib.sha256()
+    local = path if storage.scheme_of(uri) == "file" else None
+    try:
+        with fs.open(path, "rb") as src:
+            sink = None
+            if local is None:
+                folder = os.path.join(cache_dir or tempfile.mkdtemp(prefix="facelake-shard-"), handle.version)
+                os.makedirs(folder, exist_ok=True)
+                local = os.path.join(folder, name)
+                sink = open(local, "wb")
+            try:
+                while chunk := src.read(HASH_CHUNK):
+                    digest.update(chunk)
+                    if sink:
+                        sink.write(chunk)
+            finally:
+                if sink:
+                    sink.close()
+    except FileNotFoundError as err:
+        raise IndexVersionError(f"{storage.redact(uri)} is missing from index version {handle.version}: "
+                                f"restore it or rebuild with `facelake index`") from err
+    if digest.hexdigest() != entry["sha256"]:
+        raise IndexVersionError(
+            f"{storage.redact(uri)} is corrupt: sha256 {digest.hexdigest()[:12]}... but the manifest says "
+            f"{entry['sha256'][:12]}...; restore the file or rebuild with `facelake index`")
+    return local
+
+
+def read_id_table(path: str) -> pa.Table:
+    """An id table file (Arrow IPC) memory-mapped: its pages are read only when rows are taken."""
+    return pa.ipc.open_file(pa.memory_map(path, "r")).read_all()
+
+
+@dataclass
+class LoadedShard:
+    """One shard ready to search: faiss index in RAM, id table and full vectors memory-mapped."""
+
+    index: faiss.Index
+    ids: pa.Table
+    faiss_ids: np.ndarray
+    vectors: np.ndarray | None
+    rerank: int
+
+
+def open_shard(handle: VersionHandle, shard_no: int, cache_dir: str | None = None) -> LoadedShard:
+    """Load one shard, every file checksum-verified before it is parsed or mapped."""
     if not 0 <= shard_no < handle.shard_count:
         raise IndexVersionError(f"index version {handle.version} has shards 0..{handle.shard_count - 1}, "
                                 f"not {shard_no}")
     entry = handle.manifest["shards"][shard_no]
     index = _deserialize(read_verified(handle, entry["index_file"]), handle.uri(entry["index_file"]))
-    ids = pq.read_table(io.BytesIO(read_verified(handle, entry["ids_file"])))
+    ids = read_id_table(verified_local_path(handle, entry["ids_file"], cache_dir))
     if index.ntotal != entry["count"] or ids.num_rows != entry["count"] or index.d != handle.dim:
         raise IndexVersionError(f"shard {shard_no} of index version {handle.version} holds {index.ntotal} "
                                 f"vectors and {ids.num_rows} ids, the manifest says {entry['count']}: rebuild")
-    return index, ids.cast(ID_TABLE_SCHEMA)
+    vectors = None
+    if handle.rerank:
+        vectors = np.load(verified_local_path(handle, entry["vectors_file"], cache_dir), mmap_mode="r")
+        if vectors.shape != (entry["count"], handle.dim):
+            raise IndexVersionError(f"shard {shard_no} of index version {handle.version}: vectors file holds "
+                                    f"{vectors.shape}, expected ({entry['count']}, {handle.dim}): rebuild")
+    faiss_ids = ids.column("faiss_id").to_numpy()
+    return LoadedShard(index=index, ids=ids, faiss_ids=faiss_ids, vectors=vectors, rerank=handle.rerank)
 
 
-def load_ids(handle: VersionHandle) -> pa.Table:
-    """All shards' id tables in faiss id order: row i describes faiss id i."""
-    tables = [pq.read_table(io.BytesIO(read_verified(handle, s["ids_file"]))) for s in handle.manifest["shards"]]
-    return pa.concat_tables(tables).cast(ID_TABLE_SCHEMA)
+def load_shard(handle: VersionHandle, shard_no: int) -> tuple[faiss.Index, pa.Table]:
+    """(faiss index, id table) of one shard, both checksum-verified before parsing."""
+    shard = open_shard(handle, shard_no)
+    return shard.index, shard.ids
+
+
+def load_ids(handle: VersionHandle, columns: list[str] | None = None) -> pa.Table:
+    """All shards' id tables in faiss id order (small versions, tests and notebooks: this reads
+    every row; jobs read one shard at a time)."""
+    tables = [read_id_table(verified_local_path(handle, s["ids_file"])) for s in handle.manifest["shards"]]
+    table = pa.concat_tables(tables, promote_options="permissive")
+    return table.select(columns) if columns else table

@@ -3,16 +3,27 @@
 Shard ids are already global faiss ids, so merging is a top-k of the concatenated lists, done
 with faiss's own ``ResultHeap``. ``ShardSearcher`` is a Ray actor holding one shard (on a GPU
 when it has one); ``search_version`` fans a probe batch out to them and merges.
+
+Compressed (IVF-PQ) shards re-rank: the shard's PQ search returns ``rerank * k`` candidates,
+whose full vectors are read from the memory-mapped vectors file and scored exactly, so only
+the codes stay in RAM. ``search_rows`` also returns each candidate's id-table row, so a search
+job never needs the gallery's id table in one place: ``merge_candidates`` keeps the winners'
+rows as it merges.
 """
 
 from __future__ import annotations
 
 import faiss
 import numpy as np
+import pyarrow as pa
 import ray
 
 from facelake.errors import ConfigError
-from facelake.index.load import VersionHandle, load_shard
+from facelake.index.load import LoadedShard, VersionHandle, open_shard
+
+# Ray's memory request of a searcher on top of its shard's resident bytes: faiss search buffers
+# and the Python process itself.
+SEARCHER_BASE_MEMORY = 256 << 20
 
 Result = tuple[np.ndarray, np.ndarray]
 
@@ -43,6 +54,39 @@ def search_shard(index: faiss.Index, xq: np.ndarray, k: int, nprobe: int) -> Res
     return index.search(xq, k)
 
 
+def search_reranked(shard: LoadedShard, xq: np.ndarray, k: int, nprobe: int) -> Result:
+    """Top-k of one shard; compressed shards re-rank ``rerank * k`` PQ candidates exactly."""
+    if not shard.rerank or shard.vectors is None:
+        return search_shard(shard.index, xq, k, nprobe)
+    xq = _check(xq, shard.index.d, k)
+    D0, I0 = search_shard(shard.index, xq, max(k, k * shard.rerank), nprobe)
+    valid = I0 >= 0
+    scores = np.full(I0.shape, -np.inf, np.float32)
+    if valid.any():
+        rows = np.searchsorted(shard.faiss_ids, I0[valid])
+        unique_rows, inverse = np.unique(rows, return_inverse=True)   # sorted: sequential page reads
+        vectors = np.asarray(shard.vectors[unique_rows], dtype=np.float32)
+        queries = np.nonzero(valid)[0]
+        scores[valid] = np.einsum("ij,ij->i", xq[queries], vectors[inverse])
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    D = np.take_along_axis(scores, order, axis=1)
+    I = np.take_along_axis(I0, order, axis=1)
+    I[~np.isfinite(D)] = -1
+    if D.shape[1] < k:                                   # fewer vectors than k
+        pad = k - D.shape[1]
+        D = np.pad(D, ((0, 0), (0, pad)), constant_values=-np.inf)
+        I = np.pad(I, ((0, 0), (0, pad)), constant_values=-1)
+    return D, I
+
+
+def rows_of(shard: LoadedShard, I: np.ndarray) -> pa.Table:
+    """Id-table rows of a (nq, k) id array, row-major; null rows where the id is -1."""
+    flat = I.reshape(-1)
+    missing = flat < 0
+    rows = np.searchsorted(shard.faiss_ids, np.where(missing, 0, flat))
+    return shard.ids.take(pa.array(rows, pa.int64(), mask=missing))
+
+
 def merge_topk(results: list[Result], k: int) -> Result:
     """Merge per-shard (D, I) lists (inner product: larger is better) into one top-k.
 
@@ -59,33 +103,86 @@ def merge_topk(results: list[Result], k: int) -> Result:
     return heap.D, heap.I
 
 
+def merge_candidates(results: list[tuple[np.ndarray, np.ndarray, pa.Table]], k: int
+                     ) -> tuple[np.ndarray, np.ndarray, pa.Table]:
+    """Merge per-shard (D, I, rows) into the global top-k (D, I) and the winners' rows (row-major,
+    null where there is no candidate)."""
+    if not results:
+        raise ConfigError("nothing to merge: the index version has no shards")
+    nq = results[0][0].shape[0]
+    widths = [D.shape[1] for D, _, _ in results]
+    D_all = np.concatenate([np.where(I < 0, -np.inf, D) for D, I, _ in results], axis=1).astype(np.float32)
+    I_all = np.concatenate([I for _, I, _ in results], axis=1)
+    order = np.argsort(-D_all, axis=1, kind="stable")[:, :k]
+    D = np.take_along_axis(D_all, order, axis=1)
+    I = np.take_along_axis(I_all, order, axis=1)
+    # the table rows of shard s are its (nq, width_s) candidates, row-major, after shards < s
+    offsets = np.cumsum([0] + [nq * w for w in widths[:-1]])
+    shard_of = np.searchsorted(np.cumsum(widths), order, side="right")
+    column = order - np.concatenate([[0], np.cumsum(widths)[:-1]])[shard_of]
+    positions = offsets[shard_of] + np.arange(nq)[:, None] * np.asarray(widths)[shard_of] + column
+    rows = pa.concat_tables([r for _, _, r in results], promote_options="permissive")
+    rows = rows.take(pa.array(positions.reshape(-1), pa.int64()))
+    if D.shape[1] < k:
+        pad = k - D.shape[1]
+        D = np.pad(D, ((0, 0), (0, pad)), constant_values=-np.inf)
+        I = np.pad(I, ((0, 0), (0, pad)), constant_values=-1)
+        rows = _pad_rows(rows, nq, k - pad, k)
+    return D, I, rows
+
+
+def _pad_rows(rows: pa.Table, nq: int, have: int, k: int) -> pa.Table:
+    index = np.full((nq, k), -1, np.int64)
+    index[:, :have] = np.arange(nq * have).reshape(nq, have)
+    flat = index.reshape(-1)
+    return rows.take(pa.array(np.where(flat < 0, 0, flat), pa.int64(), mask=flat < 0))
+
+
 class LocalShardSearcher:
     """One shard loaded once (checksum-verified), searched many times, in this process."""
 
     def __init__(self, handle: VersionHandle, shard_no: int, use_gpu: bool = False,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, cache_dir: str | None = None) -> None:
         if threads:
             faiss.omp_set_num_threads(threads)
-        self.index, self.ids = load_shard(handle, shard_no)
+        self.shard = open_shard(handle, shard_no, cache_dir)
         self.shard_no = shard_no
         if use_gpu:
             self._gpu_resources = faiss.StandardGpuResources()
-            self.index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, self.index)
+            self.shard.index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, self.shard.index)
+
+    @property
+    def index(self) -> faiss.Index:
+        return self.shard.index
 
     def search(self, xq: np.ndarray, k: int, nprobe: int) -> Result:
-        return search_shard(self.index, xq, k, nprobe)
+        return search_reranked(self.shard, xq, k, nprobe)
+
+    def search_rows(self, xq: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray, pa.Table]:
+        """(D, I, id-table rows of I) of this shard's top-k."""
+        D, I = search_reranked(self.shard, xq, k, nprobe)
+        return D, I, rows_of(self.shard, I)
 
     def ntotal(self) -> int:
-        return int(self.index.ntotal)
+        return int(self.shard.index.ntotal)
 
 
 ShardSearcher = ray.remote(LocalShardSearcher)
 """Ray actor class holding one shard: ``ShardSearcher.remote(handle, shard_no)``."""
 
 
+def shard_memory(handle: VersionHandle, shard_no: int) -> int:
+    """Bytes of RAM a searcher of this shard asks Ray for (its resident index plus a base)."""
+    entry = handle.manifest["shards"][shard_no]
+    resident = entry.get("resident_bytes") or handle.manifest["files"][entry["index_file"]]["bytes"]
+    return int(resident * 1.2) + SEARCHER_BASE_MEMORY
+
+
 def start_searchers(handle: VersionHandle, *, use_gpu: bool | None = None, num_cpus: float | None = None,
-                    threads: int | None = None) -> list:
-    """One ``ShardSearcher`` actor per shard (GPU ones when faiss and the cluster have GPUs).
+                    threads: int | None = None, reserve_memory: bool = True) -> list:
+    """One ``ShardSearcher`` actor per shard (GPU ones when faiss and the cluster have GPUs),
+    spread over the nodes, each asking Ray for the memory its shard needs, so a gallery larger
+    than one node's memory is placed over several nodes (or refused by Ray, never swapped).
 
     ``num_cpus`` per actor defaults to the cluster's CPUs shared by the shards (at most 1), so
     every shard gets an actor even when shards outnumber CPUs.
@@ -94,24 +191,47 @@ def start_searchers(handle: VersionHandle, *, use_gpu: bool | None = None, num_c
         num_cpus = min(1.0, max(0.01, ray.cluster_resources().get("CPU", 1) / max(1, handle.shard_count)))
     if use_gpu is None:
         use_gpu = hasattr(faiss, "StandardGpuResources") and ray.cluster_resources().get("GPU", 0) >= 1
-    opts = {"num_cpus": num_cpus, "num_gpus": 1 if use_gpu else 0}
-    return [ShardSearcher.options(**opts).remote(handle, s, use_gpu, threads) for s in range(handle.shard_count)]
+    opts = {"num_cpus": num_cpus, "num_gpus": 1 if use_gpu else 0, "scheduling_strategy": "SPREAD"}
+    return [ShardSearcher.options(**opts, **({"memory": shard_memory(handle, s)} if reserve_memory else {}))
+            .remote(handle, s, use_gpu, threads) for s in range(handle.shard_count)]
 
 
 def search_version(handle: VersionHandle, xq: np.ndarray, k: int, nprobe: int | None = None,
                    actors: list | None = None) -> Result:
-    """Global top-k (D, I) over every shard of a version; I are faiss ids (row of ``load_ids``).
+    """Global top-k (D, I) over every shard of a version; I are faiss ids (see ``search_rows`` /
+    ``load_ids`` for the faces they name).
 
     With ``actors`` (from ``start_searchers``) the batch fans out over Ray; without, each shard
     is loaded and searched in turn in this process (notebooks, small indexes).
     """
     xq = _check(xq, handle.dim, k)
-    nprobe = nprobe or handle.nprobe
-    if not 1 <= nprobe <= handle.nlist:
-        raise ConfigError(f"--nprobe must be within 1..{handle.nlist} (nlist of version {handle.version})")
+    nprobe = _nprobe(handle, nprobe)
     if actors:
         ref = ray.put(xq)
         results = ray.get([actor.search.remote(ref, k, nprobe) for actor in actors])
     else:
-        results = [search_shard(load_shard(handle, s)[0], xq, k, nprobe) for s in range(handle.shard_count)]
+        results = [search_reranked(open_shard(handle, s), xq, k, nprobe) for s in range(handle.shard_count)]
     return merge_topk(results, k)
+
+
+def search_rows(handle: VersionHandle, xq: np.ndarray, k: int, nprobe: int | None = None,
+                actors: list | None = None, searchers: list | None = None
+                ) -> tuple[np.ndarray, np.ndarray, pa.Table]:
+    """Global top-k (D, I) and the winners' id-table rows (row-major, null where none), from
+    Ray ``actors`` or in-process ``searchers`` (LocalShardSearcher)."""
+    xq = _check(xq, handle.dim, k)
+    nprobe = _nprobe(handle, nprobe)
+    if actors:
+        ref = ray.put(xq)
+        results = ray.get([actor.search_rows.remote(ref, k, nprobe) for actor in actors])
+    else:
+        searchers = searchers or [LocalShardSearcher(handle, s) for s in range(handle.shard_count)]
+        results = [s.search_rows(xq, k, nprobe) for s in searchers]
+    return merge_candidates(results, k)
+
+
+def _nprobe(handle: VersionHandle, nprobe: int | None) -> int:
+    nprobe = nprobe or handle.nprobe
+    if not 1 <= nprobe <= handle.nlist:
+        raise ConfigError(f"--nprobe must be within 1..{handle.nlist} (nlist of version {handle.version})")
+    return nprobe
