@@ -24,6 +24,9 @@ from facelake.index.load import LoadedShard, VersionHandle, open_shard
 # Ray's memory request of a searcher on top of its shard's resident bytes: faiss search buffers
 # and the Python process itself.
 SEARCHER_BASE_MEMORY = 256 << 20
+# Share of the cluster's CPUs the shard actors reserve together; the rest keeps room for the
+# search workers and probe reads (a full reservation deadlocks a one-node cluster).
+SEARCHER_CPU_SHARE = 0.5
 
 Result = tuple[np.ndarray, np.ndarray]
 
@@ -184,11 +187,13 @@ def start_searchers(handle: VersionHandle, *, use_gpu: bool | None = None, num_c
     spread over the nodes, each asking Ray for the memory its shard needs, so a gallery larger
     than one node's memory is placed over several nodes (or refused by Ray, never swapped).
 
-    ``num_cpus`` per actor defaults to the cluster's CPUs shared by the shards (at most 1), so
-    every shard gets an actor even when shards outnumber CPUs.
+    ``num_cpus`` per actor defaults to half the cluster's CPUs shared by the shards (at most 1),
+    so every shard gets an actor even when shards outnumber CPUs, and the search workers and
+    probe reads that feed them can still be scheduled (faiss threads are not bound by it).
     """
     if num_cpus is None:
-        num_cpus = min(1.0, max(0.01, ray.cluster_resources().get("CPU", 1) / max(1, handle.shard_count)))
+        share = SEARCHER_CPU_SHARE * ray.cluster_resources().get("CPU", 1) / max(1, handle.shard_count)
+        num_cpus = min(1.0, max(0.01, share))
     if use_gpu is None:
         use_gpu = hasattr(faiss, "StandardGpuResources") and ray.cluster_resources().get("GPU", 0) >= 1
     opts = {"num_cpus": num_cpus, "num_gpus": 1 if use_gpu else 0, "scheduling_strategy": "SPREAD"}

@@ -7,10 +7,14 @@
 1. PROBES is a manifest of images (image_id, uri, carried columns), embedded with the live index
    version's model by the embed job into RESULTS/probe_faces/, or a faces table `facelake embed`
    wrote (told apart by its ``embedding`` column); faces of another model are refused.
-2. Probe faces are searched in batches: each shard is held once by a Ray actor
-   (``index.search.start_searchers``) and per-shard top-k lists merge into a global top-k per
-   probe face (``index.search.search_version``); ``executor="local"`` holds the shards in this
-   process instead (notebooks, benchmarks). faiss ids map to gallery faces via ``load_ids``.
+2. Probe faces stream as a Ray Dataset from their Parquet part files to a pool of search
+   workers (``BatchSearch``). Each batch fans out to the shard actors
+   (``index.search.start_searchers``: one per shard, spread over nodes with a memory request
+   from the shard's size), whose top-k lists come back with their id-table rows and merge into
+   a global top-k (``index.search.search_rows``); the worker annotates false-match rates and
+   writes the batch's result part file itself. The driver sees per-batch counts only, so its
+   memory grows with neither the gallery nor the probes. ``executor="local"`` runs the same
+   worker code in this process (notebooks, benchmarks).
 3. Modes. investigate (default): the top-K candidates of every probe face, each with its
    similarity and the estimated false-match rate at that similarity (``Calibration.fmr_at``, a 95%
    upper bound); nothing is called a match, but ``above_threshold`` still says where a candidate
@@ -21,12 +25,13 @@
 
 Outputs (every probe image ends in exactly one of results or errors):
 
-    RESULTS/results/part-<job>-<n>.parquet  schema.RESULT_COLUMNS + probe_* / gallery_* carried
+    RESULTS/results/part-<job>-<worker>-<n>.parquet  one per batch: schema.RESULT_COLUMNS + probe_* / gallery_* carried
                                             columns. A probe face with no candidate (identify mode,
                                             nothing at or above the threshold) gets one row with
                                             rank and gallery columns null: searched, nothing found.
-    RESULTS/errors/part-<job>-0.parquet     probe images with no usable face or that failed
+    RESULTS/errors/part-<job>-<n>.parquet   probe images with no usable face or that failed
     RESULTS/probe_faces/                    the embed job's output for a manifest of probes
+                                            (with _probes.json: which manifest it embeds)
     RESULTS/_search.json                    the summary, written last on success
 
 Audit: every job whose options validate appends one record to ROOT/audit/ (``facelake.audit``),
@@ -38,12 +43,12 @@ writes no record. Tested in tests/test_search.py; benchmarked by bench/search.py
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+import uuid
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Literal, Mapping
 
 import numpy as np
@@ -55,7 +60,7 @@ import typer
 from facelake import audit, calibration, storage
 from facelake.errors import ConfigError, FacelakeError, IndexVersionError
 from facelake.registry import get_model, weights_fingerprint
-from facelake.schema import ERRORS_SCHEMA, FACE_COLUMNS, RESULT_COLUMNS, carried_columns
+from facelake.schema import ERRORS_SCHEMA, FACE_COLUMNS, ID_TABLE_SCHEMA, RESULT_COLUMNS, carried_columns
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +76,13 @@ DEFAULT_MAX_FPIR = 1e-3
 # Probe faces per fan-out: large enough that faiss parallelises over queries and Ray's per-call
 # overhead (~1 ms) is amortised, small enough that a batch's results (K rows each) stay small.
 DEFAULT_BATCH_SIZE = 1024
-# Results rows per Parquet part file.
-DEFAULT_PART_ROWS = 500_000
+# Search workers (Ray Data actors that fan batches out to the shard actors, merge, annotate and
+# write): two keep the shard actors busy while one batch is merged and written.
+SEARCH_WORKERS = 2
+# CPU reservations: the shard actors do the heavy work; workers and the Parquet reads are light
+# and must still get scheduled when the shard actors hold every CPU.
+WORKER_CPUS = 0.25
+READ_CPUS = 0.25
 METADATA_KEY = b"facelake.search"
 HOOK_NAMES = ("after_batch",)
 Hooks = Mapping[str, Callable[["SearchSummary"], None]]
@@ -99,6 +109,7 @@ class SearchConfig:
     workers: int | None = None         # embed actors for a manifest of probes
     batch_size: int = DEFAULT_BATCH_SIZE
     executor: Executor = "ray"
+    search_workers: int | None = None  # None: SEARCH_WORKERS
     progress: bool = False
 
     def validate(self) -> None:
@@ -124,6 +135,8 @@ class SearchConfig:
             raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.workers is not None and self.workers < 1:
             raise ConfigError("--workers must be at least 1")
+        if self.search_workers is not None and self.search_workers < 1:
+            raise ConfigError("--search-workers must be at least 1")
         if self.model is not None:
             get_model(self.model)
         for uri in (self.probes, self.root, self.out):
@@ -213,9 +226,13 @@ class SearchInterrupted(FacelakeError):
 
 
 def _is_ray_actor_death(err: BaseException) -> bool:
+    """True when ``err`` is a dead actor, also when Ray Data re-raises it from a search worker."""
     import ray.exceptions
 
-    return isinstance(err, ray.exceptions.RayActorError)
+    if isinstance(err, ray.exceptions.RayActorError):
+        return True
+    text = f"{type(err).__name__}: {err}"
+    return any(marker in text for marker in ("RayActorError", "ActorDiedError", "ActorUnavailableError"))
 
 
 def _remove_partial_results(out: str, job_id: str, options: storage.StorageOptions) -> None:
@@ -227,7 +244,7 @@ def _remove_partial_results(out: str, job_id: str, options: storage.StorageOptio
 
 def _search(config: SearchConfig, options: storage.StorageOptions, summary: SearchSummary,
             hooks: Hooks | None) -> None:
-    from facelake.index.load import load_ids, open_version
+    from facelake.index.load import open_version
 
     layout = outputs(config.out)
     if storage.list_files(layout["results"], ".parquet", options):
@@ -246,26 +263,35 @@ def _search(config: SearchConfig, options: storage.StorageOptions, summary: Sear
         raise ConfigError(f"--nprobe {nprobe} exceeds nlist {handle.nlist} of index version {handle.version}")
     cal = _calibration(config, spec.name, summary)
     summary.threshold, summary.threshold_how = _threshold(config, cal, handle.total)
+    summary.gallery_carried = [c for c in handle.manifest.get("columns", []) if c not in ID_TABLE_SCHEMA.names]
 
     import ray
 
     from facelake.cluster import runtime
 
     started_here = not ray.is_initialized()
-    if config.executor == "ray" or _probes_kind(config, options) == "manifest":
+    kind = _probes_kind(config, options)
+    if config.executor == "ray" or kind == "manifest":
         runtime.connect(config.address)   # before the embed job, so that it leaves Ray running
     actors: list = []
     try:
         embed_started = time.monotonic()
-        faces, errors, probe_carried = _probe_faces(config, options, handle.model, summary)
+        probes = _probe_source(config, options, handle.model, summary, kind)
         summary.embed_seconds = round(time.monotonic() - embed_started, 3)
-        gallery = _gallery_columns(handle, load_ids(handle), options, summary)
-        _write_errors(errors, layout["errors"], summary, options)
-        writer = _ResultWriter(layout["results"], summary, probe_carried, gallery, options)
-        if faces.num_rows:
-            searcher, actors = _searcher(handle, config.executor)
-            _search_batches(config, faces, searcher, nprobe, cal, summary, writer, hooks)
-        writer.close()
+        _copy_errors(probes.errors, layout["errors"], summary, options)
+        if summary.probe_faces:
+            batch_spec = BatchSpec(handle=handle, k=config.top_k, nprobe=nprobe, cal=cal, threshold=summary.threshold,
+                                   mode=config.mode, job_id=summary.job_id, folder=layout["results"], options=options,
+                                   probe_carried=tuple(probes.carried), metadata=json.dumps(_metadata(summary)))
+            if config.executor == "ray":
+                from facelake.index.search import start_searchers
+
+                actors = start_searchers(handle)
+                ray.get([actor.ntotal.remote() for actor in actors])   # shards loaded before the clock starts
+                counts = _ray_batches(config, probes, batch_spec, actors, options)
+            else:
+                counts = _local_batches(config, probes, batch_spec, options)
+            _tally(counts, config, summary, hooks)
         storage.write_bytes_atomic(layout["summary"], json.dumps(
             {**summary.to_dict(), "purpose": config.purpose}, indent=2, default=str).encode(), options)
     finally:
@@ -274,21 +300,19 @@ def _search(config: SearchConfig, options: storage.StorageOptions, summary: Sear
         runtime.shutdown_if_local(started_here and config.address is None)
 
 
-def _search_batches(config, faces, searcher, nprobe, cal, summary, writer, hooks) -> None:
-    from facelake.index.build import embeddings
-
+def _tally(counts, config: SearchConfig, summary: SearchSummary, hooks: Hooks | None) -> None:
+    """Add up the per-batch counts the search workers return (the driver sees nothing else)."""
     started = time.monotonic()
-    for start in range(0, faces.num_rows, config.batch_size):
-        batch = faces.slice(start, config.batch_size)
-        D, I = searcher(embeddings(batch), config.top_k, nprobe)
-        writer.add(batch, D, I, _fmr(cal, D), summary.threshold, config.mode)
-        summary.searched_faces += batch.num_rows
+    for row in counts:
+        summary.searched_faces += row["faces"]
+        summary.result_rows += row["rows"]
+        summary.no_candidate_faces += row["no_candidate"]
         summary.search_seconds = round(time.monotonic() - started, 3)
         if config.progress:
-            log.warning("searched %d/%d probe faces", summary.searched_faces, faces.num_rows)
+            log.warning("searched %d/%d probe faces", summary.searched_faces, summary.probe_faces)
         if hooks and "after_batch" in hooks:
-            writer.flush()
             hooks["after_batch"](summary)
+
 
 
 # ------------------------------------------------------------------ threshold and calibration
@@ -335,10 +359,18 @@ def _fmr(cal, D: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------------------ probes
 
-def _probe_faces(config: SearchConfig, options, model: str, summary: SearchSummary
-                 ) -> tuple[pa.Table, pa.Table | None, list[str]]:
-    """(probe faces sorted by image and face, errors or None, carried column names)."""
-    if _probes_kind(config, options) == "faces":
+@dataclass(frozen=True)
+class ProbeSource:
+    """Where the probe faces are: part files of a faces table, the errors of their embedding, and
+    the carried column names. Nothing here grows with the number of probes."""
+
+    files: list[str]
+    errors: list[str]
+    carried: list[str]
+
+
+def _probe_source(config: SearchConfig, options, model: str, summary: SearchSummary, kind: str) -> ProbeSource:
+    if kind == "faces":
         return _faces_probes(config, options, model, summary)
     return _manifest_probes(config, options, model, summary)
 
@@ -353,47 +385,58 @@ def _probes_kind(config: SearchConfig, options) -> str:
     return "faces" if "embedding" in schema.names else "manifest"
 
 
-def _faces_probes(config, options, model, summary) -> tuple[pa.Table, None, list[str]]:
-    faces = storage.read_table(config.probes, options=options)
+def _faces_probes(config, options, model, summary) -> ProbeSource:
+    """A faces table of probes, checked file by file (one file in memory at a time)."""
+    files = storage.list_files(config.probes, ".parquet", options)
+    schema = _schema_of(config.probes, options)
     summary.probes_kind = "faces"
-    missing = [c for c in ("image_id", "face_index", "bbox", "embedding", "model") if c not in faces.column_names]
+    missing = [c for c in ("image_id", "face_index", "bbox", "embedding", "model") if c not in schema.names]
     if missing:
         raise ConfigError(f"probe faces table {storage.redact(config.probes)} lacks column(s) {missing}: pass "
                           f"a manifest of images or the faces table `facelake embed` wrote")
-    if not faces.num_rows:
-        raise ConfigError(f"probe faces table {storage.redact(config.probes)} is empty: nothing to search")
-    models = [m for m in pc.unique(faces["model"]).to_pylist()]
-    if models != [model]:
-        raise IndexVersionError(f"probe faces were embedded with model(s) {models} but index version "
-                                f"{summary.index_version} holds {model!r} faces: pass the probe images' manifest "
-                                f"instead (they are then embedded with {model!r}) or rebuild the index")
-    if "weights_sha256" in faces.column_names:
-        wanted = weights_fingerprint(get_model(model))
-        other = [w for w in pc.unique(faces["weights_sha256"]).to_pylist() if w != wanted]
-        if other:
-            raise IndexVersionError(f"probe faces were embedded with other {model} weights ({other[0][:12]}...): "
-                                    f"re-embed them or pass the probe images' manifest")
-    if faces.schema.field("embedding").type != pa.list_(pa.float32(), get_model(model).dim):
-        raise ConfigError(f"probe faces' embedding column is {faces.schema.field('embedding').type}, not "
+    if schema.field("embedding").type != pa.list_(pa.float32(), get_model(model).dim):
+        raise ConfigError(f"probe faces' embedding column is {schema.field('embedding').type}, not "
                           f"{get_model(model).dim} float32 values of model {model}")
-    faces = faces.sort_by([("image_id", "ascending"), ("face_index", "ascending")])
-    summary.probes_sha256 = _faces_fingerprint(faces)
-    summary.probe_images = len(pc.unique(faces["image_id"]))
-    summary.probe_faces = faces.num_rows
-    return faces, None, carried_columns(faces.schema)
-
-
-def _faces_fingerprint(faces: pa.Table) -> str:
-    """sha256 over (image_id, face_index, embedding bytes) in (image_id, face_index) order."""
+    wanted = weights_fingerprint(get_model(model))
     digest = hashlib.sha256()
-    for batch in faces.select(["image_id", "face_index", "embedding"]).to_batches(65536):
-        digest.update(b"".join(s.encode() + b"\0" for s in batch.column(0).to_pylist()))
-        digest.update(np.asarray(batch.column(1).to_numpy(zero_copy_only=False), np.int32).tobytes())
-        digest.update(np.asarray(batch.column(2).flatten().to_numpy(zero_copy_only=False), np.float32).tobytes())
+    for uri in files:
+        digest.update(_file_sha256(uri, options).encode())
+        table = _read_file(uri, [c for c in ("image_id", "model", "weights_sha256") if c in schema.names], options)
+        models = pc.unique(table["model"]).to_pylist()
+        if models and models != [model]:
+            raise IndexVersionError(f"probe faces were embedded with model(s) {models} but index version "
+                                    f"{summary.index_version} holds {model!r} faces: pass the probe images' manifest "
+                                    f"instead (they are then embedded with {model!r}) or rebuild the index")
+        if "weights_sha256" in table.column_names:
+            other = [w for w in pc.unique(table["weights_sha256"]).to_pylist() if w != wanted]
+            if other:
+                raise IndexVersionError(f"probe faces were embedded with other {model} weights ({other[0][:12]}...): "
+                                        f"re-embed them or pass the probe images' manifest")
+        summary.probe_faces += table.num_rows
+        summary.probe_images += pc.count_distinct(table["image_id"]).as_py()
+    if not summary.probe_faces:
+        raise ConfigError(f"probe faces table {storage.redact(config.probes)} is empty: nothing to search")
+    summary.probes_sha256 = digest.hexdigest()
+    return ProbeSource(files=files, errors=[], carried=carried_columns(schema))
+
+
+def _file_sha256(uri: str, options) -> str:
+    fs, path = storage.filesystem(uri, options)
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as handle:
+        while chunk := handle.read(8 << 20):
+            digest.update(chunk)
     return digest.hexdigest()
 
 
-def _manifest_probes(config, options, model, summary) -> tuple[pa.Table, pa.Table, list[str]]:
+def _read_file(uri: str, columns: list[str] | None, options) -> pa.Table:
+    fs, path = storage.filesystem(uri, options)
+    with fs.open(path, "rb") as handle:
+        return pq.read_table(handle, columns=columns)
+
+
+def _manifest_probes(config, options, model, summary) -> ProbeSource:
+    """Probe photos embedded by the embed job (its workers write RESULTS/probe_faces/)."""
     from facelake import manifest
     from facelake.jobs.embed import EmbedConfig
     from facelake.jobs.embed import outputs as embed_outputs
@@ -402,72 +445,58 @@ def _manifest_probes(config, options, model, summary) -> tuple[pa.Table, pa.Tabl
     info = manifest.validate(config.probes, options)
     summary.probes_kind, summary.probes_sha256, summary.probe_images = "manifest", info.fingerprint, info.rows
     work = outputs(config.out)["probe_faces"]
+    _claim_probe_folder(work, info.fingerprint, options)
     run_embed(EmbedConfig(manifest=config.probes, out=work, model=model, address=config.address,
                           endpoint_url=config.endpoint_url, weights_from=config.weights_from,
                           workers=config.workers, progress=config.progress))
     layout = embed_outputs(work)
-    wanted = storage.read_table(config.probes, columns=["image_id"], options=options)["image_id"]
-    tables = {}
-    for name in ("faces", "errors"):
-        if storage.list_files(layout[name], ".parquet", options):
-            table = storage.read_table(layout[name], options=options)
-            tables[name] = table.filter(pc.is_in(table["image_id"], value_set=pa.array(wanted.to_pylist(), pa.string())))
-    faces = tables.get("faces")
-    if faces is None:
-        from facelake.schema import faces_schema
-        faces = faces_schema(get_model(model).dim).empty_table()
-    faces = faces.sort_by([("image_id", "ascending"), ("face_index", "ascending")])
-    errors = tables.get("errors")
-    summary.probe_faces = faces.num_rows
-    done = set(faces["image_id"].to_pylist()) | set(errors["image_id"].to_pylist() if errors is not None else [])
-    if len(done) != info.rows:
-        raise FacelakeError(f"the embed job left {info.rows - len(done)} probe image(s) in neither its faces nor "
-                            f"its errors table under {storage.redact(work)}: rerun the search with a new --out")
-    return faces, errors, list(info.carried)
+    files = storage.list_files(layout["faces"], ".parquet", options)
+    errors = storage.list_files(layout["errors"], ".parquet", options)
+    images_with_faces = 0
+    for uri in files:   # an image's faces are in one part: distinct counts add up
+        table = _read_file(uri, ["image_id"], options)
+        summary.probe_faces += table.num_rows
+        images_with_faces += pc.count_distinct(table["image_id"]).as_py()
+    error_rows = sum(_rows_of(uri, options) for uri in errors)
+    if images_with_faces + error_rows != info.rows:
+        raise FacelakeError(f"the embed job left {info.rows - images_with_faces - error_rows} probe image(s) in "
+                            f"neither its faces nor its errors table under {storage.redact(work)}: rerun the "
+                            f"search with a new --out")
+    return ProbeSource(files=files, errors=errors, carried=list(info.carried))
 
 
-def _write_errors(errors: pa.Table | None, folder: str, summary: SearchSummary, options) -> None:
-    if errors is None or not errors.num_rows:
-        return
-    carried = [c for c in errors.column_names if c not in ERRORS_SCHEMA.names]
-    table = errors.select(ERRORS_SCHEMA.names + carried).cast(
-        pa.schema(list(ERRORS_SCHEMA) + [errors.schema.field(c) for c in carried]))
-    table = table.add_column(0, "job_id", pa.array([summary.job_id] * table.num_rows, pa.string()))
-    storage.write_table(storage.join(folder, f"part-{summary.job_id}-00000.parquet"), table, options)
-    summary.probe_errors = table.num_rows
-
-
-# ------------------------------------------------------------------------------ gallery
-
-def _gallery_columns(handle, ids: pa.Table, options, summary: SearchSummary) -> pa.Table:
-    """Gallery columns in faiss id order: image_id, face_index, bbox, then uri and carried columns
-    from the faces table the version was built from (skipped, with a note, when unavailable)."""
-    base = ids.select(["image_id", "face_index", "bbox"])
-    source = handle.manifest.get("source")
-    if not source or source.startswith("<") or "***" in source:
-        summary.notes.append(f"gallery carried columns skipped: index version {handle.version} records no "
-                             f"readable source faces table ({source!r})")
-        return base
+def _claim_probe_folder(work: str, fingerprint: str, options) -> None:
+    """RESULTS/probe_faces/ holds the embedding of one probe manifest only: a rerun into the same
+    --out resumes it; another manifest is refused rather than mixed in."""
+    marker = storage.join(work, "_probes.json")
     try:
-        schema = _schema_of(source, options)
-        extra = [c for c in ["uri", *carried_columns(schema)] if c in schema.names]
-        if not extra:
-            return base
-        table = storage.read_table(source, columns=["image_id", "face_index", *extra], options=options)
-    except Exception as err:  # the index still answers; only the extra columns are lost
-        summary.notes.append(f"gallery carried columns skipped: cannot read source faces table "
-                             f"{storage.redact(source)}: {type(err).__name__}: {err}")
-        return base
-    table = table.cast(pa.schema([pa.field("image_id", pa.string()), pa.field("face_index", pa.int32())]
-                                 + [table.schema.field(c) for c in extra]))
-    keyed = ids.select(["faiss_id", "image_id", "face_index"])
-    joined = keyed.join(table, keys=["image_id", "face_index"], join_type="left outer").sort_by("faiss_id")
-    if joined.num_rows != ids.num_rows:
-        summary.notes.append(f"gallery carried columns skipped: source faces table {storage.redact(source)} holds "
-                             f"duplicate faces")
-        return base
-    summary.gallery_carried = extra
-    return pa.table([*base.columns, *(joined[c] for c in extra)], names=[*base.column_names, *extra])
+        claimed = json.loads(storage.read_bytes(marker, options)).get("sha256")
+    except FileNotFoundError:
+        storage.write_bytes_atomic(marker, json.dumps({"sha256": fingerprint}).encode(), options)
+        return
+    if claimed != fingerprint:
+        raise ConfigError(f"{storage.redact(work)} holds the embedded faces of another probe manifest: give this "
+                          f"search a new --out")
+
+
+def _rows_of(uri: str, options) -> int:
+    fs, path = storage.filesystem(uri, options)
+    with fs.open(path, "rb") as handle:
+        return pq.ParquetFile(handle).metadata.num_rows
+
+
+def _copy_errors(files: list[str], folder: str, summary: SearchSummary, options) -> None:
+    """Probe images without a usable face, stamped with the job id, one part file at a time."""
+    for number, uri in enumerate(files):
+        errors = _read_file(uri, None, options)
+        if not errors.num_rows:
+            continue
+        carried = [c for c in errors.column_names if c not in ERRORS_SCHEMA.names]
+        table = errors.select(ERRORS_SCHEMA.names + carried).cast(
+            pa.schema(list(ERRORS_SCHEMA) + [errors.schema.field(c) for c in carried]))
+        table = table.add_column(0, "job_id", pa.array([summary.job_id] * table.num_rows, pa.string()))
+        storage.write_table(storage.join(folder, f"part-{summary.job_id}-{number:05d}.parquet"), table, options)
+        summary.probe_errors += table.num_rows
 
 
 def _schema_of(uri: str, options) -> pa.Schema:
@@ -481,106 +510,144 @@ def _schema_of(uri: str, options) -> pa.Schema:
 
 # ------------------------------------------------------------------------------ searching
 
-def _searcher(handle, executor: Executor):
-    """(search(xq, k, nprobe) -> (D, I), actors to stop afterwards)."""
+@dataclass(frozen=True)
+class BatchSpec:
+    """Everything a search worker needs to turn a batch of probe faces into a result part file."""
+
+    handle: object                    # facelake.index.load.VersionHandle
+    k: int
+    nprobe: int
+    cal: object                       # calibration.Calibration | None
+    threshold: float | None
+    mode: str
+    job_id: str
+    folder: str
+    options: storage.StorageOptions
+    probe_carried: tuple[str, ...]
+    metadata: str                     # JSON stored in every result file's schema metadata
+
+
+class BatchSearch:
+    """A search worker: a batch of probe faces -> shard fan-out -> merged top-k with the winners'
+    gallery rows -> false-match rates -> one result part file. Returns only counts."""
+
+    def __init__(self, spec: BatchSpec, actors: list | None = None) -> None:
+        from facelake.index.search import LocalShardSearcher
+
+        self.spec, self.actors = spec, actors
+        self.searchers = None if actors else [LocalShardSearcher(spec.handle, s)
+                                              for s in range(spec.handle.shard_count)]
+        self.token, self.parts = uuid.uuid4().hex[:8], 0
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from facelake.index.build import embeddings
+        from facelake.index.search import search_rows
+
+        spec = self.spec
+        D, I, rows = search_rows(spec.handle, embeddings(batch), spec.k, spec.nprobe, actors=self.actors,
+                                 searchers=self.searchers)
+        table, candidates, empty = result_table(spec, batch, D, I, rows, _fmr(spec.cal, D))
+        name = f"part-{spec.job_id}-{self.token}-{self.parts:05d}.parquet"
+        storage.write_table(storage.join(spec.folder, name), table, spec.options)
+        self.parts += 1
+        return pa.table({"faces": [batch.num_rows], "rows": [candidates], "no_candidate": [empty]})
+
+
+def _probe_columns(probes: ProbeSource) -> list[str]:
+    return ["image_id", "face_index", "bbox", "embedding"] + [c for c in _probe_carried(probes.carried)]
+
+
+def _probe_carried(carried) -> list[str]:
+    return [c for c in ["uri", *carried] if c not in FACE_COLUMNS or c == "uri"]
+
+
+def _ray_batches(config: SearchConfig, probes: ProbeSource, spec: BatchSpec, actors: list, options):
+    """Probe faces stream as a Ray Dataset through a pool of search workers."""
     import ray
 
-    from facelake.index import search
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = config.progress
+    context.use_datasource_v2 = False        # see jobs/embed.py: the V1 reader honours num_cpus
+    schema_names = set(_schema_of(probes.files[0], options).names)
+    columns = [c for c in _probe_columns(probes) if c in schema_names]
+    arrow_fs, _ = storage.arrow_filesystem(probes.files[0], options)
+    paths = [storage.filesystem(f, options)[1] for f in probes.files]
+    workers = config.search_workers or SEARCH_WORKERS
+    dataset = ray.data.read_parquet(paths, filesystem=arrow_fs, columns=columns, num_cpus=READ_CPUS)
+    dataset = dataset.map_batches(
+        BatchSearch, batch_size=config.batch_size, batch_format="pyarrow", num_cpus=WORKER_CPUS,
+        compute=ray.data.ActorPoolStrategy(size=workers),
+        fn_constructor_kwargs={"spec": replace(spec, probe_carried=tuple(c for c in spec.probe_carried
+                                                                         if c in schema_names)),
+                               "actors": actors})
+    for block in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        yield from block.to_pylist()
 
-    if executor == "ray":
-        actors = search.start_searchers(handle)
-        ray.get([actor.ntotal.remote() for actor in actors])   # shards loaded before the clock starts
-        return (lambda xq, k, nprobe: search.search_version(handle, xq, k, nprobe, actors)), actors
-    shards = [search.LocalShardSearcher(handle, s) for s in range(handle.shard_count)]
-    return (lambda xq, k, nprobe: search.merge_topk([s.search(xq, k, nprobe) for s in shards], k)), []
+
+def _local_batches(config: SearchConfig, probes: ProbeSource, spec: BatchSpec, options):
+    """The same search workers' code in this process, one bounded batch at a time."""
+    searcher = BatchSearch(spec)
+    for uri in probes.files:
+        names = set(_schema_of(uri, options).names)
+        columns = [c for c in _probe_columns(probes) if c in names]
+        for batch in storage.iter_batches(uri, columns=columns, batch_size=config.batch_size, options=options):
+            yield searcher(pa.Table.from_batches([batch])).to_pylist()[0]
 
 
-class _ResultWriter:
-    """Turns (probe batch, D, I) into result rows and writes bounded part files."""
-
-    def __init__(self, folder: str, summary: SearchSummary, probe_carried: list[str], gallery: pa.Table,
-                 options, part_rows: int = DEFAULT_PART_ROWS) -> None:
-        self.folder, self.summary, self.options, self.part_rows = folder, summary, options, part_rows
-        self.probe_carried = [c for c in ["uri", *probe_carried] if c not in FACE_COLUMNS or c == "uri"]
-        self.gallery = gallery
-        self.gallery_extra = [c for c in gallery.column_names if c not in ("image_id", "face_index", "bbox")]
-        self.pending: list[pa.Table] = []
-        self.rows = 0
-        self.parts = 0
-        self.schema: pa.Schema | None = None
-
-    def add(self, probes: pa.Table, D: np.ndarray, I: np.ndarray, fmr: np.ndarray,
-            threshold: float | None, mode: str) -> None:
-        n, k = I.shape
-        keep = I >= 0
-        if mode == "identify":
-            keep &= D >= threshold
-        empty = ~keep.any(axis=1)                  # probe faces with no candidate: one null row each
-        rows_probe = np.concatenate([np.repeat(np.arange(n), keep.sum(axis=1)), np.flatnonzero(empty)])
-        order = np.argsort(rows_probe, kind="stable")
-        probe_rows = rows_probe[order]
-        cand_mask = np.concatenate([np.ones(int(keep.sum()), bool), np.zeros(int(empty.sum()), bool)])[order]
-        ranks_all = np.broadcast_to(np.arange(1, k + 1, dtype=np.int32), (n, k))
-        flat = lambda a, fill: np.concatenate([a[keep], np.full(int(empty.sum()), fill, a.dtype)])[order]  # noqa: E731
-        ids = flat(I, -1)
-        sims = flat(D.astype(np.float32), np.nan)
-        rates = flat(fmr.astype(np.float64), np.nan)
-        ranks = flat(ranks_all, 0)
-        # null take indices give null gallery columns on the no-candidate rows
-        gallery = self.gallery.take(pa.array(ids, pa.int64(), mask=~cand_mask))
-        probe = probes.take(pa.array(probe_rows, pa.int64()))
-        above = None if threshold is None else pa.array(sims >= threshold, mask=~cand_mask)
-
-        columns = {
-            "job_id": pa.array([self.summary.job_id] * len(probe_rows), pa.string()),
-            "probe_image_id": probe["image_id"],
-            "probe_face_index": probe["face_index"],
-            "probe_bbox": probe["bbox"],
-            "rank": pa.array(ranks, pa.int32(), mask=~cand_mask),
-            "gallery_image_id": gallery["image_id"],
-            "gallery_face_index": gallery["face_index"],
-            "gallery_bbox": gallery["bbox"],
-            "similarity": pa.array(sims, pa.float32(), mask=~cand_mask),
-            "est_false_match_rate": pa.array(rates, pa.float64(), mask=~cand_mask | np.isnan(rates)),
-            "above_threshold": above if above is not None else pa.nulls(len(probe_rows), pa.bool_()),
-            "index_version": pa.array([self.summary.index_version] * len(probe_rows), pa.string()),
-        }
-        fields = list(RESULT_COLUMNS)
-        for name in self.probe_carried:
-            if name in probe.column_names:
-                columns[f"probe_{name}"] = probe[name]
-                fields.append(pa.field(f"probe_{name}", probe.schema.field(name).type))
-        for name in self.gallery_extra:
+def result_table(spec: BatchSpec, probes: pa.Table, D: np.ndarray, I: np.ndarray, gallery_rows: pa.Table,
+                 fmr: np.ndarray) -> tuple[pa.Table, int, int]:
+    """Result rows of one batch (schema.RESULT_COLUMNS + probe_* + gallery_*), the number of
+    candidate rows and of probe faces with no candidate (one row each, rank and gallery null)."""
+    n, k = I.shape
+    keep = I >= 0
+    if spec.mode == "identify":
+        keep &= D >= spec.threshold
+    empty = ~keep.any(axis=1)
+    positions = np.concatenate([np.flatnonzero(keep.reshape(-1)), np.full(int(empty.sum()), -1)])
+    owners = np.concatenate([np.flatnonzero(keep.reshape(-1)) // k, np.flatnonzero(empty)])
+    order = np.argsort(owners, kind="stable")
+    positions, owners = positions[order], owners[order]
+    none = positions < 0
+    at = np.where(none, 0, positions)
+    sims = D.reshape(-1)[at].astype(np.float32)
+    rates = np.asarray(fmr, np.float64).reshape(-1)[at]
+    gallery = gallery_rows.take(pa.array(at, pa.int64(), mask=none))
+    probe = probes.take(pa.array(owners, pa.int64()))
+    above = (pa.nulls(len(owners), pa.bool_()) if spec.threshold is None
+             else pa.array(sims >= spec.threshold, mask=none))
+    columns = {
+        "job_id": pa.array([spec.job_id] * len(owners), pa.string()),
+        "probe_image_id": probe["image_id"],
+        "probe_face_index": probe["face_index"],
+        "probe_bbox": probe["bbox"],
+        "rank": pa.array((at % k + 1).astype(np.int32), pa.int32(), mask=none),
+        "gallery_image_id": gallery["image_id"],
+        "gallery_face_index": gallery["face_index"],
+        "gallery_bbox": gallery["bbox"],
+        "similarity": pa.array(sims, pa.float32(), mask=none),
+        "est_false_match_rate": pa.array(rates, pa.float64(), mask=none | np.isnan(rates)),
+        "above_threshold": above,
+        "index_version": pa.array([spec.handle.version] * len(owners), pa.string()),
+    }
+    fields = list(RESULT_COLUMNS)
+    for name in _probe_carried(spec.probe_carried):
+        if name in probe.column_names:
+            columns[f"probe_{name}"] = probe[name]
+            fields.append(pa.field(f"probe_{name}", probe.schema.field(name).type))
+    for name in gallery.column_names:
+        if name not in ID_TABLE_SCHEMA.names:
             columns[f"gallery_{name}"] = gallery[name]
             fields.append(pa.field(f"gallery_{name}", gallery.schema.field(name).type))
-        if self.schema is None:
-            self.schema = pa.schema(fields, metadata={METADATA_KEY: json.dumps(self._metadata()).encode()})
-        table = pa.table(columns).cast(self.schema)
-        self.summary.result_rows += int(cand_mask.sum())
-        self.summary.no_candidate_faces += int(empty.sum())
-        self.pending.append(table)
-        self.rows += table.num_rows
-        if self.rows >= self.part_rows:
-            self.flush()
+    schema = pa.schema(fields, metadata={METADATA_KEY: spec.metadata.encode()})
+    return pa.table(columns).cast(schema), int((~none).sum()), int(empty.sum())
 
-    def _metadata(self) -> dict:
-        s = self.summary
-        return {"job_id": s.job_id, "mode": s.mode, "index_version": s.index_version, "model": s.model,
-                "gallery_size": s.gallery_size, "threshold": s.threshold, "threshold_how": s.threshold_how,
-                "calibration": s.calibration}
 
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        sink = io.BytesIO()
-        pq.write_table(pa.concat_tables(self.pending), sink, compression="zstd")
-        name = f"part-{self.summary.job_id}-{self.parts:05d}.parquet"
-        storage.write_bytes_atomic(storage.join(self.folder, name), sink.getvalue(), self.options)
-        self.parts += 1
-        self.pending, self.rows = [], 0
+def _metadata(summary: SearchSummary) -> dict:
+    s = summary
+    return {"job_id": s.job_id, "mode": s.mode, "index_version": s.index_version, "model": s.model,
+            "gallery_size": s.gallery_size, "threshold": s.threshold, "threshold_how": s.threshold_how,
+            "calibration": s.calibration}
 
-    def close(self) -> None:
-        self.flush()
 
 
 # ------------------------------------------------------------------------------ audit
