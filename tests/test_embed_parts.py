@@ -52,9 +52,10 @@ def test_driver_iterates_counts_only_while_workers_write_bounded_parts(tmp_path,
     out = str(tmp_path / "out")
     chunk = 4
 
-    dataset, summary = embed_dataset(EmbedConfig(manifest=manifest_uri, out=out, batch_size=2, chunk_images=chunk,
-                                                 workers=1, progress=False))
-    blocks = [ray_local.get(ref) for ref in dataset.materialize().to_arrow_refs()]
+    plan = embed_dataset(EmbedConfig(manifest=manifest_uri, out=out, batch_size=2, chunk_images=chunk,
+                                     workers=1, progress=False))
+    summary = plan.summary
+    blocks = [ray_local.get(ref) for ref in plan.dataset.materialize().to_arrow_refs()]
     # what reaches the driver: counts, one row per actor call, no face rows and no embeddings
     assert blocks and all(block.schema.equals(COUNTS_SCHEMA) for block in blocks), [b.schema for b in blocks]
     counts = pa.concat_tables(blocks)
