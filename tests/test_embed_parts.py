@@ -151,6 +151,7 @@ def test_driver_sigkilled_loses_at_most_a_chunk_per_actor(s3_endpoint, s3_bucket
         assert 0 < len(done_before) < len(ids), "the kill did not land mid-job"
         assert done_before <= fetched
         lost = fetched - done_before
+        print(f"killed run: {len(done_before)} of {len(ids)} images written, {len(lost)} fetched but not written")
         assert len(lost) <= chunk * workers, f"{len(lost)} images fetched but not written by the killed run"
         assert not (Path(out) / "_runs").exists(), "a killed run wrote its summary"
 
