@@ -170,7 +170,8 @@ def _normal(uri: str) -> str:
 
 
 class EmbedWorker:
-    """A Ray Data actor: one loaded model; turns manifest rows into face and error rows."""
+    """A Ray Data actor: one loaded model; embeds a chunk of manifest rows per call, writes the
+    chunk's faces, errors and dropped part files itself and returns one row of counts."""
 
     def __init__(self, *, model: str, weights_from: str | None, min_face: int, min_score: float,
                  max_pixels: int, options: storage.StorageOptions, allowed_roots: tuple[str, ...],
