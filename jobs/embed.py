@@ -1,19 +1,22 @@
 """`facelake embed`: manifest of archived images -> faces table (+ errors, + dropped faces).
 
-Ray Data reads the manifest and streams batches of rows to a pool of actors, each holding one
-loaded FaceEngine (GPU actors when the cluster has GPUs). An actor fetches the image bytes itself
-(fsspec: s3fs or local), decodes, detects, filters by the quality floor, aligns and embeds every
-face of the batch in one model call. The driver streams the outcomes into bounded Parquet part
-files, each written atomically:
+Ray Data reads the manifest and streams chunks of rows (``chunk_images``) to a pool of actors,
+each holding one loaded FaceEngine (GPU actors when the cluster has GPUs). An actor fetches the
+image bytes itself (fsspec: s3fs or local), decodes, detects, filters by the quality floor,
+aligns and embeds the faces of ``batch_size`` images per model call, then writes the chunk's
+own Parquet part files, each atomically (temporary name then rename; one PUT on S3):
 
-    OUT/faces/part-<run>-<n>.parquet    one row per usable face
-    OUT/errors/part-<run>-<n>.parquet   one row per image that failed or held no usable face
-    OUT/dropped/part-<run>-<n>.parquet  faces below the quality floor, with the reason
-    OUT/_runs/<run>.json                the run's summary, written last
+    OUT/faces/part-<run>-<chunk>-<n>.parquet    one row per usable face
+    OUT/errors/part-<run>-<chunk>-<n>.parquet   one row per image that failed or held no usable face
+    OUT/dropped/part-<run>-<chunk>-<n>.parquet  faces below the quality floor, with the reason
+    OUT/_runs/<run>.json                        the run's summary, written last by the driver
 
-Every manifest row ends in exactly one of faces or errors. An image's rows always land in one
-part file, so a run killed at any point leaves whole images only; a rerun reads the image ids
-already present for the same model and skips them, so nothing is duplicated.
+The driver receives one row of counts per chunk, never face rows. Every manifest row ends in
+exactly one of faces or errors. An image's rows always land in one part file, so a run killed
+at any point leaves whole images only and loses at most the chunk each actor was working on; a
+rerun reads the image ids already present for the same model and skips them, so nothing is
+duplicated. ``<chunk>`` is derived from the chunk's image ids, so a chunk that Ray retries after
+losing an actor rewrites the same files rather than adding a second copy.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -38,12 +42,22 @@ from facelake.registry import MODELS, ModelSpec, get_model, weights_fingerprint
 from facelake.schema import (ERRORS_SCHEMA, NO_FACE, NO_USABLE_FACE, STAGE_DECODE, STAGE_DETECT,
                              STAGE_EMBED, STAGE_FETCH, STAGE_QUALITY, STAGE_VALIDATE, faces_schema)
 
+if TYPE_CHECKING:
+    import ray
+
 log = logging.getLogger(__name__)
 
-# Images per actor call: enough faces per model call to amortise it, small enough that one
+# Images per model call: enough faces per model call to amortise it, small enough that one
 # slow object does not hold many others back.
 DEFAULT_BATCH_SIZE = 16
-# Faces per output part file (~70 MB of Parquet at 128-d with carried columns).
+# Images per actor call, and so the most an actor holds unwritten: each call writes its own part
+# files. bench/embed.py measured 15.5 images/s for two CPU actors on two cores, about 7.8 per
+# actor, so 512 images is about a minute of one CPU actor's work (about 35 s for an actor that
+# has a core to itself at ~15 images/s; seconds on a GPU): a killed job loses at most about a
+# minute per actor, at any job size, while a part still holds hundreds of faces.
+DEFAULT_CHUNK_IMAGES = 512
+# Most faces in one part file (~70 MB of Parquet at 128-d with carried columns); a chunk's
+# parts are cut at image boundaries when it holds more.
 DEFAULT_SHARD_ROWS = 100_000
 
 # CPU reservations. The pool size (one actor per CPU) bounds the model work; each actor
@@ -75,6 +89,7 @@ class EmbedConfig:
     weights_from: str | None = None
     allowed_roots: tuple[str, ...] = ()
     shard_rows: int = DEFAULT_SHARD_ROWS
+    chunk_images: int = DEFAULT_CHUNK_IMAGES
     workers: int | None = None
     progress: bool = True
 
@@ -90,6 +105,8 @@ class EmbedConfig:
             storage.check_uri(root)
         if self.batch_size < 1 or self.shard_rows < 1:
             raise ConfigError("--batch-size and --shard-rows must be at least 1")
+        if self.chunk_images < 1:
+            raise ConfigError("--chunk-images must be at least 1")
         if self.min_face < 1 or not 0.0 <= self.min_score <= 1.0:
             raise ConfigError("--min-face must be >= 1 px and --min-score within [0, 1]")
         if self.max_pixels < 1:
@@ -113,6 +130,7 @@ class EmbedSummary:
     errors: int = 0
     errors_by_type: dict[str, int] = field(default_factory=dict)
     dropped_faces: int = 0
+    parts: int = 0  # part files written (faces, errors and dropped together)
     seconds: float = 0.0
     workers: int = 0
     device: str = "cpu"
@@ -152,12 +170,16 @@ def _normal(uri: str) -> str:
 
 
 class EmbedWorker:
-    """A Ray Data actor: one loaded model; turns manifest rows into face and error rows."""
+    """A Ray Data actor: one loaded model; embeds a chunk of manifest rows per call, writes the
+    chunk's faces, errors and dropped part files itself and returns one row of counts."""
 
     def __init__(self, *, model: str, weights_from: str | None, min_face: int, min_score: float,
                  max_pixels: int, options: storage.StorageOptions, allowed_roots: tuple[str, ...],
-                 base_dir: str, done_ids: pa.Array | None, threads: int, carried: tuple[str, ...],
-                 carried_schema: pa.Schema) -> None:
+                 base_dir: str, done_ids: "ray.ObjectRef | None", threads: int, carried: tuple[str, ...],
+                 carried_schema: pa.Schema, out: str, run_id: str, batch_size: int, shard_rows: int,
+                 weights_sha256: str, turns: "ray.actor.ActorHandle | None" = None) -> None:
+        import ray
+
         from facelake.faces import FaceEngine, QualityFloor
 
         self.engine = FaceEngine(model, weights_from=weights_from, threads=threads)
@@ -167,13 +189,51 @@ class EmbedWorker:
         self.options = options
         self.allowed_roots = allowed_roots
         self.base_dir = base_dir
-        self.done_ids = done_ids
+        # the ids already in OUT travel once through the object store, not pickled per actor
+        self.done_ids = ray.get(done_ids) if done_ids is not None else None
         self.carried = carried
         self.schema = outcome_schema(self.spec.dim, carried_schema)
+        self.layout, self.run_id = outputs(out), run_id
+        self.tables = {"faces": _with_carried(faces_schema(self.spec.dim), carried_schema),
+                       "errors": _with_carried(ERRORS_SCHEMA, carried_schema), "dropped": DROPPED_SCHEMA}
+        self.batch_size, self.shard_rows, self.weights_sha256 = batch_size, shard_rows, weights_sha256
+        self.turns = turns
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def __call__(self, chunk: pa.Table) -> pa.Table:
+        """Embed one chunk of manifest rows, write its part files, return one row of counts."""
+        if self.turns is not None:
+            _wait_for_turn(self.turns)
+        token = _chunk_token(chunk["image_id"])  # before filtering: a retried chunk gets the same names
         if self.done_ids is not None and len(self.done_ids):
-            batch = batch.filter(pc.invert(pc.is_in(batch["image_id"], value_set=self.done_ids)))
+            chunk = chunk.filter(pc.invert(pc.is_in(chunk["image_id"], value_set=self.done_ids)))
+        outcomes = [self._embed_batch(chunk.slice(start, self.batch_size))
+                    for start in range(0, chunk.num_rows, self.batch_size)]
+        table = pa.concat_tables(outcomes) if outcomes else self.schema.empty_table()
+        kinds = table["_kind"]
+        faces = _stamp(table.filter(pc.equal(kinds, "face")), self.spec, self.weights_sha256)
+        errors = _stamp(table.filter(pc.equal(kinds, "error")), self.spec, self.weights_sha256)
+        dropped = table.filter(pc.equal(kinds, "dropped"))
+        dropped = dropped.append_column("reason", dropped["message"]).append_column(
+            "model", pa.array([self.spec.name] * dropped.num_rows, pa.string()))
+        written = 0
+        # faces and errors first: an image is done once it is in either; dropped rows are a
+        # diagnostic whose part goes last (a kill between the writes can lose, never duplicate, them)
+        for name, rows in (("faces", faces), ("errors", errors), ("dropped", dropped)):
+            rows = rows.select(self.tables[name].names).cast(self.tables[name])
+            for index, part in enumerate(_split_at_images(rows, self.shard_rows)):
+                uri = storage.join(self.layout[name], part_name(self.run_id, token, index))
+                storage.write_table(uri, part, self.options)
+                written += 1
+        return pa.table({
+            "images": [chunk.num_rows],
+            "images_with_faces": [len(pc.unique(faces["image_id"]))],
+            "faces": [faces.num_rows], "errors": [errors.num_rows], "dropped": [dropped.num_rows],
+            "error_types": [json.dumps(dict(Counter(errors["error_type"].to_pylist())), sort_keys=True)],
+            "parts": [written],
+        }, schema=COUNTS_SCHEMA)
+
+    def _embed_batch(self, batch: pa.Table) -> pa.Table:
+        """One model call's worth of images -> face, error and dropped rows told apart by _kind."""
         rows = batch.to_pylist()
         out: dict[str, list] = {name: [] for name in self.schema.names}
         crops, face_rows = [], []
@@ -282,6 +342,81 @@ def outcome_schema(dim: int, carried_schema: pa.Schema) -> pa.Schema:
     return pa.schema(fields)
 
 
+# What an actor call returns to the driver: counts only, never face rows or embeddings.
+COUNTS_SCHEMA = pa.schema([
+    ("images", pa.int64()), ("images_with_faces", pa.int64()), ("faces", pa.int64()),
+    ("errors", pa.int64()), ("dropped", pa.int64()),
+    ("error_types", pa.string()),  # JSON object: error type -> rows
+    ("parts", pa.int64()),         # part files written by the call
+])
+
+
+class Turns:
+    """Test hooks only (a Ray actor): how many more chunks the actors may start. The driver adds
+    one each time it has handled a counts row, so actors cannot run ahead of a driver whose hook
+    fails the job on purpose, and such a test stops at a known point."""
+
+    def __init__(self, turns: int) -> None:
+        self.turns = turns
+
+    def take(self) -> bool:
+        if self.turns <= 0:
+            return False
+        self.turns -= 1
+        return True
+
+    def give(self) -> None:
+        self.turns += 1
+
+
+# Longest an actor waits for a turn: Ray Data may bundle several chunks into one task, whose
+# counts reach the driver together at its end, so a chunk waiting on the one before it in the
+# same task must go on by itself.
+TURN_WAIT_S = 5.0
+
+
+def _wait_for_turn(turns: "ray.actor.ActorHandle") -> None:
+    import ray
+
+    deadline = time.monotonic() + TURN_WAIT_S
+    while not ray.get(turns.take.remote()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def part_name(run_id: str, token: str, index: int) -> str:
+    """File name of one part: the run, the chunk it came from, its place in that chunk."""
+    return f"part-{run_id}-{token}-{index:03d}.parquet"
+
+
+def _chunk_token(image_ids: pa.ChunkedArray) -> str:
+    """A name for a chunk of manifest rows, from its image ids (unique in a manifest).
+
+    Derived from the input, not from the actor, so that a chunk Ray retries after losing its
+    actor (or node) rewrites the same part files instead of adding a second copy of its faces.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    for image_id in image_ids.to_pylist():
+        digest.update(image_id.encode() + b"\0")
+    return digest.hexdigest()[:20]
+
+
+def _split_at_images(table: pa.Table, max_rows: int) -> list[pa.Table]:
+    """Split rows into parts of at most ``max_rows`` without splitting an image's rows (which are
+    contiguous); an image with more rows than that gets a part of its own. No rows: no parts."""
+    if table.num_rows <= max_rows:
+        return [table] if table.num_rows else []
+    ids = table["image_id"].to_pylist()
+    ends = [i for i in range(1, len(ids)) if ids[i] != ids[i - 1]] + [len(ids)]  # where each image ends
+    parts, start = [], 0
+    for end, next_end in zip(ends, ends[1:] + [None]):
+        if next_end is None or next_end - start > max_rows:  # the next image would not fit: cut here
+            parts.append(table.slice(start, end - start))
+            start = end
+    return parts
+
+
 # ---------------------------------------------------------------------------- driver side
 
 def outputs(out: str) -> dict[str, str]:
@@ -307,35 +442,25 @@ def done_image_ids(out: str, spec: ModelSpec, options: storage.StorageOptions | 
     return pc.unique(pa.chunked_array([c for chunked in ids for c in chunked.chunks], pa.string()))
 
 
-class PartWriter:
-    """Buffers rows of one table and writes bounded part files atomically."""
+@dataclass
+class EmbedPlan:
+    """One planned run: the Dataset the driver iterates (None when nothing is left to embed)."""
 
-    def __init__(self, folder: str, run_id: str, schema: pa.Schema, max_rows: int,
-                 options: storage.StorageOptions | None) -> None:
-        self.folder, self.run_id, self.schema = folder, run_id, schema
-        self.max_rows, self.options = max_rows, options
-        self.pending: list[pa.Table] = []
-        self.rows = 0
-        self.parts = 0
-
-    def add(self, table: pa.Table) -> None:
-        if table.num_rows:
-            self.pending.append(table.select(self.schema.names).cast(self.schema))
-            self.rows += table.num_rows
-            if self.rows >= self.max_rows:
-                self.flush()
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        name = f"part-{self.run_id}-{self.parts:05d}.parquet"
-        storage.write_table(storage.join(self.folder, name), pa.concat_tables(self.pending), self.options)
-        self.parts += 1
-        self.pending, self.rows = [], 0
+    dataset: "ray.data.Dataset | None"
+    summary: EmbedSummary
+    turns: "ray.actor.ActorHandle | None" = None  # stepped runs only (test hooks): see Turns
 
 
-def run_embed(config: EmbedConfig, *, hooks: dict | None = None) -> EmbedSummary:
-    """Embed every image of a manifest not yet in OUT; return the run's summary."""
+def embed_dataset(config: EmbedConfig, *, stepped: bool = False) -> EmbedPlan:
+    """Validate and plan one run: the Dataset the driver iterates and the run's summary.
+
+    Executing the Dataset embeds the manifest's images not yet in OUT: each actor call takes a
+    chunk of at most ``chunk_images`` rows, writes that chunk's faces, errors and dropped part
+    files itself and yields one row of counts (COUNTS_SCHEMA), so nothing that grows with the
+    faces reaches the driver. The Dataset is None when OUT already holds every image: then no
+    Ray is started and no model loaded. ``stepped`` (test hooks) makes the actors wait for the
+    driver between chunks (see Turns).
+    """
     import ray
 
     from facelake.cluster import runtime
@@ -348,8 +473,7 @@ def run_embed(config: EmbedConfig, *, hooks: dict | None = None) -> EmbedSummary
     summary = EmbedSummary(run_id=run_id, model=spec.name, manifest_rows=info.rows,
                            skipped_done=len(done))
     if len(done) and not _remaining(config.manifest, done, options):
-        return summary  # every image is already in OUT: start no Ray, load no model
-    started_here = not ray.is_initialized()
+        return EmbedPlan(None, summary)  # every image is already in OUT: start no Ray, load no model
     resources = runtime.connect(config.address)
     use_gpu = resources.gpus >= 1 and _onnx_has_cuda()
     workers = config.workers or (int(resources.gpus) if use_gpu else max(1, int(resources.cpus)))
@@ -363,60 +487,80 @@ def run_embed(config: EmbedConfig, *, hooks: dict | None = None) -> EmbedSummary
     # never starts. The V1 reader honours num_cpus=READ_CPUS and splits files into blocks.
     context.use_datasource_v2 = False
     arrow_fs, _ = storage.arrow_filesystem(info.files[0], options)
+    turns = ray.remote(num_cpus=0)(Turns).remote(workers) if stepped else None
+    # A small job is cut into smaller chunks so that every actor gets some (about 4 each).
+    chunk = min(config.chunk_images, max(1, math.ceil(info.rows / (workers * 4))))
     # Manifest reads are light; they must still get scheduled when the model actors hold
     # most CPUs, hence the fraction. Blocks are kept small (about one actor call each, at
     # most ~1000 rows) so that every actor gets work even from a single manifest file.
-    blocks = min(math.ceil(info.rows / config.batch_size), max(workers * 4, math.ceil(info.rows / 1000)))
+    blocks = min(math.ceil(info.rows / chunk), max(workers * 4, math.ceil(info.rows / 1000)))
     dataset = ray.data.read_parquet(info.paths, filesystem=arrow_fs, num_cpus=READ_CPUS,
                                     override_num_blocks=blocks)
     dataset = dataset.map_batches(
-        EmbedWorker, batch_size=config.batch_size, batch_format="pyarrow",
+        EmbedWorker, batch_size=chunk, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=workers), num_gpus=1 if use_gpu else 0,
         num_cpus=0 if use_gpu else ACTOR_CPUS,
         fn_constructor_kwargs=dict(
             model=spec.name, weights_from=config.weights_from, min_face=config.min_face,
             min_score=config.min_score, max_pixels=config.max_pixels, options=options,
-            allowed_roots=config.allowed_roots, base_dir=base_dir, done_ids=done,
-            threads=1, carried=info.carried, carried_schema=carried_schema))
-    layout = outputs(config.out)
-    face_columns = faces_schema(spec.dim)
-    faces_out = PartWriter(layout["faces"], run_id, _with_carried(face_columns, carried_schema),
-                           config.shard_rows, options)
-    errors_out = PartWriter(layout["errors"], run_id, _with_carried(ERRORS_SCHEMA, carried_schema),
-                            config.shard_rows, options)
-    dropped_out = PartWriter(layout["dropped"], run_id, DROPPED_SCHEMA, config.shard_rows, options)
-    error_types: Counter[str] = Counter()
-    wsha = weights_fingerprint(spec)
+            allowed_roots=config.allowed_roots, base_dir=base_dir,
+            done_ids=ray.put(done) if len(done) else None,
+            threads=1, carried=info.carried, carried_schema=carried_schema,
+            out=config.out, run_id=run_id, batch_size=config.batch_size, shard_rows=config.shard_rows,
+            weights_sha256=weights_fingerprint(spec), turns=turns))
+    return EmbedPlan(dataset, summary, turns)
+
+
+def run_embed(config: EmbedConfig, *, hooks: dict | None = None) -> EmbedSummary:
+    """Embed every image of a manifest not yet in OUT; return the run's summary.
+
+    ``hooks["after_block"]``, when given, is called with the summary so far each time counts
+    arrive (the parts they count are already written); tests fail there on purpose, so the run
+    is stepped: the actors start a chunk only when the driver has handled the counts before it.
+    """
+    import ray
+
+    from facelake.cluster import runtime
+
+    started_here = not ray.is_initialized()
+    after_block = (hooks or {}).get("after_block")
+    plan = embed_dataset(config, stepped=after_block is not None)
+    summary = plan.summary
+    if plan.dataset is None:
+        return summary
     started = time.monotonic()
-    for block in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-        kinds = block["_kind"]
-        faces = block.filter(pc.equal(kinds, "face"))
-        errors = block.filter(pc.equal(kinds, "error"))
-        dropped = block.filter(pc.equal(kinds, "dropped"))
-        faces = _stamp(faces, spec, wsha)
-        errors = _stamp(errors, spec, wsha)
-        faces_out.add(faces)
-        errors_out.add(errors)
-        dropped_out.add(dropped.append_column("reason", dropped["message"]).append_column(
-            "model", pa.array([spec.name] * dropped.num_rows, pa.string())))
-        summary.faces += faces.num_rows
-        summary.errors += errors.num_rows
-        summary.dropped_faces += dropped.num_rows
-        summary.images_with_faces += len(pc.unique(faces["image_id"])) if faces.num_rows else 0
-        error_types.update(errors["error_type"].to_pylist())
-        if hooks and "after_block" in hooks:
-            for writer in (faces_out, errors_out, dropped_out):
-                writer.flush()
-            hooks["after_block"](summary)
-    for writer in (faces_out, errors_out, dropped_out):
-        writer.flush()
-    summary.images = summary.images_with_faces + summary.errors
-    summary.errors_by_type = dict(error_types)
+    batches = iter(plan.dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
+    try:
+        for counts in batches:
+            add_counts(summary, counts)  # the one place where the workers' counts arrive
+            if after_block is not None:
+                after_block(summary)
+                for _ in range(counts.num_rows):
+                    plan.turns.give.remote()
+    finally:
+        batches.close()  # on a failure, stop the actors now: no part lands after run_embed has returned
     summary.seconds = round(time.monotonic() - started, 3)
-    storage.write_bytes_atomic(storage.join(layout["_runs"], f"{run_id}.json"),
+    options = storage.StorageOptions.from_env(config.endpoint_url)
+    storage.write_bytes_atomic(storage.join(outputs(config.out)["_runs"], f"{summary.run_id}.json"),
                                json.dumps(summary.to_dict(), indent=2).encode(), options)
     runtime.shutdown_if_local(started_here and config.address is None and hooks is None)
     return summary
+
+
+def add_counts(summary: EmbedSummary, counts: pa.Table) -> None:
+    """Add rows of COUNTS_SCHEMA (what actor calls return) to a run's summary."""
+    def total(column: str) -> int:
+        return pc.sum(counts[column]).as_py() or 0
+
+    summary.images += total("images")
+    summary.images_with_faces += total("images_with_faces")
+    summary.faces += total("faces")
+    summary.errors += total("errors")
+    summary.dropped_faces += total("dropped")
+    summary.parts += total("parts")
+    for text in counts["error_types"].to_pylist():
+        for error_type, rows in json.loads(text).items():
+            summary.errors_by_type[error_type] = summary.errors_by_type.get(error_type, 0) + rows
 
 
 def _remaining(manifest_uri: str, done: pa.Array, options: storage.StorageOptions) -> int:
@@ -472,7 +616,7 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option(None, help=f"registered model ({', '.join(MODELS)})"),
         detector: str = typer.Option(None, help="detector; must match the model's registered pair"),
         address: str = typer.Option(None, help="Ray cluster to join (auto, ray://host:port); default: start a local Ray"),
-        batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, help="images per actor call"),
+        batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, help="images per model call"),
         min_face: int = typer.Option(24, help="smallest face side kept, pixels"),
         min_score: float = typer.Option(0.8, help="lowest detector score kept"),
         max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, help="refuse images with more pixels (decompression bombs)"),
@@ -480,6 +624,7 @@ def register(app: typer.Typer) -> None:
         weights_from: str = typer.Option(None, "--weights-from", help="folder or s3:// prefix with the weight files"),
         allow_root: list[str] = typer.Option([], "--allow-root", help="only read images under this root (repeatable)"),
         shard_rows: int = typer.Option(DEFAULT_SHARD_ROWS, help="faces per output Parquet file"),
+        chunk_images: int = typer.Option(DEFAULT_CHUNK_IMAGES, help="images per actor call; each call writes its own part files"),
         workers: int = typer.Option(None, help="model actors (default: one per CPU, or per GPU)"),
     ) -> None:
         """Detect and embed every face of a manifest's images into a faces table."""
@@ -487,5 +632,5 @@ def register(app: typer.Typer) -> None:
             manifest=manifest_uri, out=out, model=model, detector=detector, address=address,
             batch_size=batch_size, min_face=min_face, min_score=min_score, max_pixels=max_pixels,
             endpoint_url=endpoint_url, weights_from=weights_from, allowed_roots=tuple(allow_root),
-            shard_rows=shard_rows, workers=workers))
+            shard_rows=shard_rows, chunk_images=chunk_images, workers=workers))
         print_summary(summary)

@@ -66,7 +66,7 @@ def assert_exactly_once(out: str, manifest_ids: list[str]) -> tuple[pa.Table, di
 
 def _embed_cli(manifest: str, out: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "facelake.jobs.cli", "embed", manifest, "--out", out, "--batch-size", "1",
-            "--shard-rows", "1", "--workers", "1", *extra]
+            "--shard-rows", "1", "--chunk-images", "2", "--workers", "1", *extra]
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
