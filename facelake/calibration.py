@@ -23,7 +23,12 @@ allowed is 1 - (1 - FPIR)**(1/N) and the threshold rises as the gallery grows.
 
 Saved as versioned JSON (``schema_version``), tied to the model, detector and weights that
 produced the scores; ``load_default`` reads the calibration shipped in ``facelake/data``.
-Pure numpy: no Ray, no deepface. Tested in tests/test_calibration.py.
+
+``GalleryCalibration`` (second half of this module) is the other kind: FPIR measured directly by
+searching non-mated probes against one index version (`facelake calibrate`), with an exact
+Clopper-Pearson bound, a generalised Pareto tail for labelled extrapolation, and the files of a
+root (ROOT/calibration/). Pure numpy: no Ray, no deepface, no scipy. Tested in
+tests/test_calibration.py.
 """
 
 from __future__ import annotations
@@ -814,16 +819,23 @@ def _searches_needed(fpir: float, confidence: float = CONFIDENCE) -> int:
     return int(math.ceil(math.log(1 - confidence) / math.log1p(-fpir)))
 
 
-def load_any(path: str) -> "Calibration | GalleryCalibration":
-    """A calibration file of either kind (labeled-set ``Calibration`` or ``GalleryCalibration``)."""
+def _read_json(uri: str, options=None) -> dict:
+    """A calibration file's JSON, with errors that name the file (redacted)."""
     from facelake import storage
 
     try:
-        data = json.loads(storage.read_bytes(str(path)))
+        return json.loads(storage.read_bytes(str(uri), options))
     except FileNotFoundError as err:
-        raise CalibrationError(f"calibration file {storage.redact(str(path))} does not exist") from err
+        raise CalibrationError(f"calibration file {storage.redact(str(uri))} does not exist") from err
     except json.JSONDecodeError as err:
-        raise CalibrationError(f"{storage.redact(str(path))} is not valid JSON: {err}") from err
+        raise CalibrationError(f"{storage.redact(str(uri))} is not valid JSON: {err}") from err
+
+
+def load_any(path: str, options=None) -> "Calibration | GalleryCalibration":
+    """A calibration file of either kind (labeled-set ``Calibration`` or ``GalleryCalibration``)."""
+    from facelake import storage
+
+    data = _read_json(path, options)
     if isinstance(data, dict) and data.get("kind") == GALLERY_KIND:
         return GalleryCalibration.from_dict(data, source=storage.redact(str(path)))
     return Calibration.from_dict(data, source=storage.redact(str(path)))
@@ -856,13 +868,7 @@ def load_gallery(uri: str, options=None) -> GalleryCalibration:
     """One live-gallery calibration file."""
     from facelake import storage
 
-    try:
-        data = json.loads(storage.read_bytes(uri, options))
-    except FileNotFoundError as err:
-        raise CalibrationError(f"calibration file {storage.redact(uri)} does not exist") from err
-    except json.JSONDecodeError as err:
-        raise CalibrationError(f"{storage.redact(uri)} is not valid JSON: {err}") from err
-    return GalleryCalibration.from_dict(data, source=storage.redact(uri))
+    return GalleryCalibration.from_dict(_read_json(uri, options), source=storage.redact(uri))
 
 
 def find_gallery(root: str, *, model: str | ModelSpec | None, index_version: str, gallery_size: int,

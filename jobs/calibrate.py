@@ -69,7 +69,6 @@ class CalibrateConfig:
     nprobe: int | None = None             # None: the version's default nprobe (what search uses)
     work: str | None = None               # None: ROOT/_calibrate/<manifest fingerprint>
     if_stale: bool = False
-    margin: float = calibration.GALLERY_MARGIN
     min_searches: int = MIN_SEARCHES
     address: str | None = None
     endpoint_url: str | None = None
@@ -87,8 +86,6 @@ class CalibrateConfig:
             raise ConfigError(f"--nprobe must be at least 1, got {self.nprobe}")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if not 0.0 <= self.margin < 1.0:
-            raise ConfigError(f"--margin is a fraction of the gallery size within [0, 1), e.g. 0.1; got {self.margin}")
         if self.min_searches < 1:
             raise ConfigError("min_searches must be at least 1")
         if self.workers is not None and self.workers < 1:
@@ -160,7 +157,7 @@ def _calibrate(config: CalibrateConfig, options, summary: CalibrateSummary) -> N
         raise ConfigError(f"--nprobe {nprobe} exceeds nlist {handle.nlist} of index version {handle.version}")
     if config.if_stale:
         current = calibration.find_gallery(config.root, model=spec, index_version=handle.version,
-                                           gallery_size=handle.total, margin=config.margin, options=options)
+                                           gallery_size=handle.total, options=options)
         if current is not None:
             summary.skipped = f"calibration {current.source} already serves it ({current.describe()})"
             return
@@ -373,9 +370,9 @@ def _audit_record(config: CalibrateConfig, summary: CalibrateSummary, started_at
         "index_version": summary.index_version, "model": summary.model, "gallery_size": summary.gallery_size,
         "calibration_file": summary.calibration_file, "skipped": summary.skipped,
         "parameters": {"top_k": config.top_k, "nprobe": config.nprobe, "identity_column": config.identity_column,
-                       "if_stale": config.if_stale, "margin": config.margin},
+                       "if_stale": config.if_stale, "margin": calibration.GALLERY_MARGIN},
         "probes": {"uri": storage.redact(config.probes), "kind": summary.probes_kind, "sha256": summary.probes_sha256},
-        "counts": {"probe_images": summary.probe_images, "probe_errors": summary.probe_errors,
+        "counts": {"images": summary.probe_images, "images_without_face": summary.probe_errors,
                    "searches": summary.searches, "excluded_same_identity": summary.excluded_same_identity,
                    "saturated": summary.saturated},
         "certified": summary.certified, "notes": summary.notes,
@@ -413,7 +410,6 @@ def register(app: typer.Typer) -> None:
         top_k: int = typer.Option(DEFAULT_TOP_K, "--top-k", help="candidates looked at per search"),
         nprobe: int = typer.Option(None, "--nprobe", help="IVF lists scanned per shard (default: the version's, as search uses)"),
         if_stale: bool = typer.Option(False, "--if-stale", help="do nothing when a calibration already serves the live version (within the gallery size margin)"),
-        margin: float = typer.Option(calibration.GALLERY_MARGIN, "--margin", help="gallery size margin a calibration serves, as a fraction"),
         work: str = typer.Option(None, "--work", help="folder for the probes' embeddings (default ROOT/_calibrate/<manifest fingerprint>)"),
         address: str = typer.Option(None, "--address", help="Ray cluster to join (auto, ray://host:port); default: a local Ray"),
         endpoint_url: str = typer.Option(None, "--endpoint-url", help="S3-compatible endpoint (credentials come from the AWS chain)"),
@@ -423,6 +419,6 @@ def register(app: typer.Typer) -> None:
         """Measure FPIR vs threshold on the live gallery with non-mated probes; identify mode then uses it."""
         summary = run_calibrate(CalibrateConfig(
             probes=probes, root=root, purpose=purpose, identity_column=identity_column, top_k=top_k, nprobe=nprobe,
-            if_stale=if_stale, margin=margin, work=work, address=address, endpoint_url=endpoint_url,
+            if_stale=if_stale, work=work, address=address, endpoint_url=endpoint_url,
             weights_from=weights_from, workers=workers))
         print_summary(summary)

@@ -58,8 +58,8 @@ def exact_nonmated_max(faces) -> np.ndarray:
 def test_options_refused_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="--purpose is required"):
         run_calibrate(CalibrateConfig(probes=str(tmp_path / "p"), root=str(tmp_path / "root"), purpose=" "))
-    with pytest.raises(ConfigError, match="--margin"):
-        run_calibrate(CalibrateConfig(probes=str(tmp_path / "p"), root=str(tmp_path / "root"), purpose="x", margin=1.5))
+    with pytest.raises(ConfigError, match="--top-k must be at least 1"):
+        run_calibrate(CalibrateConfig(probes=str(tmp_path / "p"), root=str(tmp_path / "root"), purpose="x", top_k=0))
     assert not (tmp_path / "root").exists()
 
 

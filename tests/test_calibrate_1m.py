@@ -10,7 +10,6 @@ Non-mated probes: 6,000 synthetic faces of other persons (another seed), 3,000 t
 
 from __future__ import annotations
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
