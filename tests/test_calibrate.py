@@ -153,3 +153,37 @@ def test_calibration_of_another_version_or_model_is_refused(gallery, tmp_path):
         probes=gallery["faces_uri"], root=root, out=str(tmp_path / "o3"), purpose="t", mode="identify",
         executor="local"))
     assert today.calibration.startswith("lfw") and "threshold_for_fpir" in today.threshold_how
+
+
+def test_saturated_and_empty_searches_are_scored_conservatively():
+    from facelake.jobs.calibrate import CalibrateSummary, _nonmated_max
+
+    D = np.array([[0.9, 0.8, 0.7], [0.95, 0.6, 0.5], [0.4, -np.inf, -np.inf]], np.float32)
+    I = np.array([[1, 2, 3], [4, 5, 6], [7, -1, -1]])
+    same = np.array([[True, True, True], [True, False, False], [True, False, False]])
+    summary = CalibrateSummary(job_id="t")
+    scores = _nonmated_max(D, I, same, summary)
+    # all mated: the k-th score bounds the non-mated maximum; mated first: the next one; none left: -1
+    np.testing.assert_allclose(scores, [0.7, 0.6, -1.0], atol=1e-6)
+    assert summary.saturated == 1 and summary.excluded_same_identity == 5
+
+
+def test_calibrate_a_manifest_of_photos_for_a_new_version(gallery, capsys):
+    """The probes embedded by the embed job into the work folder; the gallery (built from an
+    in-memory table) carries no identities, so nothing is excluded and the job says so."""
+    root = gallery["root"]
+    new = open_version(root)                       # the half-size version of the previous test
+    names = sorted(n for n in __import__("tests.helpers").helpers.sample_identities())[:12]
+    storage.write_table(str(gallery["base"] / "probes.parquet"), sample_manifest(names))
+    code = cli("calibrate", str(gallery["base"] / "probes.parquet"), "--root", root, "--purpose", "t: manifest",
+               "--top-k", "5")
+    assert code == 2 and "too few to calibrate" in capsys.readouterr().err    # refused, naming the fix
+    summary = run_calibrate(CalibrateConfig(probes=str(gallery["base"] / "probes.parquet"), root=root,
+                                            purpose="t: manifest", top_k=5, min_searches=5))
+    assert summary.probes_kind == "manifest" and summary.probe_images == 12 and summary.searches >= 12
+    assert summary.index_version == new.version and summary.identity_column is None
+    assert any("carries no 'identity' column" in note for note in summary.notes)
+    work = storage.list_files(storage.join(root, "_calibrate"), ".parquet")
+    assert work and all("/faces/" in w or "/errors/" in w or "/dropped/" in w for w in work)
+    cal = calibration.find_gallery(root, model=None, index_version=new.version, gallery_size=new.total)
+    assert cal.job_id == summary.job_id and cal.probes["kind"] == "manifest"
