@@ -360,6 +360,9 @@ def _live_threshold(config: SearchConfig, cal, fpir: float, where: str, gallery_
     grown = (f"; gallery grew from {cal.gallery_size:,} to {gallery_size:,} faces, target tightened to FPIR "
              f"{calibration.fpir_at_calibrated_size(fpir, gallery_size, cal.gallery_size):.3g} on the calibrated gallery"
              if gallery_size > cal.gallery_size else "")
+    if config.nprobe and config.nprobe > cal.nprobe:
+        grown += (f"; searched with --nprobe {config.nprobe}, above the calibration's {cal.nprobe}: more IVF lists "
+                  f"can surface false candidates the calibration did not see")
     try:
         value = cal.threshold_for_fpir(fpir, gallery_size)
         return value, (f"measured: {where} {fpir:g} on the live-gallery calibration of index version "
