@@ -133,3 +133,9 @@ def test_beyond_the_measured_range_only_with_allow_extrapolation(root_1m):
     assert extra.threshold > cal.threshold_for_fpir(TARGET_FPIR)
     D, _ = search_version(open_version(root_1m["root"]), root_1m["heldout"], 1)
     assert int((D[:, 0] >= extra.threshold).sum()) == 0
+
+
+def test_more_ivf_lists_than_calibrated_is_said(root_1m):
+    handle = open_version(root_1m["root"])
+    wider = identify(root_1m, "heldout.parquet", "out-nprobe", max_fpir=TARGET_FPIR, nprobe=2 * handle.nprobe)
+    assert f"--nprobe {2 * handle.nprobe}, above the calibration's {handle.nprobe}" in wider.threshold_how
