@@ -17,6 +17,19 @@
 
 Prints JSON and a short table; saves bench/results/eval-lfw.json and the report under
 bench/results/eval-lfw/ (eval-lfw-largest.* with --face largest).
+
+5. With --frte: FNIR at FPIR 1e-3 against the gallery size, the way NIST FRTE 1:N plots it
+   (``frte_curve``), on the same cached embeddings, instead of steps 3-4. Gallery: one photo of
+   each LFW identity with two or more photos (1,680), then synthetic distractors up to each size
+   in --gallery-sizes (default 1k, 10k, 100k, 1M): unit vectors drawn from a Gaussian with the
+   mean and covariance of the real LFW embeddings (``--distractors gaussian``; ``clustered`` uses
+   index.synthetic). Mated searches: every other photo of an enrolled identity; non-mated searches:
+   the photos of the 4,069 identities with one photo (never enrolled). Exact search (IndexFlatIP).
+   The threshold at each size is the one at which at most FPIR 1e-3 of the non-mated searches
+   return any candidate; FNIR is the share of mated searches whose mate is missing from the top
+   --rank candidates or below that threshold (also at rank 1). Saves bench/results/eval-lfw-frte.json
+   and eval-lfw-frte.png. Synthetic distractors are not faces: real distractors of the same number
+   are likely harder, so read FNIR at the large sizes as a lower bound.
 """
 
 from __future__ import annotations
@@ -91,6 +104,120 @@ def embed_cached(manifest_uri: str, cache: Path, embedder: str, model: str | Non
     return emb, False
 
 
+# --------------------------------------------------------------------------- FRTE-style FNIR @ FPIR
+
+FRTE_SIZES = (1_000, 10_000, 100_000, 1_000_000)
+FRTE_FPIR = 1e-3
+FRTE_RANK = 50      # candidates returned per search (FRTE reports FNIR at rank "any" within its list)
+
+
+def frte_split(emb) -> dict[str, np.ndarray]:
+    """Indexes into emb rows: one enrolled photo per identity with >= 2 usable photos, the other
+    photos of those identities (mated probes), and the photos of single-photo identities (non-mated)."""
+    ok = np.flatnonzero(emb.ok)
+    ids = emb.identities[ok]
+    order = np.argsort(ids, kind="stable")
+    ok, ids = ok[order], ids[order]
+    first = np.r_[True, ids[1:] != ids[:-1]]
+    counts = np.diff(np.r_[np.flatnonzero(first), len(ids)])
+    per_row = np.repeat(counts, counts)
+    return {"enrolled": ok[first & (per_row >= 2)], "mated": ok[~first & (per_row >= 2)],
+            "nonmated": ok[per_row == 1]}
+
+
+def distractors(real: np.ndarray, n: int, kind: str, seed: int = 0) -> np.ndarray:
+    """``n`` synthetic unit vectors: from a Gaussian fitted to the real embeddings, or clustered."""
+    if n <= 0:
+        return np.zeros((0, real.shape[1]), np.float32)
+    if kind == "clustered":
+        from facelake.index.synthetic import clustered
+
+        return clustered(n, real.shape[1], seed=seed)
+    rng = np.random.default_rng(seed)
+    mean, cov = real.mean(axis=0), np.cov(real, rowvar=False)
+    x = rng.multivariate_normal(mean, cov, size=n, method="cholesky").astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def frte_curve(emb, sizes=FRTE_SIZES, *, fpir: float = FRTE_FPIR, rank: int = FRTE_RANK,
+               kind: str = "gaussian", seed: int = 1729) -> list[dict]:
+    """FNIR at the threshold giving ``fpir`` on non-mated searches, per gallery size (exact search)."""
+    import faiss
+
+    split = frte_split(emb)
+    x = emb.embeddings.astype(np.float32)
+    enrolled_ids = emb.identities[split["enrolled"]]
+    mate_of = {identity: i for i, identity in enumerate(enrolled_ids)}
+    extra = distractors(x[split["enrolled"]], max(sizes) - len(split["enrolled"]), kind, seed)
+    nonmated = x[split["nonmated"]]
+    rows = []
+    for n in sizes:
+        n_enrolled = min(n, len(split["enrolled"]))
+        gallery = np.concatenate([x[split["enrolled"][:n_enrolled]], extra[:n - n_enrolled]])
+        mated_rows = [i for i in split["mated"] if mate_of[emb.identities[i]] < n_enrolled]
+        mates = np.array([mate_of[emb.identities[i]] for i in mated_rows])
+        index = faiss.IndexFlatIP(gallery.shape[1])
+        index.add(gallery)
+        k = min(rank, n)
+        Dm, Im = index.search(x[mated_rows], k)
+        Dn, _ = index.search(nonmated, 1)
+        top = np.sort(Dn[:, 0])[::-1]
+        allowed = int(np.floor(fpir * len(top)))           # non-mated searches allowed a candidate
+        threshold = float(np.nextafter(top[allowed], np.inf)) if allowed < len(top) else float(top[-1])
+        hit = Im == mates[:, None]
+        mate_score = np.where(hit.any(axis=1), Dm[np.arange(len(Dm)), hit.argmax(axis=1)], -np.inf)
+        at_rank1 = hit[:, 0] & (Dm[:, 0] >= threshold)
+        rows.append({
+            "gallery_size": n, "enrolled_identities": n_enrolled, "distractors": n - n_enrolled,
+            "mated_searches": len(mated_rows), "nonmated_searches": len(top), "fpir_target": fpir,
+            "threshold": threshold, "fpir_measured": float((top >= threshold).mean()),
+            "fnir": float((mate_score < threshold).mean()), "fnir_rank1": float(1 - at_rank1.mean()),
+            "fnir_no_threshold_rank1": float(1 - hit[:, 0].mean()),
+        })
+        print(f"N={n:>9,}: threshold {threshold:.4f}, FPIR {rows[-1]['fpir_measured']:.2e}, "
+              f"FNIR {rows[-1]['fnir']:.4f} (rank 1: {rows[-1]['fnir_rank1']:.4f})", file=sys.stderr)
+    return rows
+
+
+def plot_frte(rows: list[dict], path: Path, label: str) -> None:
+    """FNIR at FPIR against gallery size, log x (FRTE's 'FNIR vs N' plot)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    sizes = [r["gallery_size"] for r in rows]
+    ax.plot(sizes, [r["fnir"] for r in rows], "o-", label=f"{label}, rank <= {FRTE_RANK}")
+    ax.plot(sizes, [r["fnir_rank1"] for r in rows], "s--", label=f"{label}, rank 1")
+    ax.set_xscale("log")
+    ax.set_xlabel("gallery size N (LFW enrolled + synthetic distractors)")
+    ax.set_ylabel(f"FNIR at FPIR {rows[0]['fpir_target']:g}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_frte(args, emb, spec) -> None:
+    rows = frte_curve(emb, tuple(args.gallery_sizes), kind=args.distractors)
+    result = {"model": spec.name, "face": args.face, "protocol": "FNIR at FPIR 1e-3 vs gallery size (NIST FRTE 1:N "
+              "style); LFW enrolled identities + synthetic distractors; exact search", "distractors": args.distractors,
+              "rank": FRTE_RANK, "rows": rows}
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "eval-lfw-frte.json").write_text(json.dumps(result, indent=2) + "\n")
+    try:
+        plot_frte(rows, args.results / "eval-lfw-frte.png", spec.name)
+    except ImportError:
+        print("matplotlib missing: no plot (pip install facelake[eval])", file=sys.stderr)
+    print(json.dumps(result, indent=2))
+    print(f"\n{'N':>10s}{'threshold':>11s}{'FPIR':>10s}{'FNIR':>9s}{'FNIR r1':>9s}{'mated':>8s}{'non-mated':>11s}")
+    for r in rows:
+        print(f"{r['gallery_size']:>10,}{r['threshold']:>11.4f}{r['fpir_measured']:>10.1e}{r['fnir']:>9.4f}"
+              f"{r['fnir_rank1']:>9.4f}{r['mated_searches']:>8,}{r['nonmated_searches']:>11,}")
+
+
 def deepface_pairs(lfw: Path, pairs, fold_of, folds: int) -> dict:
     """Plain deepface (SFace + YuNet, DeepFace.represent one photo at a time) on the first folds."""
     from deepface import DeepFace
@@ -162,6 +289,11 @@ def main() -> None:
     parser.add_argument("--max-impostor-pairs", type=int, default=ALL_PAIRS)
     parser.add_argument("--results", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--no-ship", action="store_true", help="do not write facelake/data/calibration-*.json")
+    parser.add_argument("--frte", action="store_true", help="only FNIR at FPIR 1e-3 vs gallery size (FRTE 1:N style)")
+    parser.add_argument("--gallery-sizes", type=lambda v: [int(x) for x in v.split(",")], default=list(FRTE_SIZES),
+                        help="with --frte: comma-separated gallery sizes")
+    parser.add_argument("--distractors", choices=("gaussian", "clustered"), default="gaussian",
+                        help="with --frte: synthetic distractors fitted to LFW's embeddings, or index.synthetic's")
     args = parser.parse_args()
 
     from facelake.jobs.evaluate import (_best_threshold, evaluate_embeddings, read_pairs, tar_at_far,
@@ -174,6 +306,9 @@ def main() -> None:
         manifest_uri = lfw_manifest(args.lfw, tmp)
         emb, cached = embed_cached(manifest_uri, args.cache, args.embedder, args.model, os.path.join(tmp, "out"),
                                    args.face)
+    if args.frte:
+        run_frte(args, emb, spec)
+        return
     pairs = read_pairs(str(args.lfw / "pairs.txt"))
     measure_start = time.monotonic()
     metrics, calibration = evaluate_embeddings(emb, model=spec.name, dataset="lfw", pairs=pairs,

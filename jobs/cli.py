@@ -20,6 +20,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False,
 # Modules under facelake.jobs that add commands. Keep alphabetical.
 COMMAND_MODULES = (
     "audit_cmd",
+    "calibrate",
     "demo",
     "embed",
     "erase",

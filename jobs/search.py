@@ -103,6 +103,7 @@ class SearchConfig:
     nprobe: int | None = None          # None: the version's default nprobe
     model: str | None = None           # None: the index's model; given: must equal it
     calibration: str | None = None     # None: the calibration shipped for the model
+    allow_extrapolation: bool = False  # identify mode: a fitted-tail threshold beyond the measured range
     address: str | None = None
     endpoint_url: str | None = None
     weights_from: str | None = None
@@ -127,6 +128,10 @@ class SearchConfig:
             raise ConfigError(f"--max-fpir must be between 0 and 1 (exclusive), e.g. 1e-3; got {self.max_fpir}")
         if self.threshold is not None and not (math.isfinite(self.threshold) and -1.0 <= self.threshold <= 1.0):
             raise ConfigError(f"--threshold is a cosine similarity within [-1, 1]; got {self.threshold}")
+        if self.allow_extrapolation and (self.mode != "identify" or self.threshold is not None):
+            raise ConfigError("--allow-extrapolation applies to --mode identify with --max-fpir (the threshold "
+                              "chosen from a live-gallery calibration's fitted tail): drop it, or use identify mode "
+                              "without --threshold")
         if self.top_k < 1:
             raise ConfigError(f"--top-k must be at least 1, got {self.top_k}")
         if self.nprobe is not None and self.nprobe < 1:
@@ -317,9 +322,16 @@ def _tally(counts, config: SearchConfig, summary: SearchSummary, hooks: Hooks | 
 
 # ------------------------------------------------------------------ threshold and calibration
 
-def _calibration(config: SearchConfig, model: str, summary: SearchSummary) -> calibration.Calibration | None:
-    """The calibration for the index's model; in investigate mode a missing one only loses the
+def _calibration(config: SearchConfig, model: str, summary: SearchSummary):
+    """The calibration for the index's model. Identify mode prefers the live-gallery calibration
+    (`facelake calibrate`) serving this index version; a --calibration file of that kind must serve
+    it or is refused. Otherwise the labeled-set one: in investigate mode a missing one only loses the
     estimated false-match rates (noted), in identify mode without --threshold it is an error."""
+    if config.mode == "identify":
+        live = _gallery_calibration(config, model, summary)
+        if live is not None:
+            summary.calibration = f"{live.describe()} ({live.source})"
+            return live
     try:
         cal = calibration.load(config.calibration, model)
     except calibration.CalibrationError as err:
@@ -332,6 +344,19 @@ def _calibration(config: SearchConfig, model: str, summary: SearchSummary) -> ca
     return cal
 
 
+def _gallery_calibration(config: SearchConfig, model: str, summary: SearchSummary):
+    """The live-gallery calibration that serves the searched version, or None (then as before)."""
+    where = dict(model=model, index_version=summary.index_version, gallery_size=summary.gallery_size)
+    if config.calibration is not None:
+        cal = calibration.load_any(config.calibration)
+        if not isinstance(cal, calibration.GalleryCalibration):
+            return None
+        cal.check_applies(**where)
+        return cal
+    options = storage.StorageOptions.from_env(config.endpoint_url)
+    return calibration.find_gallery(config.root, **where, options=options)
+
+
 def _threshold(config: SearchConfig, cal, gallery_size: int) -> tuple[float | None, str]:
     """(threshold, how it was chosen). In investigate mode an uncertifiable threshold is None."""
     if config.threshold is not None:
@@ -340,6 +365,8 @@ def _threshold(config: SearchConfig, cal, gallery_size: int) -> tuple[float | No
     where = "--max-fpir" if config.max_fpir is not None else "default max FPIR"
     if cal is None:
         return None, "none: no calibration for the model"
+    if isinstance(cal, calibration.GalleryCalibration):
+        return _live_threshold(config, cal, fpir, where, gallery_size)
     try:
         value = cal.threshold_for_fpir(fpir, gallery_size)
     except calibration.CalibrationError as err:
@@ -349,6 +376,32 @@ def _threshold(config: SearchConfig, cal, gallery_size: int) -> tuple[float | No
     return value, (f"threshold_for_fpir({where} {fpir:g}, gallery of {gallery_size:,} faces) on the "
                    f"{cal.dataset} calibration (95% upper bound on FMR {calibration.fmr_for_fpir(fpir, gallery_size):.3g} "
                    f"per comparison)")
+
+
+def _live_threshold(config: SearchConfig, cal, fpir: float, where: str, gallery_size: int) -> tuple[float, str]:
+    """The threshold from a live-gallery calibration: measured when it certifies the target, else
+    (only with --allow-extrapolation) from its fitted tail, labelled "extrapolated"."""
+    grown = (f"; gallery grew from {cal.gallery_size:,} to {gallery_size:,} faces, target tightened to FPIR "
+             f"{calibration.fpir_at_calibrated_size(fpir, gallery_size, cal.gallery_size):.3g} on the calibrated gallery"
+             if gallery_size > cal.gallery_size else "")
+    if config.nprobe and config.nprobe > cal.nprobe:
+        grown += (f"; searched with --nprobe {config.nprobe}, above the calibration's {cal.nprobe}: more IVF lists "
+                  f"can surface false candidates the calibration did not see")
+    try:
+        value = cal.threshold_for_fpir(fpir, gallery_size)
+        return value, (f"measured: {where} {fpir:g} on the live-gallery calibration of index version "
+                       f"{cal.index_version} ({cal.n_searches:,} non-mated searches; 95% Clopper-Pearson upper "
+                       f"bound on FPIR {float(cal.fpir_upper(value)):.3g} at this threshold){grown}")
+    except calibration.CalibrationError:
+        if not config.allow_extrapolation:
+            raise
+    ext = cal.extrapolated_threshold(fpir, gallery_size)
+    low, high = ext["fpir_interval"]
+    return ext["threshold"], (f"EXTRAPOLATED (--allow-extrapolation): {where} {fpir:g} is beyond the "
+                              f"{cal.n_searches:,} non-mated searches of the live-gallery calibration of index "
+                              f"version {cal.index_version}; threshold from a generalised Pareto tail fitted above "
+                              f"{ext['tail']['u']:.4f}: FPIR estimate {ext['fpir_estimate']:.3g}, "
+                              f"{cal.confidence:.0%} interval [{low:.3g}, {high:.3g}]{grown}")
 
 
 def _fmr(cal, D: np.ndarray) -> np.ndarray:
@@ -758,7 +811,8 @@ def register(app: typer.Typer) -> None:
         threshold: float = typer.Option(None, "--threshold", help="explicit similarity threshold (instead of --max-fpir)"),
         nprobe: int = typer.Option(None, "--nprobe", help="IVF lists scanned per shard (default: the version's)"),
         model: str = typer.Option(None, "--model", help="model the probes must be embedded with (default: the index's)"),
-        calibration_file: str = typer.Option(None, "--calibration", help="calibration.json from `facelake evaluate` (default: shipped)"),
+        calibration_file: str = typer.Option(None, "--calibration", help="calibration.json from `facelake evaluate` or `facelake calibrate` (default: the live gallery's, else shipped)"),
+        allow_extrapolation: bool = typer.Option(False, "--allow-extrapolation", help="identify mode: beyond the live-gallery calibration's measured range, choose the threshold from its fitted tail (labelled extrapolated)"),
         address: str = typer.Option(None, "--address", help="Ray cluster to join (auto, ray://host:port); default: a local Ray"),
         endpoint_url: str = typer.Option(None, "--endpoint-url", help="S3-compatible endpoint (credentials come from the AWS chain)"),
         weights_from: str = typer.Option(None, "--weights-from", help="folder or s3:// prefix with the weight files"),
@@ -768,6 +822,7 @@ def register(app: typer.Typer) -> None:
         """Search probe photos against a root's live index; write reviewable results; audit the job."""
         summary = run_search(SearchConfig(
             probes=probes, root=root, out=out, purpose=purpose, mode=mode, top_k=top_k, max_fpir=max_fpir,
-            threshold=threshold, nprobe=nprobe, model=model, calibration=calibration_file, address=address,
+            threshold=threshold, nprobe=nprobe, model=model, calibration=calibration_file,
+            allow_extrapolation=allow_extrapolation, address=address,
             endpoint_url=endpoint_url, weights_from=weights_from, workers=workers, batch_size=batch_size))
         print_summary(summary)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -123,3 +124,102 @@ def test_shipped_lfw_calibration():
     low, high = cal.threshold_for_fpir(1e-2, 1_000), cal.threshold_for_fpir(1e-2, 100_000)
     assert low < high
     assert cal.summary["genuine_mean"] > cal.summary["impostor_mean"]
+
+
+# ---- live-gallery calibrations (facelake calibrate) ---------------------------------------------
+
+from facelake.calibration import (GalleryCalibration, clopper_pearson_upper, find_gallery,  # noqa: E402
+                                  fit_tail, fpir_at_calibrated_size, gpd_pwm, load_any, save_gallery)
+from facelake.registry import weights_fingerprint  # noqa: E402
+
+
+def gallery_cal(scores, *, version="v1", size=1_000_000, model=None) -> GalleryCalibration:
+    spec = get_model(model)
+    return GalleryCalibration(model=spec.name, recognizer=spec.recognizer, detector=spec.detector,
+                              weights_sha256=weights_fingerprint(spec), index_version=version, gallery_size=size,
+                              nprobe=16, top_k=10, scores=np.sort(np.asarray(scores, np.float64))[::-1],
+                              job_id=f"calibrate-{version}")
+
+
+def test_clopper_pearson_matches_published_values():
+    # exact one-sided 95% upper bounds, n = 3000 (tables: 2.996/n, 4.744/n, 7.754/n, 16.962/n)
+    got = clopper_pearson_upper(np.array([0, 1, 3, 10]), 3000)
+    assert got == pytest.approx(np.array([2.9957, 4.7439, 7.7537, 16.9622]) / 3000, rel=2e-3)
+    assert clopper_pearson_upper(0, 3000) == pytest.approx(1 - 0.05 ** (1 / 3000))
+    assert clopper_pearson_upper(3000, 3000) == 1.0
+    # a bound of k events covers the truth: P(X <= k | p = bound) = 5% by construction
+    k, n = 7, 500
+    p = float(clopper_pearson_upper(k, n))
+    cdf = sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k + 1))
+    assert cdf == pytest.approx(0.05, abs=1e-6)
+
+
+def test_gpd_fit_by_moments_recovers_the_tail():
+    rng = np.random.default_rng(3)
+    xi, sigma = -0.2, 0.05
+    y = sigma / xi * ((1 - rng.random(200_000)) ** (-xi) - 1)
+    got_xi, got_sigma = gpd_pwm(y)
+    assert got_xi == pytest.approx(xi, abs=0.01) and got_sigma == pytest.approx(sigma, rel=0.02)
+
+
+def test_tail_interval_covers_the_true_rate_beyond_the_measured_range():
+    rng = np.random.default_rng(5)
+    scores = rng.normal(0.30, 0.05, 3000)       # per-search maxima; true FPIR(t) = normal survival
+    tail = fit_tail(scores)
+    for t in (0.45, 0.48):                      # beyond the measured range (max ~0.48)
+        truth = 0.5 * math.erfc((t - 0.30) / 0.05 / math.sqrt(2))
+        low, high = tail.interval(t)
+        assert low[0] <= truth <= high[0], (t, low, truth, high)
+
+
+def test_extrapolated_threshold_meets_its_target_on_every_seed():
+    """The property that matters: the true FPIR at the chosen threshold is within the target, for a
+    normal parent (the hard case for a GPD: a free-shape bound failed 7 seeds of 20)."""
+    for seed in range(10):
+        cal = gallery_cal(np.random.default_rng(seed).normal(0.30, 0.05, 3000))
+        t = cal.extrapolated_threshold(1e-4)["threshold"]
+        assert 0.5 * math.erfc((t - 0.30) / 0.05 / math.sqrt(2)) <= 1e-4, seed
+
+
+def test_live_threshold_certifies_the_target_and_refuses_beyond_its_range():
+    rng = np.random.default_rng(1)
+    cal = gallery_cal(rng.normal(0.3, 0.05, 3000))
+    t = cal.threshold_for_fpir(1e-2)
+    below = cal.scores[cal.scores < t].max()        # the next measured point down
+    assert float(cal.fpir_upper(t)) <= 1e-2 < float(cal.fpir_upper(below))
+    t3 = cal.threshold_for_fpir(1e-3)               # rule of three: above every measured score
+    assert t3 > cal.scores.max() and float(cal.fpir_upper(t3)) <= 1e-3
+    with pytest.raises(CalibrationError, match="--allow-extrapolation"):
+        cal.threshold_for_fpir(1e-4)
+    ext = cal.extrapolated_threshold(1e-4)
+    assert ext["label"] == "extrapolated" and ext["threshold"] > t3
+    assert ext["fpir_interval"][1] <= 1e-4 and ext["fpir_interval"][0] <= ext["fpir_estimate"]
+
+
+def test_larger_gallery_tightens_the_target():
+    assert fpir_at_calibrated_size(1e-3, 1_050_000, 1_000_000) == pytest.approx(1e-3 / 1.05, rel=1e-3)
+    assert fpir_at_calibrated_size(1e-3, 900_000, 1_000_000) == 1e-3
+    rng = np.random.default_rng(2)
+    cal = gallery_cal(rng.normal(0.3, 0.05, 20_000))
+    assert cal.threshold_for_fpir(1e-2, 1_080_000) >= cal.threshold_for_fpir(1e-2)
+
+
+def test_other_model_or_version_refused_clearly_and_round_trip(tmp_path):
+    rng = np.random.default_rng(4)
+    cal = gallery_cal(rng.normal(0.3, 0.05, 500), version="v1", size=1_000_000)
+    cal.check_applies(model=None, index_version="v1", gallery_size=1_000_000)
+    cal.check_applies(model=None, index_version="v2", gallery_size=1_090_000)       # within the 10% margin
+    with pytest.raises(CalibrationError, match="measured on index version v1.*differ by more than 10%.*facelake calibrate"):
+        cal.check_applies(model=None, index_version="v3", gallery_size=1_200_000)
+    other = GalleryCalibration(**{**cal.__dict__, "weights_sha256": "0" * 64, "job_id": "calibrate-x", "_tail": None})
+    with pytest.raises(CalibrationError, match="not for sface-yunet.*do not apply"):
+        other.check_applies(model=None, index_version="v1", gallery_size=1_000_000)
+    root = str(tmp_path / "root")
+    uri = save_gallery(cal, root)
+    again = load_any(uri)
+    assert isinstance(again, GalleryCalibration) and again.n_searches == 500
+    assert again.threshold_for_fpir(0.05) == cal.threshold_for_fpir(0.05)
+    save_gallery(other, root)
+    found = find_gallery(root, model=None, index_version="v2", gallery_size=1_050_000)
+    assert found is not None and found.job_id == cal.job_id
+    assert find_gallery(root, model=None, index_version="v3", gallery_size=2_000_000) is None

@@ -146,9 +146,24 @@ def test_cron_line_submits_a_rebuild_and_waits():
     fields = jobs[0].split()
     for field, (low, high) in zip(fields[:5], [(0, 59), (0, 23), (1, 31), (1, 12), (0, 7)]):
         assert field == "*" or low <= int(field) <= high, jobs[0]
-    (args,) = _invocations(cron)
+    args, *after = _invocations(cron)
     assert args[0] == "submit" and "--wait" in args and "--address" in args
     assert args[args.index("--") + 1] == "rebuild" and "--root" in args
+    assert "&& flock" in jobs[0]                          # calibrate only after a successful rebuild
+    assert [a[a.index("--") + 1] for a in after] == ["calibrate"] and "--if-stale" in after[0]
+
+
+def test_every_nightly_rebuild_is_followed_by_calibrate_if_stale():
+    """Each schedule that rebuilds then runs `calibrate --if-stale` against the same root."""
+    for path in YAML_FILES + CRON_FILES:
+        invocations = [a[a.index("--") + 1:] if a[0] == "submit" else a for a in _invocations(path)]
+        commands = [a[0] for a in invocations]
+        if "rebuild" not in commands:
+            continue
+        assert "calibrate" in commands[commands.index("rebuild"):], path.name
+        rebuild, calibrate = invocations[commands.index("rebuild")], invocations[commands.index("calibrate")]
+        assert "--if-stale" in calibrate and "--purpose" in calibrate, path.name
+        assert rebuild[rebuild.index("--root") + 1] == calibrate[calibrate.index("--root") + 1], path.name
 
 
 def test_cronjobs_submit_with_wait_or_create_a_rayjob():
