@@ -169,6 +169,10 @@ class LocalShardSearcher:
     def ntotal(self) -> int:
         return int(self.shard.index.ntotal)
 
+    def node_id(self) -> str | None:
+        """The Ray node holding this searcher (None outside Ray)."""
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
 
 ShardSearcher = ray.remote(LocalShardSearcher)
 """Ray actor class holding one shard: ``ShardSearcher.remote(handle, shard_no)``."""

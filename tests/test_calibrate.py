@@ -169,8 +169,8 @@ def test_saturated_and_empty_searches_are_scored_conservatively():
 
 
 def test_calibrate_a_manifest_of_photos_for_a_new_version(gallery, capsys):
-    """The probes embedded by the embed job into the work folder; the gallery (built from an
-    in-memory table) carries no identities, so nothing is excluded and the job says so."""
+    """The probes embedded by the embed job into the work folder; the gallery's id tables carry
+    the faces table's identity column, so same-identity candidates are excluded."""
     root = gallery["root"]
     new = open_version(root)                       # the half-size version of the previous test
     names = sorted(n for n in __import__("tests.helpers").helpers.sample_identities())[:12]
@@ -181,8 +181,8 @@ def test_calibrate_a_manifest_of_photos_for_a_new_version(gallery, capsys):
     summary = run_calibrate(CalibrateConfig(probes=str(gallery["base"] / "probes.parquet"), root=root,
                                             purpose="t: manifest", top_k=5, min_searches=5))
     assert summary.probes_kind == "manifest" and summary.probe_images == 12 and summary.searches >= 12
-    assert summary.index_version == new.version and summary.identity_column is None
-    assert any("carries no 'identity' column" in note for note in summary.notes)
+    assert summary.index_version == new.version and summary.identity_column == "identity"
+    assert not any("carries no 'identity' column" in note for note in summary.notes)
     work = storage.list_files(storage.join(root, "_calibrate"), ".parquet")
     assert work and all("/faces/" in w or "/errors/" in w or "/dropped/" in w for w in work)
     cal = calibration.find_gallery(root, model=None, index_version=new.version, gallery_size=new.total)
