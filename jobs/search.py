@@ -291,9 +291,12 @@ def _search(config: SearchConfig, options: storage.StorageOptions, summary: Sear
             if config.executor == "ray":
                 from facelake.index.search import start_searchers
 
+                # the dataset first: reading Parquet footers runs Ray tasks that want a whole CPU,
+                # which the shard actors may hold once started
+                dataset, names = _probe_dataset(config, probes, options)
                 actors = start_searchers(handle)
                 ray.get([actor.ntotal.remote() for actor in actors])   # shards loaded before the clock starts
-                counts = _ray_batches(config, probes, batch_spec, actors, options)
+                counts = _ray_batches(config, dataset, names, batch_spec, actors)
             else:
                 counts = _local_batches(config, probes, batch_spec, options)
             _tally(counts, config, summary, hooks)
@@ -614,24 +617,30 @@ def _probe_carried(carried) -> list[str]:
     return [c for c in ["uri", *carried] if c not in FACE_COLUMNS or c == "uri"]
 
 
-def _ray_batches(config: SearchConfig, probes: ProbeSource, spec: BatchSpec, actors: list, options):
-    """Probe faces stream as a Ray Dataset through a pool of search workers."""
+def _probe_dataset(config: SearchConfig, probes: ProbeSource, options):
+    """The probe faces as a Ray Dataset (read lazily, in tasks of READ_CPUS), and its columns."""
     import ray
 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = config.progress
     context.use_datasource_v2 = False        # see jobs/embed.py: the V1 reader honours num_cpus
-    schema_names = set(_schema_of(probes.files[0], options).names)
-    columns = [c for c in _probe_columns(probes) if c in schema_names]
+    names = set(_schema_of(probes.files[0], options).names)
+    columns = [c for c in _probe_columns(probes) if c in names]
     arrow_fs, _ = storage.arrow_filesystem(probes.files[0], options)
     paths = [storage.filesystem(f, options)[1] for f in probes.files]
+    return ray.data.read_parquet(paths, filesystem=arrow_fs, columns=columns, num_cpus=READ_CPUS), names
+
+
+def _ray_batches(config: SearchConfig, dataset, names: set[str], spec: BatchSpec, actors: list):
+    """Probe faces stream through a pool of search workers; yields their per-batch counts."""
+    import ray
+
     workers = config.search_workers or SEARCH_WORKERS
-    dataset = ray.data.read_parquet(paths, filesystem=arrow_fs, columns=columns, num_cpus=READ_CPUS)
     dataset = dataset.map_batches(
         BatchSearch, batch_size=config.batch_size, batch_format="pyarrow", num_cpus=WORKER_CPUS,
         compute=ray.data.ActorPoolStrategy(size=workers),
         fn_constructor_kwargs={"spec": replace(spec, probe_carried=tuple(c for c in spec.probe_carried
-                                                                         if c in schema_names)),
+                                                                         if c in names)),
                                "actors": actors})
     for block in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
         yield from block.to_pylist()
