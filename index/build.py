@@ -188,9 +188,12 @@ def build_version(faces: pa.Table | str, root: str, *, model: str, weights_sha25
                   shards: int | None = None, shard_size: int | None = None, nlist: int | None = None,
                   pq: int | None = None, nprobe: int | None = None, keep: int = 3,
                   trained_from: str | None = None, use_gpu: bool | None = None,
-                  options: StorageOptions | None = None, hooks: Hooks | None = None) -> dict:
+                  options: StorageOptions | None = None, hooks: Hooks | None = None,
+                  erased_ids: pa.Array | None = None) -> dict:
     """Build, publish and return the manifest of a new index version under ROOT/index/.
 
+    ``erased_ids`` (the root's erasure list) are dropped from the faces before anything is
+    added; their count and sha256 go to the manifest.
     ``faces`` is a faces table or the URI of the Parquet dataset ``facelake embed`` wrote.
     ``hooks`` maps "before_manifest" / "before_pointer" to callables given the version name
     (tests crash there on purpose). Older versions beyond ``keep`` are pruned afterwards.
@@ -209,6 +212,9 @@ def build_version(faces: pa.Table | str, root: str, *, model: str, weights_sha25
     started = time.perf_counter()
 
     table = read_faces(faces, options)
+    erased = pa.array([], pa.string()) if erased_ids is None else pc.unique(erased_ids.cast(pa.string()))
+    if len(erased):
+        table = table.filter(pc.invert(pc.is_in(table["image_id"].cast(pa.string()), value_set=erased)))
     _check_model(table, model, weights_sha256)
     n = table.num_rows
     dim = table.schema.field("embedding").type.list_size
@@ -277,6 +283,8 @@ def build_version(faces: pa.Table | str, root: str, *, model: str, weights_sha25
         "facelake_version": facelake.__version__,
         "faiss_version": faiss.__version__,
         "trained_from": trained_from,
+        "erased_ids_count": len(erased),
+        "erased_ids_sha256": layout.sha256("\0".join(sorted(erased.to_pylist())).encode()),
         "build": {"gpu": bool(use_gpu), "train_seconds": trained_seconds,
                   "seconds": round(time.perf_counter() - started, 3)},
     }
