@@ -10,8 +10,9 @@ from __future__ import annotations
 import pyarrow.compute as pc
 import typer
 
-from facelake import audit, storage
+from facelake import audit, root as rootmod, storage
 from facelake.errors import ConfigError
+from facelake.jobs.erase import check_publishable
 from facelake.lock import RootLock
 from facelake.storage import StorageOptions
 
@@ -42,16 +43,41 @@ def run_index(faces: str, root: str, *, shards: int | None = None, shard_size: i
             raise ConfigError(f"faces table holds {len(values)} distinct {column} values {values[:3]}: "
                               f"index the faces of exactly one model")
         found[column] = values[0]
-    job_id = audit.new_job_id("index")
-    with RootLock(root, job_id, options=options):
-        started = not ray.is_initialized()
-        runtime.connect(address)
-        try:
-            return build_version(faces, root, model=found["model"], weights_sha256=found["weights_sha256"],
-                                 shards=shards, shard_size=shard_size, nlist=nlist, pq=pq, nprobe=nprobe,
-                                 keep=keep, options=options)
-        finally:
-            runtime.shutdown_if_local(started and address is None)
+    with audit.Job(root, "index", options, details={"faces": storage.redact(faces), "model": found["model"]}) as job:
+        with RootLock(root, job.job_id, options=options) as lock:
+            erased = rootmod.erased_ids(root, options)   # refuses a tampered erasure list
+
+            def before_pointer(version: str) -> None:
+                lock.verify()
+                check_publishable(root, version, erased, options)
+
+            started = not ray.is_initialized()
+            runtime.connect(address)
+            try:
+                manifest = build_version(faces, root, model=found["model"], weights_sha256=found["weights_sha256"],
+                                         shards=shards, shard_size=shard_size, nlist=nlist, pq=pq, nprobe=nprobe,
+                                         keep=keep, options=options, erased_ids=erased,
+                                         hooks={"before_pointer": before_pointer})
+            finally:
+                runtime.shutdown_if_local(started and address is None)
+            removed = _drop_versions_holding(root, erased, manifest["version"], options)
+            job.details.update({"index_version": manifest["version"], "total": manifest["total"],
+                                "erased_left_out": manifest.get("erased_ids_count", 0),
+                                "versions_removed": removed})
+            return manifest
+
+
+def _drop_versions_holding(root: str, erased, live: str, options: StorageOptions) -> list[str]:
+    """Versions kept by --keep must not hold an erased face either (an erase may have been killed)."""
+    from facelake.index import layout
+    from facelake.jobs.erase import _versions_holding
+
+    if not len(erased):
+        return []
+    doomed = [v for v in _versions_holding(root, erased, live, options) if v in layout.list_versions(root, options)]
+    for version in doomed:
+        storage.remove(layout.version_uri(root, version), recursive=True, options=options)
+    return doomed
 
 
 def register(app: typer.Typer) -> None:
