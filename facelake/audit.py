@@ -187,7 +187,9 @@ def append(root: str, record: AuditRecord, options: storage.StorageOptions | Non
         try:
             _create(record_uri(root, last + 1), linked.to_json(), options)
             return linked
-        except FileExistsError:
+        except FileExistsError as err:
+            if not storage.exists(record_uri(root, last + 1), options):  # not a race: the path is blocked
+                raise AuditError(f"cannot create {storage.redact(record_uri(root, last + 1))}: {err}") from err
             time.sleep(0.01)
     raise AuditError(f"could not append to the audit log of {storage.redact(root)}: {APPEND_TRIES} other "
                      f"records were appended at the same time; retry")
@@ -311,8 +313,6 @@ class Job:
         try:
             append(self.root, new_record(self.job_id, self.kind, "started", started_at=self.started_at,
                                          details=self.details), self.options)
-        except AuditError:
-            raise
         except Exception as err:
             raise AuditError(f"cannot write the audit record of {self.kind} job {self.job_id} under "
                              f"{storage.redact(audit_dir(self.root))} ({type(err).__name__}: {err}); nothing "
