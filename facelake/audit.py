@@ -86,10 +86,20 @@ def who() -> dict[str, str | None]:
     return {"user": os_user(), "host": socket.gethostname(), "claimed_user": claimed}
 
 
+# Ray's job supervisor hands a submitted driver its job config (runtime env and metadata) here.
+RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+SUBMITTER_TAG = "facelake_user"   # = facelake.cluster.submit.USER_TAG (core may not import cluster/)
+
+
 def _ray_job() -> tuple[str | None, str | None]:
-    """(Ray submission id, submitter's user tag) when this driver runs as a Ray job."""
-    submission = os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_SUBMISSION_ID")
-    return submission, os.environ.get("FACELAKE_SUBMITTER") or None
+    """(Ray submission id, submitter's user tag) when this driver runs as a submitted Ray job."""
+    import json
+
+    try:
+        metadata = json.loads(os.environ.get(RAY_JOB_CONFIG_ENV) or "{}").get("metadata") or {}
+    except (ValueError, AttributeError):
+        metadata = {}
+    return metadata.get("job_submission_id"), metadata.get(SUBMITTER_TAG)
 
 
 def utc_now() -> str:

@@ -209,6 +209,20 @@ def _versions_holding(root: str, ids: pa.Array, live: str | None, options: Stora
     return doomed
 
 
+def drop_versions_holding(root: str, erased: pa.Array, live: str | None, options: StorageOptions | None) -> list[str]:
+    """Remove complete versions other than ``live`` that hold an erased id (publishers call it after
+    publishing, so versions kept by --keep never hold one, even after a killed erase)."""
+    from facelake.index import layout
+
+    if not len(erased):
+        return []
+    complete = set(layout.list_versions(root, options))
+    doomed = [v for v in _versions_holding(root, erased, live, options) if v in complete]
+    for version in doomed:
+        storage.remove(layout.version_uri(root, version), recursive=True, options=options)
+    return doomed
+
+
 def _report(summary: EraseSummary, ids: list[str], listed: pa.Table, holdings: dict[str, tuple[int, int]]) -> None:
     earlier = {r["image_id"]: r for r in listed.to_pylist()}
     for i in ids:

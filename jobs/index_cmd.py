@@ -12,7 +12,7 @@ import typer
 
 from facelake import audit, root as rootmod, storage
 from facelake.errors import ConfigError
-from facelake.jobs.erase import check_publishable
+from facelake.jobs.erase import check_publishable, drop_versions_holding
 from facelake.lock import RootLock
 from facelake.storage import StorageOptions
 
@@ -60,24 +60,11 @@ def run_index(faces: str, root: str, *, shards: int | None = None, shard_size: i
                                          hooks={"before_pointer": before_pointer})
             finally:
                 runtime.shutdown_if_local(started and address is None)
-            removed = _drop_versions_holding(root, erased, manifest["version"], options)
+            removed = drop_versions_holding(root, erased, manifest["version"], options)
             job.details.update({"index_version": manifest["version"], "total": manifest["total"],
                                 "erased_left_out": manifest.get("erased_ids_count", 0),
                                 "versions_removed": removed})
             return manifest
-
-
-def _drop_versions_holding(root: str, erased, live: str, options: StorageOptions) -> list[str]:
-    """Versions kept by --keep must not hold an erased face either (an erase may have been killed)."""
-    from facelake.index import layout
-    from facelake.jobs.erase import _versions_holding
-
-    if not len(erased):
-        return []
-    doomed = [v for v in _versions_holding(root, erased, live, options) if v in layout.list_versions(root, options)]
-    for version in doomed:
-        storage.remove(layout.version_uri(root, version), recursive=True, options=options)
-    return doomed
 
 
 def register(app: typer.Typer) -> None:

@@ -263,7 +263,7 @@ def publish_index(root: str, faces: pa.Table | None, *, model: str, weights_sha2
     from facelake.index.build import DEFAULT_SHARD_SIZE, build_version, embeddings, read_faces
     from facelake.index.load import open_version
 
-    from facelake.jobs.erase import check_publishable
+    from facelake.jobs.erase import check_publishable, drop_versions_holding
 
     hooks = hooks or {}
     pointer = rootmod.read_pointer(root, options) or {}
@@ -318,6 +318,7 @@ def publish_index(root: str, faces: pa.Table | None, *, model: str, weights_sha2
                           trained_from=None if reason is not None else live, options=options,
                           hooks={"before_manifest": before_manifest, "before_pointer": before_pointer},
                           erased_ids=erased)
+    drop_versions_holding(root, erased, built["version"], options)
     return {"version": built["version"], "retrained": reason is not None, "reason": reason,
             "factory": built["factory"], "nlist": built["nlist"], "nprobe": built["nprobe"],
             "shards": len(built["shards"]), "total": built["total"], "previous": live}

@@ -188,3 +188,14 @@ def test_current_rolled_back_or_without_its_hash_is_refused(tmp_path):
     assert "index pointer" in " ".join(collect(root)["problems"])           # status reports it, goes on
     layout.publish(root, names[0], layout.sha256(storage.read_bytes(f"{root}/index/{names[0]}/manifest.json")))
     assert layout.current_version(root) == names[0]                       # publishing again is the way back
+
+
+def test_a_ray_jobs_submitter_is_recorded_beside_the_os_user(tmp_path, monkeypatch):
+    # what Ray's job supervisor sets for a submitted driver (facelake submit tags facelake_user)
+    monkeypatch.setenv(audit.RAY_JOB_CONFIG_ENV, json.dumps(
+        {"runtime_env": {}, "metadata": {"job_submission_id": "facelake-search-x", "facelake_user": "alice"}}))
+    with audit.Job(str(tmp_path / "root"), "test") as job:
+        job.details["n"] = 1
+    (record,) = audit.list_records(str(tmp_path / "root"))
+    assert (record["ray_job"], record["ray_submitter"], record["user"]) == ("facelake-search-x", "alice", audit.os_user())
+    assert record["status"] == "succeeded" and record["n"] == 1
