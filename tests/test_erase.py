@@ -123,6 +123,9 @@ def test_killed_erase_resumes_and_purges_search_results(embedded, tmp_path):
     assert TARGET in live_ids(root)                       # killed after listing, before publishing
     (killed,) = audit.list_records(root, kind="erase")
     assert killed["status"] == "failed" and "killed on purpose" in killed["error"]
+    # any publisher completes it: index leaves the face out, and no version it keeps holds it
+    assert invoke("index", embedded, "--root", root, "--keep", "5").exit_code == 0
+    assert TARGET not in all_version_ids(root) and len(layout.list_versions(root)) == 1
 
     result = invoke("erase", "--root", root, TARGET, "--reason", "request 9", "--purge-results")
     assert result.exit_code == 0, result.output
