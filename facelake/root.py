@@ -282,12 +282,23 @@ def _erasure_files(root: str, options: StorageOptions | None) -> dict[int, str]:
 
 
 def _anchor(root: str, options: StorageOptions | None) -> dict | None:
-    """The newest erasure-list head recorded in the audit log ({"seq", "sha256"}), if any."""
-    from facelake import audit
+    """The newest erasure-list head recorded in the audit log ({"seq", "sha256"}), if any.
 
-    heads = [r.details["head"] for r in audit.read_log(root, options).records
-             if r.kind == ERASURE_ANCHOR_KIND and isinstance(r.details.get("head"), dict)]
-    return max(heads, key=lambda h: h.get("seq", 0), default=None)
+    Reads records newest first and stops at the first anchor, so its cost is the number of
+    records since the last erase (all of them on a root never erased).
+    """
+    from facelake import audit
+    from facelake.schema import AuditRecord
+
+    chain, _other = audit._listing(root, options)
+    for seq in sorted(chain, reverse=True):
+        try:
+            record = AuditRecord.from_json(storage.read_bytes(chain[seq], options))
+        except (ValueError, TypeError):
+            continue  # reported by `facelake audit`; the chain check names it
+        if record.kind == ERASURE_ANCHOR_KIND and isinstance(record.details.get("head"), dict):
+            return record.details["head"]
+    return None
 
 
 def erasure_log(root: str, options: StorageOptions | None = None) -> tuple[pa.Table, dict | None]:

@@ -115,13 +115,36 @@ def read_ids_file(path: str, options: StorageOptions | None = None) -> tuple[str
     return tuple(ids)
 
 
+def erased_ids_checked(root: str, options: StorageOptions | None) -> pa.Array:
+    """The erasure list (chain and audit anchor checked), also checked against the live version:
+    a list shorter than what the live version's manifest says it left out was truncated."""
+    from facelake.index import layout
+    from facelake.index.load import open_version
+
+    erased = rootmod.erased_ids(root, options)
+    live = layout.current_version(root, options)
+    expected = open_version(root, live, options=options).manifest.get("erased_ids_count", 0) if live else 0
+    if expected > len(erased):
+        raise rootmod.ErasureListError(
+            f"the live index version {live} was built leaving out {expected} erased id(s), but the erasure list "
+            f"names {len(erased)}: entries were deleted; restore ROOT/erasures from a backup; nothing is "
+            f"published until then")
+    return erased
+
+
 def check_publishable(root: str, version: str, erased: pa.Array, options: StorageOptions | None) -> None:
-    """Refuse (ErasureListError) to make ``version`` live if its id tables hold an erased id."""
+    """Refuse (ErasureListError) to make ``version`` live if its id tables hold an erased id; the
+    refused version's folder is removed, so no version on disk holds it either."""
+    from facelake.index import layout
     from facelake.index.load import load_ids, open_version
 
     if len(erased):
-        rootmod.refuse_erased(load_ids(open_version(root, version, options=options))["image_id"], erased,
-                              f"index version {version}")
+        try:
+            rootmod.refuse_erased(load_ids(open_version(root, version, options=options))["image_id"], erased,
+                                  f"index version {version}")
+        except rootmod.ErasureListError:
+            storage.remove(layout.version_uri(root, version), recursive=True, options=options)
+            raise
 
 
 def _live_ids(root: str, options: StorageOptions) -> tuple[str | None, pa.Table | None]:
@@ -273,7 +296,8 @@ def run_erase(config: EraseConfig, hooks: dict | None = None) -> EraseSummary:
 def _erase(config: EraseConfig, ids: list[str], summary: EraseSummary, hooks: dict,
            options: StorageOptions) -> None:
     with RootLock(config.root, summary.job_id, ttl_s=config.lock_ttl_s, options=options) as lock:
-        listed_before = rootmod.erasures(config.root, options)           # refuses a tampered list
+        erased_ids_checked(config.root, options)                          # refuses a tampered list
+        listed_before = rootmod.erasures(config.root, options)
         base = rootmod.current(config.root, options)
         live, index_ids = _live_ids(config.root, options)
         mine = pa.array(ids, pa.string())
@@ -295,7 +319,7 @@ def _complete(config: EraseConfig, summary: EraseSummary, base, live: str | None
     """Purge every erased id (not only this job's) from staging, record and index; see the module docstring."""
     from facelake.index import layout
 
-    erased = rootmod.erased_ids(config.root, options)
+    erased = erased_ids_checked(config.root, options)
     for run in rootmod.staging_runs(config.root, options):
         rootmod.remove_staging(config.root, run, options)
     version = base

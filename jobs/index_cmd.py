@@ -10,9 +10,9 @@ from __future__ import annotations
 import pyarrow.compute as pc
 import typer
 
-from facelake import audit, root as rootmod, storage
+from facelake import audit, storage
 from facelake.errors import ConfigError
-from facelake.jobs.erase import check_publishable, drop_versions_holding
+from facelake.jobs.erase import check_publishable, drop_versions_holding, erased_ids_checked
 from facelake.lock import RootLock
 from facelake.storage import StorageOptions
 
@@ -45,7 +45,7 @@ def run_index(faces: str, root: str, *, shards: int | None = None, shard_size: i
         found[column] = values[0]
     with audit.Job(root, "index", options, details={"faces": storage.redact(faces), "model": found["model"]}) as job:
         with RootLock(root, job.job_id, options=options) as lock:
-            erased = rootmod.erased_ids(root, options)   # refuses a tampered erasure list
+            erased = erased_ids_checked(root, options)   # refuses a tampered erasure list
 
             def before_pointer(version: str) -> None:
                 lock.verify()

@@ -263,11 +263,11 @@ def publish_index(root: str, faces: pa.Table | None, *, model: str, weights_sha2
     from facelake.index.build import DEFAULT_SHARD_SIZE, build_version, embeddings, read_faces
     from facelake.index.load import open_version
 
-    from facelake.jobs.erase import check_publishable, drop_versions_holding
+    from facelake.jobs.erase import check_publishable, drop_versions_holding, erased_ids_checked
 
     hooks = hooks or {}
     pointer = rootmod.read_pointer(root, options) or {}
-    erased = rootmod.erased_ids(root, options)   # refuses a tampered erasure list
+    erased = erased_ids_checked(root, options)   # refuses a tampered erasure list
     if faces is not None and len(erased):
         faces = faces.filter(pc.invert(pc.is_in(faces["image_id"].cast(pa.string()), value_set=erased)))
     if faces is None or faces.num_rows == 0:

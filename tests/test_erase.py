@@ -111,6 +111,14 @@ def test_erase_completes_on_an_embed_and_index_root_and_index_never_republishes(
                       hooks={"before_pointer": lambda v: check_publishable(root, v, erased, None)})
     assert layout.current_version(root) == live
 
+    # the erasure list and the audit log both deleted: the live version's manifest still says
+    # how many ids it left out, so the list is refused rather than obeyed
+    storage.remove(f"{root}/erasures", recursive=True)
+    storage.remove(f"{root}/audit", recursive=True)
+    refused = invoke("index", embedded, "--root", root)
+    assert isinstance(refused.exception, rootmod.ErasureListError) and "leaving out 1" in str(refused.exception)
+    assert TARGET not in all_version_ids(root)
+
 
 def test_killed_erase_resumes_and_purges_search_results(embedded, tmp_path):
     root, out = str(tmp_path / "root"), str(tmp_path / "results")
