@@ -97,6 +97,9 @@ def test_sigterm_and_sigint_end_the_record_as_interrupted(indexed, tmp_path):
         assert record["status"] == "interrupted" and record["counts"]["searched_faces"] == 100
         assert record["out"] == str(tmp_path / ("a" if purpose == "sigterm" else "b"))
     assert not list((tmp_path / "a").glob("results/*.parquet"))     # no partial candidate list
+    # before: status listed failed jobs by rebuild's `outcome`, so failed searches never showed
+    failed = {j["job_id"] for j in collect(str(indexed / "root"))["failed_jobs"]}
+    assert {by_purpose["sigterm"]["job_id"], by_purpose["sigint"]["job_id"]} <= failed
 
 
 def test_records_are_typed_chained_and_attributed_to_the_os_user(indexed, tmp_path, monkeypatch, capsys):
@@ -138,8 +141,9 @@ def test_verify_names_the_first_broken_link(where, tmp_path, request):
     assert "record 2 is missing" in audit.verify(root)[1]
 
 
-def test_audit_and_status_report_a_malformed_file_and_go_on(indexed, tmp_path):
-    root = str(tmp_path / "root")
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_audit_and_status_report_a_malformed_file_and_go_on(where, tmp_path, request):
+    root = str(tmp_path / "root") if where == "local" else f"{request.getfixturevalue('s3_bucket')}/root"
     _chain(root, 2)
     storage.write_bytes_atomic(f"{root}/audit/notes.json", b"{not json")
     storage.write_bytes_atomic(f"{root}/_runs/broken.json", b"\x00\x01")
@@ -166,8 +170,9 @@ def test_ids_are_hashed_with_a_key_kept_out_of_the_log(tmp_path, monkeypatch):
     assert audit.id_hmac(root, ["img1"])[0] != first
 
 
-def test_current_rolled_back_or_without_its_hash_is_refused(tmp_path):
-    root = str(tmp_path)
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_current_rolled_back_or_without_its_hash_is_refused(where, tmp_path, request):
+    root = str(tmp_path) if where == "local" else f"{request.getfixturevalue('s3_bucket')}/root"
     names = []
     for i in range(2):
         version = layout.new_version_name(root)

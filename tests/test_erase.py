@@ -200,6 +200,8 @@ def test_erase_on_a_rebuild_root_stays_erased_and_a_deleted_list_is_refused(ray_
 
     again = run_rebuild(config)                            # still in the manifest, never embedded again
     assert again.outcome == "nothing-changed" and again.erased_skipped == 1 and again.embed is None
+    listing = invoke("audit", root, "--kind", "rebuild")
+    assert listing.exit_code == 0 and listing.output.count("succeeded") == 2   # before: rebuilds showed blank
     info = collect(root)
     assert info["counts"]["erasures"] == 1 and info["live_version"] == live
     status = invoke("status", root)
