@@ -178,6 +178,8 @@ def record_uri(root: str, seq: int) -> str:
 def _listing(root: str, options: storage.StorageOptions | None) -> tuple[dict[int, str], list[str]]:
     """({seq: uri} of chain records, [uris of other files under ROOT/audit])."""
     chain, other = {}, []
+    fs, path = storage.filesystem(audit_dir(root), options)
+    fs.invalidate_cache(path)  # other jobs append here: never trust a cached listing
     for uri in storage.list_files(audit_dir(root), options=options):
         match = RECORD_NAME.match(uri.rstrip("/").rsplit("/", 1)[-1])
         if match:

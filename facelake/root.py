@@ -269,6 +269,8 @@ class ErasureListError(FacelakeError):
 
 def _erasure_files(root: str, options: StorageOptions | None) -> dict[int, str]:
     files = {}
+    fs, path = storage.filesystem(uri(root, ERASURES), options)
+    fs.invalidate_cache(path)
     for file_uri in storage.list_files(uri(root, ERASURES), options=options):
         name = file_uri.rstrip("/").rsplit("/", 1)[-1]
         match = ERASURE_NAME.match(name)
