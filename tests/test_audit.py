@@ -204,3 +204,26 @@ def test_a_ray_jobs_submitter_is_recorded_beside_the_os_user(tmp_path, monkeypat
     (record,) = audit.list_records(str(tmp_path / "root"))
     assert (record["ray_job"], record["ray_submitter"], record["user"]) == ("facelake-search-x", "alice", audit.os_user())
     assert record["status"] == "succeeded" and record["n"] == 1
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_concurrent_appends_keep_one_chain(where, tmp_path, request):
+    import threading
+
+    root = str(tmp_path / "root") if where == "local" else f"{request.getfixturevalue('s3_bucket')}/root"
+    errors = []
+
+    def writer(w):
+        try:
+            for i in range(8):
+                audit.write_record(root, {"job_id": f"w{w}-{i}", "kind": "test"})
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and audit.verify(root) == (32, None)
+    assert len({r["job_id"] for r in audit.list_records(root)}) == 32
