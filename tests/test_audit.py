@@ -227,3 +227,16 @@ def test_concurrent_appends_keep_one_chain(where, tmp_path, request):
         t.join(120)
     assert not errors and audit.verify(root) == (32, None)
     assert len({r["job_id"] for r in audit.list_records(root)}) == 32
+
+
+def test_sigterm_under_rays_own_handler_still_ends_as_interrupted(tmp_path):
+    import sys
+
+    root = str(tmp_path / "root")
+    with pytest.raises(SystemExit):
+        with audit.Job(root, "test"):
+            # what ray.init installs in a driver that starts Ray inside the job: sys.exit(signum)
+            signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+            os.kill(os.getpid(), signal.SIGTERM)
+    (record,) = audit.list_records(root)
+    assert record["status"] == "interrupted" and "SystemExit" in record["error"]
