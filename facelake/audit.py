@@ -251,9 +251,36 @@ def read_log(root: str, options: storage.StorageOptions | None = None) -> Log:
             problems.append(f"{storage.redact(chain[seq])}: {str(err)[:200]}")
             continue
         records.append(record)
-    problems += [f"{storage.redact(u)}: not an audit record of the chain (foreign or pre-chain file)"
-                 for u in other]
+    for uri in other:
+        legacy = _legacy_record(uri, options)
+        if legacy is None:
+            problems.append(f"{storage.redact(uri)}: not an audit record (foreign file)")
+        else:
+            records.append(legacy)
     return Log(records, problems)
+
+
+def _legacy_record(uri: str, options: storage.StorageOptions | None) -> AuditRecord | None:
+    """A record written before the chain (ROOT/audit/<job id>.json), typed with seq 0 and
+    details["legacy"] = True so that listings keep showing it; ``verify`` still names it."""
+    import json
+
+    try:
+        raw = json.loads(storage.read_bytes(uri, options))
+    except ValueError:
+        return None
+    if not isinstance(raw, dict) or not isinstance(raw.get("job_id"), str) or not isinstance(raw.get("kind"), str):
+        return None
+    status = raw.get("status") or {"failed": "failed"}.get(raw.get("outcome"), "succeeded")
+    common = ("job_id", "kind", "status", "user", "host", "started_at", "ended_at", "finished_at",
+              "recorded_at", "error")
+    return AuditRecord(
+        seq=0, prev_sha256=None, job_id=raw["job_id"], kind=raw["kind"],
+        status=status if status in ("started", "succeeded", "failed", "interrupted") else "succeeded",
+        os_user=str(raw.get("user") or ""), claimed_user=None, host=str(raw.get("host") or ""), pid=0,
+        ray_job=None, ray_submitter=None, started_at=raw.get("started_at") or raw.get("recorded_at") or "",
+        ended_at=raw.get("ended_at") or raw.get("finished_at"), recorded_at=raw.get("recorded_at") or "",
+        error=raw.get("error"), details={**{k: v for k, v in raw.items() if k not in common}, "legacy": True})
 
 
 def jobs(records: list[AuditRecord]) -> list[dict[str, Any]]:

@@ -267,8 +267,9 @@ class ErasureListError(FacelakeError):
     """The erasure list of record was deleted, altered or truncated."""
 
 
-def _erasure_files(root: str, options: StorageOptions | None) -> dict[int, str]:
-    files = {}
+def _erasure_files(root: str, options: StorageOptions | None) -> tuple[dict[int, str], list[str]]:
+    """({seq: uri} of the chain, [uris of pre-chain objects ROOT/erasures/<job id>.parquet])."""
+    files, legacy = {}, []
     fs, path = storage.filesystem(uri(root, ERASURES), options)
     fs.invalidate_cache(path)
     for file_uri in storage.list_files(uri(root, ERASURES), options=options):
@@ -276,11 +277,13 @@ def _erasure_files(root: str, options: StorageOptions | None) -> dict[int, str]:
         match = ERASURE_NAME.match(name)
         if match:
             files[int(match.group(1))] = file_uri
+        elif name.endswith(".parquet"):
+            legacy.append(file_uri)  # written before the chain: still obeyed (only ever erases more)
         elif ".tmp-" not in name:
-            raise ErasureListError(f"{storage.redact(file_uri)} is not part of the erasure list's chain (added, "
-                                   f"renamed or written before the chain): remove it, or restore ROOT/erasures "
-                                   f"from a backup; nothing is published until the list verifies")
-    return files
+            raise ErasureListError(f"{storage.redact(file_uri)} is not part of the erasure list (added or "
+                                   f"renamed): move it out of ROOT/erasures, or restore the folder from a "
+                                   f"backup; nothing is published until the list verifies")
+    return files, legacy
 
 
 def _anchor(root: str, options: StorageOptions | None) -> dict | None:
@@ -305,9 +308,17 @@ def _anchor(root: str, options: StorageOptions | None) -> dict | None:
 
 def erasure_log(root: str, options: StorageOptions | None = None) -> tuple[pa.Table, dict | None]:
     """(the erasure list of record, its head {"seq", "sha256"} or None), chain and anchor checked."""
-    files = _erasure_files(root, options)
+    files, legacy = _erasure_files(root, options)
     tables, prev, head = [], None, None
     fix = "restore ROOT/erasures from a backup (facelake audit ROOT lists the erasures); nothing is published until then"
+    for file_uri in legacy:
+        try:
+            old = pq.read_table(io.BytesIO(storage.read_bytes(file_uri, options)))
+            tables.append(pa.table({f.name: old[f.name].cast(f.type) if f.name in old.column_names
+                                    else pa.nulls(old.num_rows, f.type) for f in ERASURE_SCHEMA},
+                                   schema=ERASURE_SCHEMA))
+        except (pa.ArrowException, KeyError, ValueError) as err:
+            raise ErasureListError(f"{storage.redact(file_uri)} (written before the chain) is unreadable: {fix}") from err
     for seq in range(1, max(files, default=0) + 1):
         if seq not in files:
             raise ErasureListError(f"erasure list entry {seq} is missing (deleted): {fix}")
@@ -322,7 +333,7 @@ def erasure_log(root: str, options: StorageOptions | None = None) -> tuple[pa.Ta
                                    f"replaced): {fix}")
         prev = hashlib.sha256(data).hexdigest()
         head = {"seq": seq, "sha256": prev}
-        tables.append(table.cast(ERASURE_SCHEMA))
+        tables.append(table.cast(ERASURE_SCHEMA).replace_schema_metadata(None))
     anchor = _anchor(root, options)
     if anchor is not None:
         at = anchor.get("seq", 0)

@@ -235,3 +235,38 @@ def test_one_id_rule_for_manifests_and_erase(tmp_path):
     with pytest.raises(ConfigError, match="image ids"):
         EraseConfig(root=str(tmp_path), ids=(), reason="r").validate()
     assert invoke("erase", "a", "--root", str(tmp_path), "--ids-file", "x", "--reason", "r").exit_code != 0
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_erasure_list_is_chained_and_anchored(where, tmp_path, request):
+    import io
+
+    import pyarrow.parquet as pq
+
+    root = str(tmp_path / "root") if where == "local" else f"{request.getfixturevalue('s3_bucket')}/root"
+    # an object written before the chain (ROOT/erasures/<job id>.parquet) is still obeyed
+    storage.write_table(f"{root}/erasures/erase-old.parquet", pa.table({
+        "image_id": ["old"], "reason": ["r"], "user": ["u"], "erased_at": ["t"], "job_id": ["erase-old"]}))
+    rootmod.append_erasure(root, {"a": (1, 0)}, reason="r", job_id="erase-1")
+    rootmod.append_erasure(root, {"b": (2, 1)}, reason="r", job_id="erase-2")
+    assert sorted(rootmod.erased_ids(root).to_pylist()) == ["a", "b", "old"]
+
+    def rewrite(seq: int, image_id: str) -> None:
+        target = f"{root}/erasures/{seq:010d}.parquet"
+        table = pq.read_table(io.BytesIO(storage.read_bytes(target)))
+        table = table.set_column(0, "image_id", pa.array([image_id])).replace_schema_metadata(table.schema.metadata)
+        sink = io.BytesIO()
+        pq.write_table(table, sink)
+        storage.write_bytes_atomic(target, sink.getvalue())
+
+    original = storage.read_bytes(f"{root}/erasures/{1:010d}.parquet")
+    rewrite(1, "someone-else")                       # an altered entry breaks the link to the next one
+    with pytest.raises(rootmod.ErasureListError, match="entry 2 does not follow entry 1"):
+        rootmod.erased_ids(root)
+    storage.write_bytes_atomic(f"{root}/erasures/{1:010d}.parquet", original)
+    rewrite(2, "someone-else")                       # the newest entry is checked against the audit anchor
+    with pytest.raises(rootmod.ErasureListError, match="differs from what the audit log recorded"):
+        rootmod.erased_ids(root)
+    storage.remove(f"{root}/erasures/{2:010d}.parquet")
+    with pytest.raises(rootmod.ErasureListError, match="records 2 erasure list entries .* holds 1"):
+        rootmod.erased_ids(root)
