@@ -125,7 +125,7 @@ def _key(root: str, options: storage.StorageOptions | None) -> bytes:
         pass
     key = secrets.token_hex(32).encode()
     try:
-        _create(uri, key, options)
+        create_new(uri, key, options)
         if storage.scheme_of(uri) == "file":
             os.chmod(storage.filesystem(uri, options)[1], 0o600)
     except FileExistsError:  # another job made it first
@@ -146,7 +146,7 @@ def id_hmac(root: str, ids: list[str], options: storage.StorageOptions | None = 
 
 # ------------------------------------------------------------------------------ the chain
 
-def _create(uri: str, data: bytes, options: storage.StorageOptions | None) -> None:
+def create_new(uri: str, data: bytes, options: storage.StorageOptions | None) -> None:
     """Create ``uri`` whole, failing with FileExistsError if it exists (S3: If-None-Match)."""
     fs, path = storage.filesystem(uri, options)
     if storage.scheme_of(uri) == "file":
@@ -175,7 +175,7 @@ def record_uri(root: str, seq: int) -> str:
     return storage.join(audit_dir(root), f"{seq:0{SEQ_DIGITS}d}.json")
 
 
-def _listing(root: str, options: storage.StorageOptions | None) -> tuple[dict[int, str], list[str]]:
+def chain_files(root: str, options: storage.StorageOptions | None) -> tuple[dict[int, str], list[str]]:
     """({seq: uri} of chain records, [uris of other files under ROOT/audit])."""
     chain, other = {}, []
     fs, path = storage.filesystem(audit_dir(root), options)
@@ -192,12 +192,12 @@ def _listing(root: str, options: storage.StorageOptions | None) -> tuple[dict[in
 def append(root: str, record: AuditRecord, options: storage.StorageOptions | None = None) -> AuditRecord:
     """Append ``record`` as the next link of ROOT's chain; returns it with seq and prev_sha256 set."""
     for _ in range(APPEND_TRIES):
-        chain, _other = _listing(root, options)
+        chain, _other = chain_files(root, options)
         last = max(chain, default=0)
         prev = sha256(storage.read_bytes(chain[last], options)) if last else None
         linked = dataclasses.replace(record, seq=last + 1, prev_sha256=prev, recorded_at=utc_now())
         try:
-            _create(record_uri(root, last + 1), linked.to_json(), options)
+            create_new(record_uri(root, last + 1), linked.to_json(), options)
             return linked
         except FileExistsError as err:
             if not storage.exists(record_uri(root, last + 1), options):  # not a race: the path is blocked
@@ -242,7 +242,7 @@ class Log:
 
 def read_log(root: str, options: storage.StorageOptions | None = None) -> Log:
     """Every readable record in chain order; a malformed file is reported in ``problems``, not raised."""
-    chain, other = _listing(root, options)
+    chain, other = chain_files(root, options)
     records, problems = [], []
     for seq in sorted(chain):
         try:
@@ -305,7 +305,7 @@ def list_records(root: str, kind: str | None = None,
 
 def verify(root: str, options: storage.StorageOptions | None = None) -> tuple[int, str | None]:
     """(records checked, None) when the chain is intact, else (records before the break, why)."""
-    chain, other = _listing(root, options)
+    chain, other = chain_files(root, options)
     if other:
         return 0, f"{storage.redact(other[0])} is not part of the chain (added, renamed or pre-chain)"
     prev = None

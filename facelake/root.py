@@ -295,7 +295,7 @@ def _anchor(root: str, options: StorageOptions | None) -> dict | None:
     from facelake import audit
     from facelake.schema import AuditRecord
 
-    chain, _other = audit._listing(root, options)
+    chain, _other = audit.chain_files(root, options)
     for seq in sorted(chain, reverse=True):
         try:
             record = AuditRecord.from_json(storage.read_bytes(chain[seq], options))
@@ -382,7 +382,7 @@ def append_erasure(root: str, counts: dict[str, tuple[int, int]], *, reason: str
         pq.write_table(table, sink, compression="zstd")
         data = sink.getvalue()
         try:
-            audit._create(uri(root, ERASURES, f"{seq:010d}.parquet"), data, options)
+            audit.create_new(uri(root, ERASURES, f"{seq:010d}.parquet"), data, options)
         except FileExistsError:
             continue
         new_head = {"seq": seq, "sha256": hashlib.sha256(data).hexdigest()}

@@ -115,38 +115,6 @@ def read_ids_file(path: str, options: StorageOptions | None = None) -> tuple[str
     return tuple(ids)
 
 
-def erased_ids_checked(root: str, options: StorageOptions | None) -> pa.Array:
-    """The erasure list (chain and audit anchor checked), also checked against the live version:
-    a list shorter than what the live version's manifest says it left out was truncated."""
-    from facelake.index import layout
-    from facelake.index.load import open_version
-
-    erased = rootmod.erased_ids(root, options)
-    live = layout.current_version(root, options)
-    expected = open_version(root, live, options=options).manifest.get("erased_ids_count", 0) if live else 0
-    if expected > len(erased):
-        raise rootmod.ErasureListError(
-            f"the live index version {live} was built leaving out {expected} erased id(s), but the erasure list "
-            f"names {len(erased)}: entries were deleted; restore ROOT/erasures from a backup; nothing is "
-            f"published until then")
-    return erased
-
-
-def check_publishable(root: str, version: str, erased: pa.Array, options: StorageOptions | None) -> None:
-    """Refuse (ErasureListError) to make ``version`` live if its id tables hold an erased id; the
-    refused version's folder is removed, so no version on disk holds it either."""
-    from facelake.index import layout
-    from facelake.index.load import load_ids, open_version
-
-    if len(erased):
-        try:
-            rootmod.refuse_erased(load_ids(open_version(root, version, options=options))["image_id"], erased,
-                                  f"index version {version}")
-        except rootmod.ErasureListError:
-            storage.remove(layout.version_uri(root, version), recursive=True, options=options)
-            raise
-
-
 def _live_ids(root: str, options: StorageOptions) -> tuple[str | None, pa.Table | None]:
     from facelake.index import layout
     from facelake.index.load import load_ids, open_version
@@ -178,6 +146,7 @@ def _publish_from_source(root: str, live: str, erased: pa.Array, keep: int, lock
     """A root made by `facelake index`: rebuild the live version from its faces table minus ``erased``."""
     from facelake.index import layout
     from facelake.index.build import build_version
+    from facelake.index.erasure import check_publishable
     from facelake.index.load import open_version
 
     manifest = open_version(root, live, options=options).manifest
@@ -209,41 +178,6 @@ def _publish_from_source(root: str, live: str, erased: pa.Array, keep: int, lock
                           hooks={"before_manifest": hooks.get("before_manifest", lambda v: None),
                                  "before_pointer": before_pointer})
     return built["version"]
-
-
-def _versions_holding(root: str, ids: pa.Array, live: str | None, options: StorageOptions) -> list[str]:
-    """Index versions other than the live one whose id tables hold any of ``ids``, plus unfinished folders."""
-    from facelake.index import layout
-    from facelake.index.load import load_ids, open_version
-
-    doomed = []
-    complete = layout.list_versions(root, options)
-    for version in complete:
-        if version == live:
-            continue
-        try:
-            held = load_ids(open_version(root, version, options=options))["image_id"]
-        except FacelakeError:
-            doomed.append(version)  # unreadable: cannot prove it is clean
-            continue
-        if pc.any(pc.is_in(held, value_set=ids)).as_py():
-            doomed.append(version)
-    doomed += [v for v in layout._children(root, options) if v not in complete and v != live]
-    return doomed
-
-
-def drop_versions_holding(root: str, erased: pa.Array, live: str | None, options: StorageOptions | None) -> list[str]:
-    """Remove complete versions other than ``live`` that hold an erased id (publishers call it after
-    publishing, so versions kept by --keep never hold one, even after a killed erase)."""
-    from facelake.index import layout
-
-    if not len(erased):
-        return []
-    complete = set(layout.list_versions(root, options))
-    doomed = [v for v in _versions_holding(root, erased, live, options) if v in complete]
-    for version in doomed:
-        storage.remove(layout.version_uri(root, version), recursive=True, options=options)
-    return doomed
 
 
 def _report(summary: EraseSummary, ids: list[str], listed: pa.Table, holdings: dict[str, tuple[int, int]]) -> None:
@@ -295,6 +229,8 @@ def run_erase(config: EraseConfig, hooks: dict | None = None) -> EraseSummary:
 
 def _erase(config: EraseConfig, ids: list[str], summary: EraseSummary, hooks: dict,
            options: StorageOptions) -> None:
+    from facelake.index.erasure import erased_ids_checked
+
     with RootLock(config.root, summary.job_id, ttl_s=config.lock_ttl_s, options=options) as lock:
         erased_ids_checked(config.root, options)                          # refuses a tampered list
         listed_before = rootmod.erasures(config.root, options)
@@ -318,6 +254,7 @@ def _complete(config: EraseConfig, summary: EraseSummary, base, live: str | None
               lock: RootLock, options: StorageOptions) -> None:
     """Purge every erased id (not only this job's) from staging, record and index; see the module docstring."""
     from facelake.index import layout
+    from facelake.index.erasure import check_publishable, erased_ids_checked, versions_holding
 
     erased = erased_ids_checked(config.root, options)
     for run in rootmod.staging_runs(config.root, options):
@@ -343,7 +280,7 @@ def _complete(config: EraseConfig, summary: EraseSummary, base, live: str | None
     summary.index_version = live
     if live is not None:
         check_publishable(config.root, live, erased, options)
-    for doomed in _versions_holding(config.root, erased, live, options):
+    for doomed in versions_holding(config.root, erased, live, options):
         storage.remove(layout.version_uri(config.root, doomed), recursive=True, options=options)
         summary.versions_removed.append(doomed)
     if base is not None:

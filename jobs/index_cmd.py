@@ -12,7 +12,6 @@ import typer
 
 from facelake import audit, storage
 from facelake.errors import ConfigError
-from facelake.jobs.erase import check_publishable, drop_versions_holding, erased_ids_checked
 from facelake.lock import RootLock
 from facelake.storage import StorageOptions
 
@@ -25,6 +24,7 @@ def run_index(faces: str, root: str, *, shards: int | None = None, shard_size: i
 
     from facelake.cluster import runtime
     from facelake.index.build import build_version
+    from facelake.index.erasure import check_publishable, drop_versions_holding, erased_ids_checked
 
     storage.check_uri(faces)
     storage.check_uri(root)

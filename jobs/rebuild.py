@@ -263,7 +263,7 @@ def publish_index(root: str, faces: pa.Table | None, *, model: str, weights_sha2
     from facelake.index.build import DEFAULT_SHARD_SIZE, build_version, embeddings, read_faces
     from facelake.index.load import open_version
 
-    from facelake.jobs.erase import check_publishable, drop_versions_holding, erased_ids_checked
+    from facelake.index.erasure import check_publishable, drop_versions_holding, erased_ids_checked
 
     hooks = hooks or {}
     pointer = rootmod.read_pointer(root, options) or {}

@@ -21,7 +21,8 @@ from facelake.index.load import load_ids, open_version
 from facelake.index.search import search_version
 from facelake.jobs import cli, search
 from facelake.jobs.embed import EmbedConfig, outputs, run_embed
-from facelake.jobs.erase import EraseConfig, check_publishable, read_ids_file, run_erase
+from facelake.index.erasure import check_publishable
+from facelake.jobs.erase import EraseConfig, read_ids_file, run_erase
 from facelake.jobs.rebuild import RebuildConfig, run_rebuild
 from facelake.jobs.status import collect
 from facelake.manifest import validate
