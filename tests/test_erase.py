@@ -152,13 +152,17 @@ def test_erase_on_s3_embed_and_index_root_kill_and_resume(embedded, s3_bucket):
     faces = _copy_faces(embedded, f"{s3_bucket}/faces")
     root = f"{s3_bucket}/root"
     assert invoke("index", faces, "--root", root).exit_code == 0
+    out = f"{s3_bucket}/results"
+    search.run_search(search.SearchConfig(probes=faces, root=root, out=out, purpose="s3 case", executor="local"))
     with pytest.raises(Crash):
         run_erase(EraseConfig(root=root, ids=(TARGET, "img3"), reason="s3 request"),
                   hooks={"before_pointer": crash})
     assert TARGET in live_ids(root)
-    summary = run_erase(EraseConfig(root=root, ids=(TARGET, "img3"), reason="s3 request"))
+    summary = run_erase(EraseConfig(root=root, ids=(TARGET, "img3"), reason="s3 request", purge_results=True))
     assert {i: r["status"] for i, r in summary.per_id.items()} == {TARGET: "already erased", "img3": "already erased"}
-    assert summary.faces_removed == 2 and not summary.not_found
+    assert summary.faces_removed == 2 and not summary.not_found and summary.purged_results == [out]
+    table = storage.read_table(search.outputs(out)["results"])
+    assert not {TARGET, "img3"} & set(table["gallery_image_id"].to_pylist() + table["probe_image_id"].to_pylist())
     assert not {TARGET, "img3"} & all_version_ids(root)
     assert audit.verify(root)[1] is None
     # deleting the erasure list is detected, and no publisher obeys it
