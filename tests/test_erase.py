@@ -173,10 +173,12 @@ def test_erase_on_s3_embed_and_index_root_kill_and_resume(embedded, s3_bucket):
     assert not {TARGET, "img3"} & all_version_ids(root)
 
 
-def test_erase_on_a_rebuild_root_stays_erased_and_a_deleted_list_is_refused(ray_local, provisioned_weights,
-                                                                          tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_erase_on_a_rebuild_root_stays_erased_and_a_deleted_list_is_refused(where, ray_local, provisioned_weights,
+                                                                          tmp_path, monkeypatch, request):
     monkeypatch.setenv("FACELAKE_USER", "dpo-officer")
-    root, manifest_uri = str(tmp_path / "root"), str(tmp_path / "m.parquet")
+    root = str(tmp_path / "root") if where == "local" else f"{request.getfixturevalue('s3_bucket')}/root"
+    manifest_uri = str(tmp_path / "m.parquet")
     storage.write_table(manifest_uri, sample_manifest(NAMES))
     config = RebuildConfig(manifest=manifest_uri, root=root, progress=False, workers=1, keep=5)
     first = run_rebuild(config)
