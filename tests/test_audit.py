@@ -245,3 +245,31 @@ def test_sigterm_under_rays_own_handler_still_ends_as_interrupted(tmp_path):
             os.kill(os.getpid(), signal.SIGTERM)
     (record,) = audit.list_records(root)
     assert record["status"] == "interrupted" and "SystemExit" in record["error"]
+
+
+def test_the_cli_killed_with_sigterm_leaves_an_interrupted_record(indexed, tmp_path):
+    """The user's case: `facelake search` sent SIGTERM (a scheduler stopping it) used to leave no record."""
+    import subprocess
+    import sys
+    import time
+
+    root = str(indexed / "root")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, "-m", "facelake.jobs.cli", "search", str(indexed / "probes.parquet"),
+                             "--root", root, "--out", str(tmp_path / "out"), "--purpose", "cli sigterm"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(r["purpose"] == "cli sigterm" for r in audit.list_records(root, "search")):
+            assert proc.poll() is None and time.monotonic() < deadline, "the search never wrote its started record"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)   # anything the killed driver left (its local Ray)
+        except ProcessLookupError:
+            pass
+    (record,) = [r for r in audit.list_records(root, "search") if r["purpose"] == "cli sigterm"]
+    assert record["status"] == "interrupted" and record["ended_at"], proc.stderr.read().decode()[-2000:]
+    assert proc.returncode != 0 and not list((tmp_path / "out").glob("results/*.parquet"))
