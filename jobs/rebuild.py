@@ -261,9 +261,8 @@ def publish_index(root: str, faces: pa.Table | None, *, model: str, weights_sha2
     """
     from facelake.index import layout
     from facelake.index.build import DEFAULT_SHARD_SIZE, build_version, embeddings, read_faces
-    from facelake.index.load import open_version
-
     from facelake.index.erasure import check_publishable, drop_versions_holding, erased_ids_checked
+    from facelake.index.load import open_version
 
     hooks = hooks or {}
     pointer = rootmod.read_pointer(root, options) or {}

@@ -94,7 +94,8 @@ def print_status(info: dict) -> None:
              f"created {v['created_at']}" + (f"  quantizer from {v['trained_from']}" if v["trained_from"] else ""))
     c = info["counts"]
     echo(f"record (table version {info['table_version'] or 'none'}): {c['faces']} faces of {c['images']} images, "
-         f"{c['errors']} errors, {c['erasures']} erased ids")
+         f"{c['errors']} errors, "
+         + (f"{c['erasures']} erased ids" if c["erasures"] is not None else "erasure list refused (see below)"))
     if info["quantizer"]:
         q = info["quantizer"]
         echo(f"quantizer trained in {q.get('trained_in')} on {q.get('faces')} faces "
