@@ -95,6 +95,11 @@ def validate(uri: str, options: storage.StorageOptions | None = None,
                 raise ManifestError(f"manifest has null image_id or uri values near row {rows}; every row needs both")
             if pc.any(pc.equal(pc.utf8_length(image_id), 0)).as_py():
                 raise ManifestError(f"manifest has an empty image_id near row {rows}")
+            bad_id = id_rule_violation(image_id)
+            if bad_id is not None:
+                raise ManifestError(f"manifest {storage.redact(uri)} row {rows + bad_id[0]}: {bad_id[1]}; fix the "
+                                    f"image_id (no control characters, no surrounding whitespace, at most "
+                                    f"{MAX_ID_CHARS} characters): it is what `facelake erase` takes")
             if rows + len(batch) > expected_rows:
                 raise ManifestError(f"manifest {storage.redact(uri)} changed while it was validated; rerun")
             id_list = image_id.to_pylist()
@@ -119,6 +124,34 @@ def validate(uri: str, options: storage.StorageOptions | None = None,
     carried = tuple(c for c in schema.names if c not in MANIFEST_REQUIRED)
     return ManifestInfo(uri=uri, files=tuple(files), schema=schema, rows=rows, carried=carried,
                         fingerprint=digest.hexdigest())
+
+
+# The one rule for image ids: what a manifest may hold is exactly what `facelake erase` accepts.
+MAX_ID_CHARS = 1024          # file paths of deep archives fit; longer is a data error
+_CONTROL = r"[\x{00}-\x{1f}\x{7f}-\x{9f}]"
+
+
+def id_rule_violation(ids: pa.Array | pa.ChunkedArray | list[str]) -> tuple[int, str] | None:
+    """(position, what is wrong) of the first id breaking the id rule, or None when all keep it.
+
+    The rule: a non-empty string of at most MAX_ID_CHARS characters, without control characters
+    (newline, tab, NUL, ...) and without leading or trailing whitespace. Vectorised (pyarrow).
+    """
+    ids = pa.array(ids, pa.string()) if isinstance(ids, list) else ids.cast(pa.string())
+    checks = (
+        (pc.is_null(ids), "is null"),
+        (pc.equal(pc.utf8_length(ids), 0), "is empty"),
+        (pc.match_substring_regex(ids, _CONTROL), "holds a control character"),
+        (pc.not_equal(pc.utf8_trim_whitespace(ids), ids), "has leading or trailing whitespace"),
+        (pc.greater(pc.utf8_length(ids), MAX_ID_CHARS), f"is longer than {MAX_ID_CHARS} characters"),
+    )
+    first = None
+    for mask, why in checks:
+        hits = pc.indices_nonzero(pc.fill_null(mask, False)) if len(ids) else pa.array([], pa.uint64())
+        if len(hits) and (first is None or hits[0].as_py() < first[0]):
+            position = hits[0].as_py()
+            first = (position, f"image_id {str(ids[position].as_py())[:80]!r} {why}")
+    return first
 
 
 def _refuse_duplicates(uri: str, options: storage.StorageOptions | None, clashing: set[int]) -> None:

@@ -4,7 +4,7 @@
     ROOT/errors/part-<table version>-<n>.parquet   errors of record (one row per failed image)
     ROOT/tables/<table version>.json               a table version: which parts make the tables
     ROOT/TABLE                                     pointer: the live table version (+ its index)
-    ROOT/erasures/<job id>.parquet                 erasure list of record: append-only objects
+    ROOT/erasures/<seq>.parquet                    erasure list of record: append-only, hash-chained
     ROOT/staging/<run>/                            an in-progress embed (facelake embed's layout)
     ROOT/_runs/<run>.json                          summaries of the embed runs merged into record
     ROOT/lock                                      facelake.lock
@@ -20,8 +20,11 @@ never by listing ROOT/faces: between a crash and the next job the folder may hol
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import io
 import json
 import logging
+import re
 import secrets
 from dataclasses import dataclass
 
@@ -30,6 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from facelake import storage
+from facelake.errors import FacelakeError
 from facelake.storage import StorageOptions
 
 log = logging.getLogger(__name__)
@@ -43,8 +47,9 @@ PART_ROWS = 100_000
 COMPACT_AT = 16
 
 ERASURE_SCHEMA = pa.schema([
-    ("image_id", pa.string()), ("reason", pa.string()), ("user", pa.string()),
+    ("image_id", pa.string()), ("reason", pa.string()), ("user", pa.string()), ("claimed_user", pa.string()),
     ("erased_at", pa.string()), ("job_id", pa.string()),
+    ("faces", pa.int64()), ("error_rows", pa.int64()),   # what the root held of the id when it was erased
 ])
 
 
@@ -246,37 +251,160 @@ def collect_garbage(root: str, options: StorageOptions | None = None) -> list[st
 
 
 # ---------------------------------------------------------------------------- erasures
+#
+# ROOT/erasures/<seq>.parquet, seq = 1, 2, ... (zero padded), each created write-if-absent and
+# never rewritten. Each object's Parquet metadata holds its seq and the sha256 of the bytes of
+# object seq-1 (a hash chain, like the audit log), and every erase anchors the head it wrote
+# (seq, sha256) in the audit log. Reading the list checks the chain and the newest anchor, so
+# a deleted, altered or truncated list is refused (ErasureListError), never silently obeyed.
+
+ERASURE_META = b"facelake.erasure"
+ERASURE_NAME = re.compile(r"^(\d{10})\.parquet$")
+ERASURE_ANCHOR_KIND = "erasure-list"
+
+
+class ErasureListError(FacelakeError):
+    """The erasure list of record was deleted, altered or truncated."""
+
+
+def _erasure_files(root: str, options: StorageOptions | None) -> tuple[dict[int, str], list[str]]:
+    """({seq: uri} of the chain, [uris of pre-chain objects ROOT/erasures/<job id>.parquet])."""
+    files, legacy = {}, []
+    fs, path = storage.filesystem(uri(root, ERASURES), options)
+    fs.invalidate_cache(path)
+    for file_uri in storage.list_files(uri(root, ERASURES), options=options):
+        name = file_uri.rstrip("/").rsplit("/", 1)[-1]
+        match = ERASURE_NAME.match(name)
+        if match:
+            files[int(match.group(1))] = file_uri
+        elif name.endswith(".parquet"):
+            legacy.append(file_uri)  # written before the chain: still obeyed (only ever erases more)
+        elif ".tmp-" not in name:
+            raise ErasureListError(f"{storage.redact(file_uri)} is not part of the erasure list (added or "
+                                   f"renamed): move it out of ROOT/erasures, or restore the folder from a "
+                                   f"backup; nothing is published until the list verifies")
+    return files, legacy
+
+
+def _anchor(root: str, options: StorageOptions | None) -> dict | None:
+    """The newest erasure-list head recorded in the audit log ({"seq", "sha256"}), if any.
+
+    Reads records newest first and stops at the first anchor, so its cost is the number of
+    records since the last erase (all of them on a root never erased).
+    """
+    from facelake import audit
+    from facelake.schema import AuditRecord
+
+    chain, _other = audit.chain_files(root, options)
+    for seq in sorted(chain, reverse=True):
+        try:
+            record = AuditRecord.from_json(storage.read_bytes(chain[seq], options))
+        except (ValueError, TypeError):
+            continue  # reported by `facelake audit`; the chain check names it
+        if record.kind == ERASURE_ANCHOR_KIND and isinstance(record.details.get("head"), dict):
+            return record.details["head"]
+    return None
+
+
+def erasure_log(root: str, options: StorageOptions | None = None) -> tuple[pa.Table, dict | None]:
+    """(the erasure list of record, its head {"seq", "sha256"} or None), chain and anchor checked."""
+    files, legacy = _erasure_files(root, options)
+    tables, prev, head = [], None, None
+    fix = "restore ROOT/erasures from a backup (facelake audit ROOT lists the erasures); nothing is published until then"
+    for file_uri in legacy:
+        try:
+            old = pq.read_table(io.BytesIO(storage.read_bytes(file_uri, options)))
+            tables.append(pa.table({f.name: old[f.name].cast(f.type) if f.name in old.column_names
+                                    else pa.nulls(old.num_rows, f.type) for f in ERASURE_SCHEMA},
+                                   schema=ERASURE_SCHEMA))
+        except (pa.ArrowException, KeyError, ValueError) as err:
+            raise ErasureListError(f"{storage.redact(file_uri)} (written before the chain) is unreadable: {fix}") from err
+    for seq in range(1, max(files, default=0) + 1):
+        if seq not in files:
+            raise ErasureListError(f"erasure list entry {seq} is missing (deleted): {fix}")
+        data = storage.read_bytes(files[seq], options)
+        try:
+            table = pq.read_table(io.BytesIO(data))
+            meta = json.loads((table.schema.metadata or {})[ERASURE_META])
+        except (pa.ArrowException, KeyError, ValueError) as err:
+            raise ErasureListError(f"erasure list entry {seq} is unreadable ({type(err).__name__}): {fix}") from err
+        if meta.get("seq") != seq or meta.get("prev_sha256") != prev:
+            raise ErasureListError(f"erasure list entry {seq} does not follow entry {seq - 1} (altered or "
+                                   f"replaced): {fix}")
+        prev = hashlib.sha256(data).hexdigest()
+        head = {"seq": seq, "sha256": prev}
+        tables.append(table.cast(ERASURE_SCHEMA).replace_schema_metadata(None))
+    anchor = _anchor(root, options)
+    if anchor is not None:
+        at = anchor.get("seq", 0)
+        if at > (head or {}).get("seq", 0):
+            raise ErasureListError(f"the audit log records {at} erasure list entries but ROOT/erasures holds "
+                                   f"{len(files)}: entries were deleted; {fix}")
+        if at and hashlib.sha256(storage.read_bytes(files[at], options)).hexdigest() != anchor.get("sha256"):
+            raise ErasureListError(f"erasure list entry {at} differs from what the audit log recorded: {fix}")
+    table = pa.concat_tables(tables) if tables else ERASURE_SCHEMA.empty_table()
+    return table, head
+
 
 def erasures(root: str, options: StorageOptions | None = None) -> pa.Table:
-    """The erasure list of record (every object under ROOT/erasures), oldest first."""
-    files = storage.list_files(uri(root, ERASURES), ".parquet", options)
-    if not files:
-        return ERASURE_SCHEMA.empty_table()
-    tables = []
-    for file_uri in files:
-        fs, path = storage.filesystem(file_uri, options)
-        with fs.open(path, "rb") as handle:
-            tables.append(pq.read_table(handle).cast(ERASURE_SCHEMA))
-    return pa.concat_tables(tables)
+    """The erasure list of record, oldest first (ErasureListError when it does not verify)."""
+    return erasure_log(root, options)[0]
 
 
 def erased_ids(root: str, options: StorageOptions | None = None) -> pa.Array:
+    """Every image id ever erased from ROOT (ErasureListError when the list does not verify)."""
     return pc.unique(erasures(root, options)["image_id"].combine_chunks())
 
 
-def append_erasure(root: str, ids: list[str], *, reason: str, user: str, job_id: str,
-                   options: StorageOptions | None = None) -> str:
-    """Append one object to the erasure list (never rewritten); returns its URI."""
-    now = utc_now()
-    table = pa.table({"image_id": ids, "reason": [reason] * len(ids), "user": [user] * len(ids),
-                      "erased_at": [now] * len(ids), "job_id": [job_id] * len(ids)}, schema=ERASURE_SCHEMA)
-    import io
+def append_erasure(root: str, counts: dict[str, tuple[int, int]], *, reason: str, job_id: str,
+                   options: StorageOptions | None = None) -> dict:
+    """Append ids with their (faces, error rows) counts as the next link; returns the new head.
 
-    sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd")
-    target = uri(root, ERASURES, f"{job_id}.parquet")
-    storage.write_bytes_new(target, sink.getvalue(), options)
-    return target
+    The head is then anchored in the audit log (kind "erasure-list"), so removing this entry
+    later is detected.
+    """
+    from facelake import audit
+
+    person = audit.who()
+    for _ in range(20):
+        _table, head = erasure_log(root, options)
+        seq = (head or {}).get("seq", 0) + 1
+        now = utc_now()
+        ids = sorted(counts)
+        table = pa.table({
+            "image_id": ids, "reason": [reason] * len(ids), "user": [person["user"]] * len(ids),
+            "claimed_user": [person["claimed_user"]] * len(ids), "erased_at": [now] * len(ids),
+            "job_id": [job_id] * len(ids), "faces": [counts[i][0] for i in ids],
+            "error_rows": [counts[i][1] for i in ids]}, schema=ERASURE_SCHEMA)
+        table = table.replace_schema_metadata({ERASURE_META: json.dumps(
+            {"seq": seq, "prev_sha256": (head or {}).get("sha256"), "job_id": job_id}).encode()})
+        sink = io.BytesIO()
+        pq.write_table(table, sink, compression="zstd")
+        data = sink.getvalue()
+        try:
+            audit.create_new(uri(root, ERASURES, f"{seq:010d}.parquet"), data, options)
+        except FileExistsError:
+            continue
+        new_head = {"seq": seq, "sha256": hashlib.sha256(data).hexdigest()}
+        audit.write_record(root, {"job_id": f"{job_id}-list", "kind": ERASURE_ANCHOR_KIND, "erase_job": job_id,
+                                  "head": new_head, "ids_count": len(ids)}, options)
+        return new_head
+    raise ErasureListError(f"could not append to the erasure list of {storage.redact(root)}: it kept changing; retry")
+
+
+def refuse_erased(image_ids: pa.Array | pa.ChunkedArray, erased: pa.Array, what: str) -> None:
+    """Raise ErasureListError if ``image_ids`` (a version about to be published) hold an erased id.
+
+    Every publisher (index, rebuild, erase) calls this with the image ids of the version it is
+    about to make live, just before it writes the pointer.
+    """
+    if not len(erased) or not len(image_ids):
+        return
+    held = pc.unique(pc.filter(image_ids, pc.is_in(image_ids, value_set=erased)))
+    if len(held):
+        raise ErasureListError(f"refusing to publish {what}: it holds {len(held)} erased image id(s) "
+                               f"(the erasure list of record names them); the publisher must filter the "
+                               f"erasure list (index, rebuild and erase do) - nothing was published")
 
 
 # ---------------------------------------------------------------------------- staging

@@ -5,6 +5,9 @@ Data flows one way: manifest -> faces (+ errors) -> index version -> results (+ 
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict, dataclass, field, fields
+
 import pyarrow as pa
 
 # Manifest: one row per archived image. Every other column is carried through to outputs.
@@ -92,3 +95,63 @@ def id_table_schema(faces: pa.Schema) -> pa.Schema:
 def carried_columns(schema: pa.Schema, own: tuple[str, ...] = FACE_COLUMNS) -> list[str]:
     """Manifest columns that are not facelake's own and are carried through."""
     return [name for name in schema.names if name not in own]
+
+
+# ------------------------------------------------------------------------------ audit records
+
+AUDIT_FORMAT = 1
+# The one status field every job's records carry: "started" is written before any result,
+# then exactly one of the others when the job ends (none when it was killed outright).
+AUDIT_STATUSES = ("started", "succeeded", "failed", "interrupted")
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One record of ROOT/audit/ (facelake.audit): common fields typed, job-specific ones in ``details``.
+
+    ``seq`` numbers the records of a root from 1; ``prev_sha256`` is the sha256 of the bytes of
+    record ``seq - 1`` (None for the first), which makes the log a hash chain.
+    """
+
+    seq: int
+    prev_sha256: str | None
+    job_id: str
+    kind: str                          # search | erase | rebuild | index | lock-takeover
+    status: str                        # one of AUDIT_STATUSES
+    os_user: str                       # the operating-system user running the job
+    claimed_user: str | None           # FACELAKE_USER, as claimed (not verified)
+    host: str
+    pid: int
+    ray_job: str | None                # the Ray job (submission id) the job ran in, if any
+    ray_submitter: str | None          # the submitter's user tag of that Ray job, if known
+    started_at: str
+    ended_at: str | None
+    recorded_at: str
+    error: str | None = None
+    details: dict = field(default_factory=dict)
+    format: int = AUDIT_FORMAT
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=2, sort_keys=True, default=str).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "AuditRecord":
+        """Parse and type-check one stored record; raises ValueError naming what is wrong."""
+        raw = json.loads(data)
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object")
+        names = {f.name for f in fields(cls)}
+        missing = sorted(n for n in names if n not in raw and n not in ("error", "details", "format"))
+        extra = sorted(set(raw) - names)
+        if missing or extra:
+            raise ValueError(f"not an audit record (missing {missing}, unknown {extra})")
+        record = cls(**raw)
+        if not isinstance(record.seq, int) or record.seq < 1 or record.status not in AUDIT_STATUSES \
+                or not isinstance(record.details, dict):
+            raise ValueError(f"bad seq {record.seq!r}, status {record.status!r} or details")
+        return record
+
+    def view(self) -> dict:
+        """The flat dict readers use: details first, then the common fields (``user`` = os_user)."""
+        common = {k: v for k, v in asdict(self).items() if k != "details"}
+        return {**self.details, **common, "user": self.os_user}

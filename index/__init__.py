@@ -10,5 +10,8 @@
   manifest's sha256 before parsing; other model or dimension refused.
 - ``search``: ``search_shard``, ``merge_topk`` (faiss ResultHeap), the ``ShardSearcher`` Ray
   actor and ``search_version``. Tested against exact IndexFlatIP results.
+- ``erasure``: what every publisher does about the erasure list: the checked list, the refusal to
+  publish a version holding an erased id, removing other versions that hold one. Tested in
+  tests/test_erase.py.
 - ``synthetic``: clustered unit vectors for tests and bench/index.py.
 """

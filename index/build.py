@@ -21,7 +21,6 @@ faces are in one part). Erased faces leave gaps in the ids; id tables carry the 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import io
 import logging
 import math
@@ -451,7 +450,8 @@ def build_version(faces: FacesInput, root: str, *, model: str, weights_sha256: s
     id_schema = id_table_schema(schema)
     threads = _threads_per_task(len(bounds))
     trained_ref = ray.put(trained)
-    erased = None if erased_ids is None or not len(erased_ids) else ray.put(pa.array(erased_ids, pa.string()))
+    erased_list = pa.array([], pa.string()) if erased_ids is None else pc.unique(pa.array(erased_ids).cast(pa.string()))
+    erased = ray.put(erased_list) if len(erased_list) else None
     tasks = []
     for shard_no, (start, stop) in enumerate(bounds):
         job = ShardJob(shard_no=shard_no, pieces=pieces(parts, start, stop),
@@ -495,7 +495,6 @@ def build_version(faces: FacesInput, root: str, *, model: str, weights_sha256: s
                    for i, ((a, _), r) in enumerate(zip(bounds, results))],
         "total": total,
         "erased_faces": sum(r["erased"] for r in results),
-        "erased_ids_sha256": _ids_digest(erased_ids),
         "files": files,
         "source": source or (storage.redact(faces) if isinstance(faces, str) else
                              f"<{len(parts)} part file(s)>" if isinstance(faces, list) else "<in-memory table>"),
@@ -503,6 +502,8 @@ def build_version(faces: FacesInput, root: str, *, model: str, weights_sha256: s
         "facelake_version": facelake.__version__,
         "faiss_version": faiss.__version__,
         "trained_from": trained_from,
+        "erased_ids_count": len(erased_list),       # distinct ids of the erasure list left out
+        "erased_ids_sha256": layout.sha256("\0".join(sorted(erased_list.to_pylist())).encode()),
         "build": {"gpu": bool(use_gpu), "train_seconds": trained_seconds,
                   "seconds": round(time.perf_counter() - started, 3)},
     }
@@ -512,16 +513,6 @@ def build_version(faces: FacesInput, root: str, *, model: str, weights_sha256: s
     layout.publish(root, version, manifest_sha, options)
     layout.prune(root, keep, options)
     return manifest
-
-
-def _ids_digest(ids: pa.Array | None) -> str | None:
-    """sha256 of the sorted erased ids a version was built without (None when none)."""
-    if ids is None or not len(ids):
-        return None
-    digest = hashlib.sha256()
-    for value in sorted(pa.array(ids, pa.string()).to_pylist()):
-        digest.update(value.encode() + b"\0")
-    return digest.hexdigest()
 
 
 def _run_hook(hooks: Hooks | None, name: str, version: str) -> None:

@@ -7,7 +7,8 @@
                                                   for compressed (PQ) shards: exact re-ranking
     ROOT/index/<version>/trained.faiss            the empty trained index (reusable quantizer)
     ROOT/index/<version>/manifest.json            parameters, counts, sha256 of every file
-    ROOT/index/CURRENT                            {"version": ..., "manifest_sha256": ...}
+    ROOT/index/CURRENT                            {"version": ..., "manifest_sha256": ..., "seq": n}
+    ROOT/index/PUBLISHED.<seq>.json               publish log: one entry per publish, never rewritten
 
 A version is complete once its manifest exists; it is live once CURRENT names it. Both are
 written last, each with one atomic write, so readers never see a half-written version and a
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 INDEX_DIR = "index"
 POINTER = "CURRENT"
+PUBLISHED = "PUBLISHED"   # ROOT/index/PUBLISHED.<seq>.json: the publish log
 MANIFEST = "manifest.json"
 TRAINED = "trained.faiss"
 VERSION_FORMAT = "%Y%m%dT%H%M%S"
@@ -99,23 +101,92 @@ def read_manifest(root: str, version: str, options: StorageOptions | None = None
         raise IndexVersionError(f"{storage.redact(uri)} is not valid JSON: rebuild the index") from err
 
 
+def _published(root: str, options: StorageOptions | None) -> dict[int, str]:
+    """{seq: uri} of the publish log ROOT/index/PUBLISHED.<seq>.json (one entry per publish)."""
+    fs, path = storage.filesystem(index_root(root), options)
+    fs.invalidate_cache()
+    if not fs.exists(path):
+        return {}
+    entries = {}
+    for entry in fs.ls(path, detail=True):
+        name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+        if entry["type"] == "file" and name.startswith(PUBLISHED + ".") and name.endswith(".json"):
+            try:
+                entries[int(name[len(PUBLISHED) + 1:-len(".json")])] = storage.join(index_root(root), name)
+            except ValueError:
+                continue
+    return entries
+
+
 def publish(root: str, version: str, manifest_sha256: str, options: StorageOptions | None = None) -> None:
-    """Make ``version`` live: one atomic write of ROOT/index/CURRENT, the last step of a build."""
+    """Make ``version`` live: one atomic write of ROOT/index/CURRENT, the last step of a build.
+
+    Publishing is numbered: CURRENT carries ``seq`` (one more than every publish before), then
+    the entry PUBLISHED.<seq>.json is created, never rewritten. ``read_pointer`` refuses a
+    CURRENT older than the newest entry (rolled back) or lacking ``manifest_sha256``.
+    """
+    if not manifest_sha256:
+        raise ConfigError("publish needs the manifest's sha256 (write_manifest returns it)")
+    entries = _published(root, options)
+    try:
+        before = read_pointer(root, options)
+    except IndexVersionError:
+        before = None  # a refused CURRENT is replaced by a valid, newer one
+    seq = max([0, *entries, (before or {}).get("seq") or 0]) + 1
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    body = {"version": version, "manifest_sha256": manifest_sha256, "published_at": now}
-    storage.write_bytes_atomic(storage.join(index_root(root), POINTER), json.dumps(body).encode(), options)
+    body = json.dumps({"version": version, "manifest_sha256": manifest_sha256, "published_at": now,
+                       "seq": seq}).encode()
+    storage.write_bytes_atomic(storage.join(index_root(root), POINTER), body, options)
+    storage.write_bytes_new(storage.join(index_root(root), f"{PUBLISHED}.{seq:010d}.json"), body, options)
 
 
 def read_pointer(root: str, options: StorageOptions | None = None) -> dict | None:
-    """CURRENT's content, or None when nothing was ever published."""
+    """CURRENT's content, or None when nothing was ever published (or the index was withdrawn).
+
+    Refused (IndexVersionError) when it is not JSON, lacks ``manifest_sha256`` or ``seq``, or is
+    older than the newest entry of the publish log (CURRENT was rolled back by hand).
+    """
+    for attempt in range(3):  # a publish landing between the two reads below is not a rollback
+        try:
+            return _checked_pointer(root, options)
+        except _RolledBack as err:
+            if attempt == 2:
+                raise IndexVersionError(str(err)) from None
+            time.sleep(0.05)
+    return None
+
+
+class _RolledBack(Exception):
+    pass
+
+
+def _checked_pointer(root: str, options: StorageOptions | None) -> dict | None:
     uri = storage.join(index_root(root), POINTER)
+    fix = "publish a new version with `facelake index` or `facelake rebuild` (CURRENT is only written by publishing)"
     try:
-        return json.loads(storage.read_bytes(uri, options))
+        pointer = json.loads(storage.read_bytes(uri, options))
     except FileNotFoundError:
         return None
     except ValueError as err:
-        raise IndexVersionError(f"{storage.redact(uri)} is not valid JSON: rewrite it naming a version "
-                                f"from `list_versions` or rebuild with `facelake index`") from err
+        raise IndexVersionError(f"{storage.redact(uri)} is not valid JSON: {fix}") from err
+    if not isinstance(pointer, dict) or not pointer.get("version") or not pointer.get("manifest_sha256") \
+            or not isinstance(pointer.get("seq"), int):
+        raise IndexVersionError(f"{storage.redact(uri)} lacks its version, manifest_sha256 or publish number "
+                                f"(written by hand or by an older facelake): {fix}")
+    entries = _published(root, options)
+    newest = max(entries, default=0)
+    if pointer["seq"] < newest:
+        raise _RolledBack(f"{storage.redact(uri)} names {pointer['version']} (publish {pointer['seq']}) but "
+                                f"publish {newest} came later: CURRENT was rolled back; {fix}")
+    if pointer["seq"] in entries:
+        try:
+            logged = json.loads(storage.read_bytes(entries[pointer["seq"]], options))
+        except ValueError:  # being written right now
+            logged = pointer
+        if (logged.get("version"), logged.get("manifest_sha256")) != (pointer["version"], pointer["manifest_sha256"]):
+            raise IndexVersionError(f"{storage.redact(uri)} differs from publish {pointer['seq']} of the publish log "
+                                    f"(it was edited): {fix}")
+    return pointer
 
 
 def current_version(root: str, options: StorageOptions | None = None) -> str | None:

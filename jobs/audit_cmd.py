@@ -1,11 +1,14 @@
 """`facelake audit ROOT`: list the audit records of a root (searches, erasures, rebuilds).
 
-    facelake audit ROOT [--kind search] [--json] [--endpoint-url URL]
+    facelake audit ROOT [--kind search] [--json] [--verify] [--endpoint-url URL]
 
-A table, oldest first: time, job id, kind, user, purpose, mode, index version, counts, status;
-``--json`` prints the records themselves (one JSON list). Reading never changes the log.
-Library: ``facelake.audit.list_records``; ``rows(records)`` gives the table's rows. Tested in
-tests/test_search.py.
+A table, one row per job, oldest first: time, job id, kind, user (the OS user; a claimed
+FACELAKE_USER is shown as "os-user (as claimed)"), purpose, mode, index version, counts, status
+("started" alone means the job is running or was killed outright). ``--json`` prints the jobs'
+latest records (one JSON list). A malformed file is reported on stderr and skipped (exit 1 at
+the end). ``--verify`` checks the hash chain and names the first broken link (exit 1).
+Reading never changes the log. Library: ``facelake.audit.read_log`` / ``verify``; ``rows(records)``
+gives the table's rows. Tested in tests/test_audit.py and tests/test_search.py.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ def rows(records: list[dict]) -> list[dict[str, str]]:
             "time": r.get("started_at") or r.get("recorded_at") or "",
             "job_id": r.get("job_id", ""),
             "kind": r.get("kind", ""),
-            "user": r.get("user", ""),
+            "user": r.get("user", "") + (f" (as {r['claimed_user']})" if r.get("claimed_user") else ""),
             "purpose": _short(r.get("purpose") or "", PURPOSE_WIDTH),
             "mode": r.get("mode") or "",
             "version": r.get("index_version") or "",
@@ -71,15 +74,29 @@ def register(app: typer.Typer) -> None:
         root: str = typer.Argument(..., metavar="ROOT", help="root whose audit log (ROOT/audit/) is listed"),
         kind: str = typer.Option(None, "--kind", help="only records of this kind (search, erase, ...)"),
         as_json: bool = typer.Option(False, "--json", help="print the full records as one JSON list"),
+        verify: bool = typer.Option(False, "--verify", help="check the hash chain; name the first broken link"),
         endpoint_url: str = typer.Option(None, "--endpoint-url", help="S3-compatible endpoint (credentials come from the AWS chain)"),
     ) -> None:
-        """List the audit records of a root, oldest first."""
+        """List the audit records of a root, oldest first (or --verify the chain)."""
         storage.check_uri(root)
-        records = audit.list_records(root, kind, storage.StorageOptions.from_env(endpoint_url))
+        options = storage.StorageOptions.from_env(endpoint_url)
+        if verify:
+            count, broken = audit.verify(root, options)
+            if broken:
+                typer.secho(f"audit log of {storage.redact(root)} is broken after {count} good record(s): {broken}",
+                            err=True, fg=typer.colors.RED)
+                raise typer.Exit(1)
+            typer.echo(f"audit log of {storage.redact(root)} verified: {count} record(s), hash chain intact")
+            return
+        read = audit.read_log(root, options)
+        for problem in read.problems:
+            typer.secho(f"skipped malformed audit file {problem}", err=True, fg=typer.colors.YELLOW)
+        records = [r for r in audit.jobs(read.records) if kind is None or r["kind"] == kind]
         if as_json:
             typer.echo(json.dumps(records, indent=2, sort_keys=True, default=str))
-            return
-        if not records:
+        elif not records:
             typer.echo(f"no audit records under {storage.redact(audit.audit_dir(root))}")
-            return
-        typer.echo(format_table(rows(records)))
+        else:
+            typer.echo(format_table(rows(records)))
+        if read.problems:
+            raise typer.Exit(1)

@@ -1,42 +1,55 @@
 """`facelake erase`: remove photos' faces for good and publish an index version without them.
 
-Under ROOT's lock, in this order (each step safe to crash after; rerunning erase, or the next
-rebuild, completes it because both purge every id of the erasure list from the record):
+Audited first (facelake.audit.Job: a "started" record, then succeeded / failed / interrupted),
+then under ROOT's lock, in this order (each step safe to crash after; rerunning the same erase,
+or any later index / rebuild, completes it, because all of them purge every id of the erasure
+list and refuse to publish a version holding one):
 
-1. Append the ids, reason, user and time to the erasure list of record (ROOT/erasures/<job>.parquet).
-   From here on rebuild never embeds them again, even while the manifest lists them.
-2. Remove staging runs (a killed rebuild's staged faces may include them).
-3. Write a table version of record without any erased id (parts holding one are rewritten).
-4. Rebuild every shard from the faces of record, reusing the live trained quantizer (faiss GPU
-   indexes cannot remove ids, and removing ids from CPU shards would leave id tables stale, so
-   erasure never edits shard files), and publish it.
-5. Refuse to finish unless the live version's id tables hold none of the erased ids; then delete
-   every older index version that holds one (they stay openable by name otherwise) and the part
-   files of record that held them.
-6. Audit record kind "erase": how many ids, their sha256 (ids such as file names can name a
-   person, so the audit log carries hashes; the erasure list keeps the ids because rebuild must
-   match them), reason, user, time, resulting version.
+1. Count, per id, the faces and error rows the root holds of it (faces and errors of record,
+   the live index version). Ids the root does not hold are not recorded and are reported as
+   not found (exit 1 in the CLI). Ids already on the erasure list (an earlier or killed erase)
+   report the counts recorded when they were listed.
+2. Append the new ids with their counts, reason and user to the erasure list of record
+   (facelake.root: append-only, hash-chained, anchored in the audit log). From here on no
+   publisher embeds or indexes them again, even while a manifest or faces table lists them.
+3. Remove staging runs (a killed rebuild's staged faces may include them).
+4. Write a table version of record without any erased id (parts holding one are rewritten).
+5. Publish an index version without them: from the faces of record (rebuild's roots) or, on a
+   root made by ``facelake embed`` + ``facelake index``, from the faces table the live version was
+   built from (its manifest's ``source``), reusing the live trained quantizer. Shard files are
+   never edited (GPU indexes cannot remove ids, and id tables would go stale).
+6. Refuse to finish unless the live version holds none of the erased ids; delete every other
+   version that holds one (so versions kept by --keep never do) and the part files that held them.
+7. The end record: per id (as an HMAC under the root's audit key, never the id itself) how many
+   faces and error rows were removed, the ids not found, reason, resulting version.
+
+``--purge-results`` also removes the erased ids' rows from earlier search results named in the
+audit log (search records carry their --out), and reports which result folders it changed.
+Copies outside ROOT (the ``facelake embed --out`` folder, exports) are not reachable from here.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import typer
 
 from facelake import audit, root as rootmod, storage
 from facelake.errors import ConfigError, FacelakeError
 from facelake.lock import DEFAULT_TTL_S, RootLock
+from facelake.manifest import MAX_ID_CHARS, id_rule_violation
 from facelake.registry import get_model, weights_fingerprint
 from facelake.storage import StorageOptions
 
 log = logging.getLogger(__name__)
 
-HOOK_NAMES = ("before_table_pointer", "before_manifest", "before_pointer")
+HOOK_NAMES = ("after_erasure_list", "before_table_pointer", "before_manifest", "before_pointer")
+# Exit code of the CLI when some ids were not found (the others were erased).
+EXIT_NOT_FOUND = 1
 
 
 @dataclass(frozen=True)
@@ -47,13 +60,17 @@ class EraseConfig:
     endpoint_url: str | None = None
     keep: int = 3
     lock_ttl_s: float = DEFAULT_TTL_S
+    purge_results: bool = False
 
     def validate(self) -> None:
         storage.check_uri(self.root)
         if not self.ids:
             raise ConfigError("give the image ids to erase (IMAGE_ID ... or --ids-file FILE)")
-        if any(not i or i != i.strip() for i in self.ids):
-            raise ConfigError("image ids must be non-empty and carry no surrounding spaces")
+        bad = id_rule_violation(list(self.ids))
+        if bad is not None:
+            raise ConfigError(f"id {bad[0] + 1} of those given: {bad[1]}; image ids have no control characters, "
+                              f"no surrounding whitespace and at most {MAX_ID_CHARS} characters (the rule "
+                              f"manifests are validated with), so no photo can carry it")
         if not self.reason or not self.reason.strip():
             raise ConfigError("--reason is required: say why these photos are erased (kept in the erasure list)")
         if self.keep < 1:
@@ -69,120 +86,272 @@ class EraseSummary:
     errors_removed: int = 0
     index_version: str | None = None
     versions_removed: list[str] = field(default_factory=list)
+    # per id: {"faces", "error_rows", "status": "erased" | "already erased" | "not found"}
+    per_id: dict[str, dict] = field(default_factory=dict)
+    not_found: list[str] = field(default_factory=list)
+    purged_results: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def id_hash(image_id: str) -> str:
-    return hashlib.sha256(image_id.encode()).hexdigest()
-
-
 def read_ids_file(path: str, options: StorageOptions | None = None) -> tuple[str, ...]:
-    """One id per line; blank lines and lines starting with # are ignored."""
+    """One id per line (\\n or \\r\\n); blank lines and lines starting with # are skipped.
+
+    Lines are taken as they are: one with surrounding spaces or control characters breaks the id
+    rule and is refused with its line number, never trimmed into another id.
+    """
     text = storage.read_bytes(path, options).decode()
-    return tuple(line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#"))
+    ids = []
+    for number, line in enumerate(text.split("\n"), 1):
+        line = line[:-1] if line.endswith("\r") else line
+        if not line.strip() or line.startswith("#"):
+            continue
+        bad = id_rule_violation([line])
+        if bad is not None:
+            raise ConfigError(f"{storage.redact(path)} line {number}: {bad[1]}; write one image id per line, "
+                              f"exactly as the manifest holds it")
+        ids.append(line)
+    return tuple(ids)
 
 
-def _versions_holding(root: str, ids: pa.Array, live: str | None, options: StorageOptions) -> list[str]:
-    """Index versions other than the live one whose id tables hold any of ``ids``, plus unfinished folders."""
+def _live_ids(root: str, options: StorageOptions) -> tuple[str | None, pa.Table | None]:
     from facelake.index import layout
     from facelake.index.load import load_ids, open_version
 
-    doomed = []
-    complete = layout.list_versions(root, options)
-    for version in complete:
-        if version == live:
-            continue
-        try:
-            held = load_ids(open_version(root, version, options=options))["image_id"]
-        except FacelakeError:
-            doomed.append(version)  # unreadable: cannot prove it is clean
-            continue
-        if pc.any(pc.is_in(held, value_set=ids)).as_py():
-            doomed.append(version)
-    doomed += [v for v in layout._children(root, options) if v not in complete and v != live]
-    return doomed
+    live = layout.current_version(root, options)
+    return live, (load_ids(open_version(root, live, options=options)) if live else None)
+
+
+def _holdings(root: str, ids: list[str], base, index_ids: pa.Table | None,
+              options: StorageOptions) -> dict[str, tuple[int, int]]:
+    """{id: (faces, error rows)} the root holds now (record and live index; the larger face count)."""
+    wanted = pa.array(ids, pa.string())
+
+    def count(table: pa.Table | None) -> dict[str, int]:
+        if table is None or not table.num_rows:
+            return {}
+        hit = table.filter(pc.is_in(table["image_id"].cast(pa.string()), value_set=wanted))
+        return {r["image_id"]: r["image_id_count"] for r in
+                hit.group_by("image_id").aggregate([("image_id", "count")]).to_pylist()}
+
+    faces = count(rootmod.read_faces(root, ["image_id"], base, options)) if base else {}
+    errors = count(rootmod.read_errors(root, ["image_id"], base, options)) if base else {}
+    indexed = count(index_ids)
+    return {i: (max(faces.get(i, 0), indexed.get(i, 0)), errors.get(i, 0)) for i in ids}
+
+
+def _publish_from_source(root: str, live: str, erased: pa.Array, keep: int, lock: RootLock,
+                         options: StorageOptions, hooks: dict) -> str | None:
+    """A root made by `facelake index`: rebuild the live version from its faces table minus ``erased``."""
+    from facelake.index import layout
+    from facelake.index.build import build_version
+    from facelake.index.erasure import check_publishable
+    from facelake.index.load import open_version
+
+    manifest = open_version(root, live, options=options).manifest
+    source = manifest.get("source") or ""
+    try:
+        storage.check_uri(source)
+        faces = storage.read_table(source, columns=["image_id"], options=options)
+    except (FacelakeError, FileNotFoundError, OSError) as err:
+        raise FacelakeError(
+            f"index version {live} holds erased faces and was built by `facelake index` from {source!r}, which "
+            f"cannot be read now ({type(err).__name__}); the erasure list already names the ids: restore that "
+            f"faces table and rerun `facelake erase`, or run `facelake index FACES --root ROOT` with the faces "
+            f"table (it leaves erased ids out)") from err
+    left = int(pc.sum(pc.invert(pc.is_in(faces["image_id"].cast(pa.string()), value_set=erased))).as_py() or 0)
+    if left == 0:
+        lock.verify()
+        storage.remove(layout.index_root(root), recursive=True, options=options)
+        return None
+
+    def before_pointer(version: str) -> None:
+        if "before_pointer" in hooks:
+            hooks["before_pointer"](version)
+        lock.verify()
+        check_publishable(root, version, erased, options)
+
+    built = build_version(source, root, model=manifest["model"], weights_sha256=manifest["weights_sha256"],
+                          shards=min(left, len(manifest["shards"])), trained_from=live if left >= manifest["nlist"]
+                          else None, keep=keep, options=options, erased_ids=erased,
+                          hooks={"before_manifest": hooks.get("before_manifest", lambda v: None),
+                                 "before_pointer": before_pointer})
+    return built["version"]
+
+
+def _report(summary: EraseSummary, ids: list[str], listed: pa.Table, holdings: dict[str, tuple[int, int]]) -> None:
+    earlier = {r["image_id"]: r for r in listed.to_pylist()}
+    for i in ids:
+        if i in earlier:
+            row = earlier[i]
+            summary.per_id[i] = {"faces": row["faces"] or 0, "error_rows": row["error_rows"] or 0,
+                                 "status": "already erased", "erased_at": row["erased_at"], "by_job": row["job_id"]}
+        elif holdings[i] == (0, 0):
+            summary.per_id[i] = {"faces": 0, "error_rows": 0, "status": "not found"}
+            summary.not_found.append(i)
+        else:
+            summary.per_id[i] = {"faces": holdings[i][0], "error_rows": holdings[i][1], "status": "erased"}
+    summary.faces_removed = sum(v["faces"] for v in summary.per_id.values())
+    summary.errors_removed = sum(v["error_rows"] for v in summary.per_id.values())
+    summary.images_with_faces = sum(1 for v in summary.per_id.values() if v["faces"])
 
 
 def run_erase(config: EraseConfig, hooks: dict | None = None) -> EraseSummary:
-    """Erase photos (see the module docstring); returns what was removed and the new version."""
-    from facelake.index import layout
-    from facelake.index.load import load_ids, open_version
-    from facelake.jobs.rebuild import publish_index
+    """Erase photos (see the module docstring); returns what was removed, per id, and the new version.
 
+    Ids the root does not hold are listed in ``summary.not_found`` (not an exception: the others
+    were erased); the CLI exits 1 naming them.
+    """
     config.validate()
     hooks = dict(hooks or {})
     unknown = set(hooks) - set(HOOK_NAMES)
     if unknown:
         raise ConfigError(f"unknown hook(s) {sorted(unknown)}; known: {HOOK_NAMES}")
     options = StorageOptions.from_env(config.endpoint_url)
-    job_id = audit.new_job_id("erase")
-    summary = EraseSummary(job_id=job_id, ids=len(set(config.ids)))
-    started_at = audit.utc_now()
-    with RootLock(config.root, job_id, ttl_s=config.lock_ttl_s, options=options) as lock:
-        rootmod.append_erasure(config.root, sorted(set(config.ids)), reason=config.reason,
-                               user=audit.who()["user"], job_id=job_id, options=options)
-        for run in rootmod.staging_runs(config.root, options):
-            rootmod.remove_staging(config.root, run, options)
-        erased = rootmod.erased_ids(config.root, options)
-        mine = pa.array(sorted(set(config.ids)), pa.string())
-        base = rootmod.current(config.root, options)
-        version = base
-        if base is not None:
-            record = rootmod.record_ids(config.root, base, options)
-            hit = record.filter(pc.is_in(record["image_id"], value_set=erased))
-            faces = rootmod.read_faces(config.root, ["image_id"], base, options)
-            errors = rootmod.read_errors(config.root, ["image_id"], base, options)
-            if faces is not None:
-                in_faces = pc.is_in(faces["image_id"], value_set=mine)
-                summary.faces_removed = int(pc.sum(in_faces).as_py() or 0)
-                summary.images_with_faces = len(pc.unique(faces["image_id"].filter(in_faces)))
-            if errors is not None:
-                summary.errors_removed = int(pc.sum(pc.is_in(errors["image_id"], value_set=mine)).as_py() or 0)
-            if hit.num_rows:
-                def before_table_pointer(name: str) -> None:
-                    if "before_table_pointer" in hooks:
-                        hooks["before_table_pointer"](name)
-                    lock.verify()
-                version = rootmod.write_version(config.root, base, drop_ids=pc.unique(hit["image_id"]),
-                                                add={}, model=base.model, job_id=job_id, options=options,
-                                                hook=before_table_pointer)
-        live = layout.current_version(config.root, options)
-        pointer = rootmod.read_pointer(config.root, options) or {}
-        if version is not None and (version is not base or pointer.get("index_version") != live or live is None):
-            import ray
-
-            from facelake.cluster import runtime
-            started_ray = not ray.is_initialized()
-            runtime.connect(None)
-            try:
-                spec = get_model(version.model)
-                published = publish_index(config.root, rootmod.read_faces(config.root, version=version, options=options),
-                                          model=spec.name, weights_sha256=weights_fingerprint(spec), keep=config.keep,
-                                          full=False, lock=lock, options=options,
-                                          hooks={k: v for k, v in hooks.items() if k != "before_table_pointer"})
-            finally:
-                runtime.shutdown_if_local(started_ray and not hooks)
-            live = published["version"]
-        summary.index_version = live
-        if live is not None:
-            held = load_ids(open_version(config.root, live, options=options))["image_id"]
-            leaked = pc.unique(held.filter(pc.is_in(held, value_set=erased))).to_pylist()
-            if leaked:
-                raise FacelakeError(f"live index version {live} still holds {len(leaked)} erased image(s); "
-                                    f"run `facelake erase` again (the erasure list already names them)")
-        for doomed in _versions_holding(config.root, erased, live, options):
-            storage.remove(layout.version_uri(config.root, doomed), recursive=True, options=options)
-            summary.versions_removed.append(doomed)
-        rootmod.collect_garbage(config.root, options)
-        audit.write_record(config.root, {
-            "job_id": job_id, "kind": "erase", "started_at": started_at, "erased_at": audit.utc_now(),
-            "ids_count": summary.ids, "ids_sha256": sorted(id_hash(i) for i in set(config.ids)),
-            "reason": config.reason, "resulting_version": live, "faces_removed": summary.faces_removed,
-            "images_with_faces": summary.images_with_faces, "errors_removed": summary.errors_removed,
-            "versions_removed": summary.versions_removed}, options)
+    ids = sorted(set(config.ids))
+    hmacs = dict(zip(ids, audit.id_hmac(config.root, ids, options)))
+    with audit.Job(config.root, "erase", options, details={
+            "reason": config.reason, "ids_count": len(ids), "ids_hmac": sorted(hmacs.values()),
+            "purge_results": config.purge_results}) as job:
+        summary = EraseSummary(job_id=job.job_id, ids=len(ids))
+        try:
+            _erase(config, ids, summary, hooks, options)
+        finally:
+            job.details.update({
+                "resulting_version": summary.index_version, "faces_removed": summary.faces_removed,
+                "images_with_faces": summary.images_with_faces, "errors_removed": summary.errors_removed,
+                "versions_removed": summary.versions_removed, "not_found": len(summary.not_found),
+                "per_id": [{"id_hmac": hmacs[i], **v} for i, v in sorted(summary.per_id.items())],
+                "purged_results": summary.purged_results})
     return summary
+
+
+def _erase(config: EraseConfig, ids: list[str], summary: EraseSummary, hooks: dict,
+           options: StorageOptions) -> None:
+    from facelake.index.erasure import erased_ids_checked
+
+    with RootLock(config.root, summary.job_id, ttl_s=config.lock_ttl_s, options=options) as lock:
+        erased_ids_checked(config.root, options)                          # refuses a tampered list
+        listed_before = rootmod.erasures(config.root, options)
+        base = rootmod.current(config.root, options)
+        live, index_ids = _live_ids(config.root, options)
+        mine = pa.array(ids, pa.string())
+        listed = listed_before.filter(pc.is_in(listed_before["image_id"], value_set=mine))
+        holdings = _holdings(config.root, ids, base, index_ids, options)
+        _report(summary, ids, listed, holdings)
+        new = {i: holdings[i] for i, v in summary.per_id.items() if v["status"] == "erased"}
+        if new:
+            rootmod.append_erasure(config.root, new, reason=config.reason, job_id=summary.job_id, options=options)
+        if "after_erasure_list" in hooks:
+            hooks["after_erasure_list"](summary.job_id)
+        _complete(config, summary, base, live, hooks, lock, options)
+        if config.purge_results:
+            summary.purged_results = purge_results(config.root, rootmod.erased_ids(config.root, options), options)
+
+
+def _complete(config: EraseConfig, summary: EraseSummary, base, live: str | None, hooks: dict,
+              lock: RootLock, options: StorageOptions) -> None:
+    """Purge every erased id (not only this job's) from staging, record and index; see the module docstring."""
+    from facelake.index import layout
+    from facelake.index.erasure import check_publishable, erased_ids_checked, versions_holding
+
+    erased = erased_ids_checked(config.root, options)
+    for run in rootmod.staging_runs(config.root, options):
+        rootmod.remove_staging(config.root, run, options)
+    version = base
+    if base is not None:
+        record = rootmod.record_ids(config.root, base, options)
+        hit = record.filter(pc.is_in(record["image_id"], value_set=erased))
+        if hit.num_rows:
+            def before_table_pointer(name: str) -> None:
+                if "before_table_pointer" in hooks:
+                    hooks["before_table_pointer"](name)
+                lock.verify()
+            version = rootmod.write_version(config.root, base, drop_ids=pc.unique(hit["image_id"]), add={},
+                                            model=base.model, job_id=summary.job_id, options=options,
+                                            hook=before_table_pointer)
+    live, index_ids = _live_ids(config.root, options)
+    live_holds = index_ids is not None and pc.any(pc.is_in(index_ids["image_id"], value_set=erased)).as_py()
+    pointer = rootmod.read_pointer(config.root, options) or {}
+    stale = version is not None and (version is not base or pointer.get("index_version") != live or live is None)
+    if stale or live_holds:
+        live = _republish(config, version, live, erased, hooks, lock, options)
+    summary.index_version = live
+    if live is not None:
+        check_publishable(config.root, live, erased, options)
+    for doomed in versions_holding(config.root, erased, live, options):
+        storage.remove(layout.version_uri(config.root, doomed), recursive=True, options=options)
+        summary.versions_removed.append(doomed)
+    if base is not None:
+        rootmod.collect_garbage(config.root, options)
+
+
+def _republish(config: EraseConfig, version, live: str | None, erased: pa.Array, hooks: dict,
+               lock: RootLock, options: StorageOptions) -> str | None:
+    import ray
+
+    from facelake.cluster import runtime
+    from facelake.jobs.rebuild import publish_index
+
+    started_ray = not ray.is_initialized()
+    runtime.connect(None)
+    try:
+        if version is None:  # a root made by embed + index: no faces of record
+            return _publish_from_source(config.root, live, erased, config.keep, lock, options, hooks)
+        spec = get_model(version.model)
+        published = publish_index(config.root, rootmod.read_faces(config.root, version=version, options=options),
+                                  model=spec.name, weights_sha256=weights_fingerprint(spec), keep=config.keep,
+                                  full=False, lock=lock, options=options,
+                                  hooks={k: v for k, v in hooks.items() if k in ("before_manifest", "before_pointer")})
+        return published["version"]
+    finally:
+        runtime.shutdown_if_local(started_ray and not hooks)
+
+
+# ------------------------------------------------------------------------------ search results
+
+def purge_results(root: str, erased: pa.Array, options: StorageOptions) -> list[str]:
+    """Remove rows naming an erased id from the results of every search the audit log records.
+
+    Each search record names its --out; result and error part files there that hold an erased
+    id (as gallery or probe image) are rewritten without those rows. Returns the --out folders
+    changed. Folders that are gone or unreadable are skipped with a warning.
+    """
+    from facelake.jobs.search import outputs
+
+    changed = []
+    outs = sorted({r.get("out") for r in audit.list_records(root, "search", options) if r.get("out")})
+    for out in outs:
+        touched = False
+        try:
+            for folder, columns in ((outputs(out)["results"], ("gallery_image_id", "probe_image_id")),
+                                    (outputs(out)["errors"], ("image_id",))):
+                for part in storage.list_files(folder, ".parquet", options):
+                    touched |= _purge_part(part, columns, erased, options)
+        except (OSError, FacelakeError) as err:
+            log.warning("could not purge search results at %s: %s", storage.redact(out), err)
+            continue
+        if touched:
+            changed.append(out)
+    return changed
+
+
+def _purge_part(part: str, columns: tuple[str, ...], erased: pa.Array, options: StorageOptions) -> bool:
+    table = storage.read_table(part, options=options)
+    keep = None
+    for column in columns:
+        if column in table.column_names:
+            hit = pc.fill_null(pc.is_in(table[column].cast(pa.string()), value_set=erased), False)
+            keep = pc.invert(hit) if keep is None else pc.and_(keep, pc.invert(hit))
+    if keep is None or pc.all(keep).as_py():
+        return False
+    import io
+
+    sink = io.BytesIO()
+    pq.write_table(table.filter(keep), sink, compression="zstd")  # schema metadata (threshold...) kept
+    storage.write_bytes_atomic(part, sink.getvalue(), options)
+    return True
 
 
 def register(app: typer.Typer) -> None:
@@ -194,14 +363,26 @@ def register(app: typer.Typer) -> None:
         reason: str = typer.Option(..., "--reason", help="why (kept in the erasure list of record)"),
         endpoint_url: str = typer.Option(None, "--endpoint-url", help="S3-compatible endpoint (credentials come from the AWS chain)"),
         keep: int = typer.Option(3, "--keep", help="index versions to keep (older ones holding erased ids are removed)"),
+        purge_results: bool = typer.Option(False, "--purge-results",
+                                           help="also remove the erased ids from earlier search results named in the audit log"),
     ) -> None:
         """Remove photos' faces from the record and publish an index version without them."""
         if bool(image_ids) == bool(ids_file):
             raise ConfigError("give either IMAGE_ID ... or --ids-file FILE (one of them)")
         options = StorageOptions.from_env(endpoint_url)
         ids = tuple(image_ids) if image_ids else read_ids_file(ids_file, options)
-        summary = run_erase(EraseConfig(root=root, ids=ids, reason=reason, endpoint_url=endpoint_url, keep=keep))
-        typer.echo(f"erased {summary.ids} image id(s): {summary.faces_removed} face(s) of "
-                   f"{summary.images_with_faces} image(s) and {summary.errors_removed} error row(s) removed "
-                   f"from the record; live index version {summary.index_version}; "
-                   f"{len(summary.versions_removed)} older version(s) holding erased faces deleted")
+        summary = run_erase(EraseConfig(root=root, ids=ids, reason=reason, endpoint_url=endpoint_url, keep=keep,
+                                        purge_results=purge_results))
+        for image_id, row in sorted(summary.per_id.items()):
+            typer.echo(f"  {image_id}: {row['status']}: {row['faces']} face(s), {row['error_rows']} error row(s)")
+        typer.echo(f"erased {summary.ids - len(summary.not_found)} of {summary.ids} image id(s): "
+                   f"{summary.faces_removed} face(s) of {summary.images_with_faces} image(s) and "
+                   f"{summary.errors_removed} error row(s) removed from the record; live index version "
+                   f"{summary.index_version}; {len(summary.versions_removed)} other version(s) holding erased faces deleted")
+        if purge_results:
+            typer.echo("search results purged: " + (", ".join(storage.redact(o) for o in summary.purged_results)
+                                                    or "none held an erased id"))
+        if summary.not_found:
+            typer.secho(f"not found in {storage.redact(root)} (nothing recorded for them; check the ids against the "
+                        f"manifest's image_id): {', '.join(summary.not_found)}", err=True, fg=typer.colors.RED)
+            raise typer.Exit(EXIT_NOT_FOUND)

@@ -24,6 +24,7 @@ def run_index(faces: str, root: str, *, shards: int | None = None, shard_size: i
 
     from facelake.cluster import runtime
     from facelake.index.build import build_version
+    from facelake.index.erasure import check_publishable, drop_versions_holding, erased_ids_checked
 
     storage.check_uri(faces)
     storage.check_uri(root)
@@ -42,16 +43,28 @@ def run_index(faces: str, root: str, *, shards: int | None = None, shard_size: i
             raise ConfigError(f"faces table holds {len(values)} distinct {column} values {values[:3]}: "
                               f"index the faces of exactly one model")
         found[column] = values[0]
-    job_id = audit.new_job_id("index")
-    with RootLock(root, job_id, options=options):
-        started = not ray.is_initialized()
-        runtime.connect(address)
-        try:
-            return build_version(faces, root, model=found["model"], weights_sha256=found["weights_sha256"],
-                                 shards=shards, shard_size=shard_size, nlist=nlist, pq=pq, nprobe=nprobe,
-                                 keep=keep, options=options)
-        finally:
-            runtime.shutdown_if_local(started and address is None)
+    with audit.Job(root, "index", options, details={"faces": storage.redact(faces), "model": found["model"]}) as job:
+        with RootLock(root, job.job_id, options=options) as lock:
+            erased = erased_ids_checked(root, options)   # refuses a tampered erasure list
+
+            def before_pointer(version: str) -> None:
+                lock.verify()
+                check_publishable(root, version, erased, options)
+
+            started = not ray.is_initialized()
+            runtime.connect(address)
+            try:
+                manifest = build_version(faces, root, model=found["model"], weights_sha256=found["weights_sha256"],
+                                         shards=shards, shard_size=shard_size, nlist=nlist, pq=pq, nprobe=nprobe,
+                                         keep=keep, options=options, erased_ids=erased,
+                                         hooks={"before_pointer": before_pointer})
+            finally:
+                runtime.shutdown_if_local(started and address is None)
+            removed = drop_versions_holding(root, erased, manifest["version"], options)
+            job.details.update({"index_version": manifest["version"], "total": manifest["total"],
+                                "erased_left_out": manifest.get("erased_ids_count", 0),
+                                "versions_removed": removed})
+            return manifest
 
 
 def register(app: typer.Typer) -> None:

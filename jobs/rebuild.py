@@ -261,10 +261,14 @@ def publish_index(root: str, faces: pa.Table | None, *, model: str, weights_sha2
     """
     from facelake.index import layout
     from facelake.index.build import DEFAULT_SHARD_SIZE, build_version, embeddings, read_faces
+    from facelake.index.erasure import check_publishable, drop_versions_holding, erased_ids_checked
     from facelake.index.load import open_version
 
     hooks = hooks or {}
     pointer = rootmod.read_pointer(root, options) or {}
+    erased = erased_ids_checked(root, options)   # refuses a tampered erasure list
+    if faces is not None and len(erased):
+        faces = faces.filter(pc.invert(pc.is_in(faces["image_id"].cast(pa.string()), value_set=erased)))
     if faces is None or faces.num_rows == 0:
         lock.verify()
         storage.remove(layout.index_root(root), recursive=True, options=options)
@@ -297,6 +301,7 @@ def publish_index(root: str, faces: pa.Table | None, *, model: str, weights_sha2
         if "before_pointer" in hooks:
             hooks["before_pointer"](version)
         lock.verify()
+        check_publishable(root, version, erased, options)
         q = quantizer
         if reason is not None:
             handle = open_version(root, version, options=options)
@@ -310,7 +315,9 @@ def publish_index(root: str, faces: pa.Table | None, *, model: str, weights_sha2
     built = build_version(table, root, model=model, weights_sha256=weights_sha256, shards=shards,
                           pq=pq_m if reason is not None else None, keep=keep,
                           trained_from=None if reason is not None else live, options=options,
-                          hooks={"before_manifest": before_manifest, "before_pointer": before_pointer})
+                          hooks={"before_manifest": before_manifest, "before_pointer": before_pointer},
+                          erased_ids=erased)
+    drop_versions_holding(root, erased, built["version"], options)
     return {"version": built["version"], "retrained": reason is not None, "reason": reason,
             "factory": built["factory"], "nlist": built["nlist"], "nprobe": built["nprobe"],
             "shards": len(built["shards"]), "total": built["total"], "previous": live}
@@ -386,12 +393,10 @@ def _keep_runs(root: str, run: str, options: StorageOptions) -> None:
 
 
 def run_rebuild(config: RebuildConfig, hooks: Hooks | None = None) -> RebuildSummary:
-    """Bring ROOT up to date with the manifest (see the module docstring); return what it did."""
-    import ray
+    """Bring ROOT up to date with the manifest (see the module docstring); return what it did.
 
-    from facelake.cluster import runtime
-    from facelake.index import layout
-
+    Audited like every job (facelake.audit.Job): "started" before the lock is taken, then
+    succeeded / failed / interrupted with the summary."""
     spec = config.validate()
     hooks = dict(hooks or {})
     unknown = set(hooks) - set(HOOK_NAMES)
@@ -399,9 +404,24 @@ def run_rebuild(config: RebuildConfig, hooks: Hooks | None = None) -> RebuildSum
         raise ConfigError(f"unknown hook(s) {sorted(unknown)}; known: {HOOK_NAMES}")
     options = StorageOptions.from_env(config.endpoint_url)
     table, info = _resolve_manifest(config.manifest, options)
-    job_id = audit.new_job_id("rebuild")
-    summary = RebuildSummary(job_id=job_id, manifest_rows=info.rows)
-    started_at = audit.utc_now()
+    job = audit.Job(config.root, "rebuild", options, details={
+        "manifest": storage.redact(config.manifest), "manifest_fingerprint": info.fingerprint, "full": config.full})
+    with job:
+        summary = RebuildSummary(job_id=job.job_id, manifest_rows=info.rows)
+        try:
+            return _rebuild(config, spec, table, summary, hooks, options)
+        finally:
+            job.details.update({k: v for k, v in summary.to_dict().items() if k != "job_id"})
+
+
+def _rebuild(config: RebuildConfig, spec, table: pa.Table, summary: RebuildSummary, hooks: dict,
+             options: StorageOptions) -> RebuildSummary:
+    import ray
+
+    from facelake.cluster import runtime
+    from facelake.index import layout
+
+    job_id = summary.job_id
     clock = time.monotonic()
     started_ray = False
     with RootLock(config.root, job_id, ttl_s=config.lock_ttl_s, options=options) as lock:
@@ -477,15 +497,11 @@ def run_rebuild(config: RebuildConfig, hooks: Hooks | None = None) -> RebuildSum
             rootmod.collect_garbage(config.root, options)
             summary.outcome = "published"
             return summary
-        except BaseException as err:
+        except BaseException:
             summary.outcome = "failed"
-            summary.seconds["total"] = round(time.monotonic() - clock, 3)
-            _audit(config, summary, info, started_at, options, error=f"{type(err).__name__}: {err}")
             raise
         finally:
-            if summary.outcome != "failed":
-                summary.seconds["total"] = round(time.monotonic() - clock, 3)
-                _audit(config, summary, info, started_at, options)
+            summary.seconds["total"] = round(time.monotonic() - clock, 3)
             runtime.shutdown_if_local(started_ray and config.address is None and not hooks)
 
 
@@ -498,19 +514,6 @@ def _before_table_pointer(hooks: Hooks, lock: RootLock, name: str) -> None:
 def _images(root: str, version, options: StorageOptions) -> int:
     faces = rootmod.read_faces(root, ["image_id"], version, options)
     return 0 if faces is None else len(pc.unique(faces["image_id"]))
-
-
-def _audit(config: RebuildConfig, summary: RebuildSummary, info, started_at: str, options: StorageOptions,
-           error: str | None = None) -> None:
-    record = {"job_id": summary.job_id, "kind": "rebuild", "started_at": started_at, "finished_at": audit.utc_now(),
-              "manifest": storage.redact(config.manifest), "manifest_fingerprint": info.fingerprint,
-              "full": config.full, **{k: v for k, v in summary.to_dict().items() if k != "job_id"}}
-    if error:
-        record["error"] = error[:2000]
-    try:
-        audit.write_record(config.root, record, options)
-    except Exception as err:  # never hide the job's own outcome behind an audit failure
-        log.error("could not write the audit record of %s: %s", summary.job_id, err)
 
 
 def print_summary(summary: RebuildSummary) -> None:

@@ -206,24 +206,23 @@ def run_search(config: SearchConfig, *, hooks: Hooks | None = None) -> SearchSum
         raise ConfigError(f"unknown hook(s) {sorted(unknown)}; known: {HOOK_NAMES}")
     options = storage.StorageOptions.from_env(config.endpoint_url)
     summary = SearchSummary(job_id=audit.new_job_id("search"), mode=config.mode)
-    started_at, started = _utc_now_ms(), time.monotonic()
-    status, error = "failed", None
-    try:
-        _search(config, options, summary, hooks)
-        status = "succeeded"
-        return summary
-    except BaseException as err:
-        error = f"{type(err).__name__}: {storage.redact(str(err))}"[:2000]
-        _remove_partial_results(config.out, summary.job_id, options)
-        if _is_ray_actor_death(err):
-            raise SearchInterrupted(
-                f"a shard searcher died during search {summary.job_id} ({type(err).__name__}); no "
-                f"results were kept: rerun the search with a new --out") from err
-        raise
-    finally:
-        summary.seconds = round(time.monotonic() - started, 3)
-        record = _audit_record(config, summary, started_at, status, error)
-        audit.write_record(config.root, record, options)
+    started = time.monotonic()
+    # audit first: the "started" record is written before any result, or nothing runs
+    with audit.Job(config.root, "search", options, job_id=summary.job_id,
+                   details=_audit_record(config, summary)) as job:
+        try:
+            _search(config, options, summary, hooks)
+            return summary
+        except BaseException as err:
+            _remove_partial_results(config.out, summary.job_id, options)
+            if _is_ray_actor_death(err):
+                raise SearchInterrupted(
+                    f"a shard searcher died during search {summary.job_id} ({type(err).__name__}); no "
+                    f"results were kept: rerun the search with a new --out") from err
+            raise
+        finally:
+            summary.seconds = round(time.monotonic() - started, 3)
+            job.details.update(_audit_record(config, summary))
 
 
 class SearchInterrupted(FacelakeError):
@@ -714,13 +713,11 @@ def _metadata(summary: SearchSummary) -> dict:
 
 # ------------------------------------------------------------------------------ audit
 
-def _audit_record(config: SearchConfig, summary: SearchSummary, started_at: str, status: str,
-                  error: str | None) -> dict:
-    """The audit record of one job: what was searched, why, how, with what outcome. No secrets:
-    URIs are redacted and no address, endpoint or credential is recorded."""
+def _audit_record(config: SearchConfig, summary: SearchSummary) -> dict:
+    """The details of a search's audit records (facelake.audit.Job adds job id, status, who and
+    when): what was searched, why, how, into which --out. No secrets: URIs are redacted and no
+    address, endpoint or credential is recorded."""
     return {
-        "job_id": summary.job_id,
-        "kind": "search",
         "purpose": config.purpose.strip(),
         "mode": config.mode,
         "threshold": summary.threshold,
@@ -740,11 +737,7 @@ def _audit_record(config: SearchConfig, summary: SearchSummary, started_at: str,
                    "probe_errors": summary.probe_errors, "searched_faces": summary.searched_faces,
                    "result_rows": summary.result_rows, "no_candidate_faces": summary.no_candidate_faces},
         "notes": summary.notes,
-        "started_at": started_at,
-        "ended_at": _utc_now_ms(),
         "seconds": summary.seconds,
-        "status": status,
-        "error": error,
     }
 
 

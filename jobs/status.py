@@ -1,4 +1,8 @@
-"""`facelake status ROOT`: versions, live version, counts, lock, last jobs and last errors."""
+"""`facelake status ROOT`: versions, live version, counts, lock, last jobs and last errors.
+
+A malformed file (audit record, embed run summary, erasure list) is reported under "malformed"
+and skipped; the rest is still shown. Tested in tests/test_audit.py and tests/test_erase.py.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import pyarrow.compute as pc
 import typer
 
 from facelake import audit, lock as lockmod, root as rootmod, storage
+from facelake.errors import IndexVersionError
 from facelake.storage import StorageOptions
 
 LAST = 5
@@ -23,22 +28,39 @@ def collect(root: str, options: StorageOptions | None = None) -> dict:
     pointer = rootmod.read_pointer(root, options) or {}
     faces = rootmod.read_faces(root, ["image_id"], table, options) if table else None
     errors = rootmod.read_errors(root, ["image_id", "stage", "error_type", "message"], table, options) if table else None
-    erased = rootmod.erasures(root, options)
+    problems: list[str] = []
+    try:
+        erased_count = len(pc.unique(rootmod.erasures(root, options)["image_id"]))
+    except rootmod.ErasureListError as err:
+        erased_count, problems = None, [f"erasure list: {err}"]
     versions = []
     for name in layout.list_versions(root, options):
-        manifest = layout.read_manifest(root, name, options)
+        try:
+            manifest = layout.read_manifest(root, name, options)
+        except IndexVersionError as err:
+            problems.append(f"index version {name}: {err}")
+            continue
         versions.append({"version": name, "total": manifest.get("total"), "factory": manifest.get("factory"),
                          "shards": len(manifest.get("shards", [])), "created_at": manifest.get("created_at"),
                          "trained_from": manifest.get("trained_from")})
     runs = []
     for uri in storage.list_files(rootmod.uri(root, rootmod.RUNS), ".json", options)[-LAST:]:
-        runs.append(json.loads(storage.read_bytes(uri, options)))
-    records = audit.list_records(root, options=options)
-    keep = ("job_id", "kind", "user", "started_at", "recorded_at", "outcome", "index_version",
-            "resulting_version", "to_embed", "ids_count", "reason", "error")
+        try:
+            runs.append(json.loads(storage.read_bytes(uri, options)))
+        except ValueError as err:
+            problems.append(f"{storage.redact(uri)}: not JSON ({err})")
+    read = audit.read_log(root, options)
+    problems += [f"audit: {p}" for p in read.problems]
+    records = audit.jobs(read.records)
+    keep = ("job_id", "kind", "user", "claimed_user", "started_at", "recorded_at", "status", "outcome",
+            "index_version", "resulting_version", "to_embed", "ids_count", "reason", "error")
+    try:
+        live = layout.current_version(root, options)
+    except IndexVersionError as err:
+        live, problems = None, problems + [f"index pointer: {err}"]
     return {
         "root": storage.redact(root),
-        "live_version": layout.current_version(root, options),
+        "live_version": live,
         "versions": versions,
         "table_version": table.name if table else None,
         "table_index_version": pointer.get("index_version"),
@@ -46,13 +68,14 @@ def collect(root: str, options: StorageOptions | None = None) -> dict:
         "counts": {"faces": table.face_rows if table else 0,
                    "images": len(pc.unique(faces["image_id"])) if faces is not None else 0,
                    "errors": table.error_rows if table else 0,
-                   "erasures": len(pc.unique(erased["image_id"]))},
+                   "erasures": erased_count},
         "lock": lockmod.read_lock(root, options),
         "staging_runs": rootmod.staging_runs(root, options),
         "last_embed_runs": runs,
         "last_jobs": [{k: r[k] for k in keep if k in r} for r in records[-LAST:]],
         "failed_jobs": [{k: r[k] for k in keep if k in r} for r in records
-                        if r.get("outcome") == "failed"][-LAST:],
+                        if r.get("status") in ("failed", "interrupted")][-LAST:],
+        "problems": problems,
         "errors_by_type": dict(Counter(f"{r['stage']}/{r['error_type']}" for r in errors.select(
             ["stage", "error_type"]).to_pylist())) if errors is not None else {},
         "last_errors": errors.slice(max(0, errors.num_rows - LAST)).to_pylist() if errors is not None else [],
@@ -71,7 +94,8 @@ def print_status(info: dict) -> None:
              f"created {v['created_at']}" + (f"  quantizer from {v['trained_from']}" if v["trained_from"] else ""))
     c = info["counts"]
     echo(f"record (table version {info['table_version'] or 'none'}): {c['faces']} faces of {c['images']} images, "
-         f"{c['errors']} errors, {c['erasures']} erased ids")
+         f"{c['errors']} errors, "
+         + (f"{c['erasures']} erased ids" if c["erasures"] is not None else "erasure list refused (see below)"))
     if info["quantizer"]:
         q = info["quantizer"]
         echo(f"quantizer trained in {q.get('trained_in')} on {q.get('faces')} faces "
@@ -83,7 +107,7 @@ def print_status(info: dict) -> None:
     for job in info["last_jobs"] or [{}]:
         if job:
             echo(f"  {job.get('started_at') or job.get('recorded_at')}  {job['kind']:<14} {job['job_id']}  "
-                 f"{job.get('user', '')}  {job.get('outcome', '')} "
+                 f"{job.get('user', '')}  {job.get('status', '')} "
                  f"{job.get('index_version') or job.get('resulting_version') or ''}"
                  + (f"  error: {job['error'][:120]}" if job.get("error") else ""))
         else:
@@ -93,11 +117,13 @@ def print_status(info: dict) -> None:
     if info["failed_jobs"]:
         echo("last failed jobs:")
         for job in info["failed_jobs"]:
-            echo(f"  {job['job_id']}: {job.get('error', '')[:200]}")
+            echo(f"  {job['job_id']}: {job.get('status')}: {(job.get('error') or '')[:200]}")
     echo("errors of record by stage/type: " + (", ".join(f"{k} {v}" for k, v in sorted(info["errors_by_type"].items()))
                                                or "none"))
     for row in info["last_errors"]:
         echo(f"  {row['image_id']}: {row['stage']}/{row['error_type']}: {(row['message'] or '')[:120]}")
+    for problem in info["problems"]:
+        echo(f"malformed (skipped): {problem}")
 
 
 def register(app: typer.Typer) -> None:

@@ -116,5 +116,6 @@ def test_concurrent_rebuilds_second_fails_while_first_holds_the_lock(tmp_path):
         finish.set()
         thread.join(30)
     assert failures and read_lock(root) is None
-    (failed,) = audit.list_records(root, kind="rebuild")
-    assert failed["outcome"] == "failed" and "stops here" in failed["error"]
+    failed, refused = sorted(audit.list_records(root, kind="rebuild"), key=lambda r: "LockError" in r["error"])
+    assert failed["outcome"] == "failed" and failed["status"] == "failed" and "stops here" in failed["error"]
+    assert refused["status"] == "failed" and "LockError" in refused["error"]   # audited before the lock
