@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 from facelake import root as rootmod, storage
 from facelake.errors import FacelakeError
 from facelake.index import layout
-from facelake.index.load import open_version, read_id_table, verified_local_path
+from facelake.index.load import open_version, shard_ids
 from facelake.storage import StorageOptions
 
 
@@ -81,4 +81,4 @@ def drop_versions_holding(root: str, erased: pa.Array, live: str | None, options
 
 def _shard_ids(handle, shard: dict) -> pa.ChunkedArray:
     """One shard's image ids (memory-mapped id table: one shard's ids in memory at a time)."""
-    return read_id_table(verified_local_path(handle, shard["ids_file"]))["image_id"]
+    return shard_ids(handle, shard["shard"])["image_id"]

@@ -145,7 +145,7 @@ def verified_local_path(handle: VersionHandle, name: str, cache_dir: str | None 
         with fs.open(path, "rb") as src:
             sink = None
             if local is None:
-                folder = os.path.join(cache_dir or tempfile.mkdtemp(prefix="facelake-shard-"), handle.version)
+                folder = os.path.join(_download_dir(cache_dir), handle.version)
                 os.makedirs(folder, exist_ok=True)
                 local = os.path.join(folder, name)
                 sink = open(local, "wb")
@@ -165,6 +165,20 @@ def verified_local_path(handle: VersionHandle, name: str, cache_dir: str | None 
             f"{storage.redact(uri)} is corrupt: sha256 {digest.hexdigest()[:12]}... but the manifest says "
             f"{entry['sha256'][:12]}...; restore the file or rebuild with `facelake index`")
     return local
+
+
+def _download_dir(cache_dir: str | None) -> str:
+    """Where shard files of an object-store root are copied to be memory-mapped: ``cache_dir``,
+    or one temporary folder per process."""
+    global _DOWNLOADS
+    if cache_dir:
+        return cache_dir
+    if _DOWNLOADS is None:
+        _DOWNLOADS = tempfile.mkdtemp(prefix="facelake-shards-")
+    return _DOWNLOADS
+
+
+_DOWNLOADS: str | None = None
 
 
 def read_id_table(path: str) -> pa.Table:
@@ -200,8 +214,18 @@ def open_shard(handle: VersionHandle, shard_no: int, cache_dir: str | None = Non
         if vectors.shape != (entry["count"], handle.dim):
             raise IndexVersionError(f"shard {shard_no} of index version {handle.version}: vectors file holds "
                                     f"{vectors.shape}, expected ({entry['count']}, {handle.dim}): rebuild")
+    if storage.scheme_of(handle.root) != "file" and cache_dir is None:
+        _unlink_downloads(handle, entry)     # mapped pages stay readable; no copy is left behind
     faiss_ids = ids.column("faiss_id").to_numpy()
     return LoadedShard(index=index, ids=ids, faiss_ids=faiss_ids, vectors=vectors, rerank=handle.rerank)
+
+
+def _unlink_downloads(handle: VersionHandle, entry: dict) -> None:
+    for key in ("ids_file", "vectors_file"):
+        if key in entry:
+            path = os.path.join(_download_dir(None), handle.version, entry[key])
+            if os.path.exists(path):
+                os.remove(path)
 
 
 def load_shard(handle: VersionHandle, shard_no: int) -> tuple[faiss.Index, pa.Table]:
@@ -210,9 +234,18 @@ def load_shard(handle: VersionHandle, shard_no: int) -> tuple[faiss.Index, pa.Ta
     return shard.index, shard.ids
 
 
+def shard_ids(handle: VersionHandle, shard_no: int) -> pa.Table:
+    """One shard's id table, checksum-verified: memory-mapped for a local root, read into memory
+    (one shard) for an object store, leaving no copy behind."""
+    name = handle.manifest["shards"][shard_no]["ids_file"]
+    if storage.scheme_of(handle.root) == "file":
+        return read_id_table(verified_local_path(handle, name))
+    return pa.ipc.open_file(pa.py_buffer(read_verified(handle, name))).read_all()
+
+
 def load_ids(handle: VersionHandle, columns: list[str] | None = None) -> pa.Table:
     """All shards' id tables in faiss id order (small versions, tests and notebooks: this reads
     every row; jobs read one shard at a time)."""
-    tables = [read_id_table(verified_local_path(handle, s["ids_file"])) for s in handle.manifest["shards"]]
+    tables = [shard_ids(handle, s) for s in range(handle.shard_count)]
     table = pa.concat_tables(tables, promote_options="permissive")
     return table.select(columns) if columns else table
