@@ -224,6 +224,29 @@ def _tuning_queries_task(count: int, *samples: tuple[np.ndarray, np.ndarray]) ->
     return np.ascontiguousarray(xb[picks]), ids[picks]
 
 
+@ray.remote
+def _similarity_task(trained: np.ndarray, *samples: tuple[np.ndarray, np.ndarray]) -> float:
+    xb = np.concatenate([s[0] for s in samples])
+    index = faiss.deserialize_index(trained)          # kept: the quantizer belongs to it
+    quantizer = faiss.extract_index_ivf(index).quantizer
+    D, _ = quantizer.search(np.ascontiguousarray(xb, np.float32), 1)
+    return float(D.mean())
+
+
+def sampled_similarity(faces: FacesInput, trained: bytes | np.ndarray, size: int,
+                       options: StorageOptions | None = None) -> float:
+    """Mean inner product of ``size`` sampled faces to their nearest centroid of ``trained`` (how
+    well a trained quantizer still fits the collection), computed in Ray tasks."""
+    parts, _ = list_parts(faces, options)
+    samples = [_sample_task.options(num_cpus=0.5).remote(p, n, i, options)
+               for i, (p, n) in enumerate(zip(parts, _sample_sizes(parts, size))) if n]
+    return ray.get(_similarity_task.remote(np.frombuffer(trained, np.uint8), *samples))
+
+
+class NothingToIndex(ConfigError):
+    """Every face is erased (or the faces table is empty): there is nothing to publish."""
+
+
 @dataclass(frozen=True)
 class ShardJob:
     """What one shard task builds: its rows, where its files go, how."""
@@ -468,7 +491,7 @@ def build_version(faces: FacesInput, root: str, *, model: str, weights_sha256: s
     chosen = nprobe or choose_nprobe(curve, params.nlist, target_recall)
     total = sum(r["count"] for r in results)
     if total == 0:
-        raise ConfigError("no faces left to index: every face is erased or the faces table is empty")
+        raise NothingToIndex("no faces left to index: every face is erased or the faces table is empty")
 
     manifest = {
         "format": 2,

@@ -300,8 +300,7 @@ def _republish(config: EraseConfig, version, live: str | None, erased: pa.Array,
         if version is None:  # a root made by embed + index: no faces of record
             return _publish_from_source(config.root, live, erased, config.keep, lock, options, hooks)
         spec = get_model(version.model)
-        published = publish_index(config.root, rootmod.read_faces(config.root, version=version, options=options),
-                                  model=spec.name, weights_sha256=weights_fingerprint(spec), keep=config.keep,
+        published = publish_index(config.root, version, model=spec.name, weights_sha256=weights_fingerprint(spec), keep=config.keep,
                                   full=False, lock=lock, options=options,
                                   hooks={k: v for k, v in hooks.items() if k in ("before_manifest", "before_pointer")})
         return published["version"]

@@ -252,71 +252,73 @@ def retrain_reason(n: int, quantizer: dict | None, live_manifest: dict | None, m
     return None
 
 
-def publish_index(root: str, faces: pa.Table | None, *, model: str, weights_sha256: str, keep: int,
+def publish_index(root: str, version: rootmod.TableVersion | None, *, model: str, weights_sha256: str, keep: int,
                   full: bool, lock: RootLock, options: StorageOptions, hooks: Hooks | None = None) -> dict:
-    """Publish an index version of ``faces`` (the faces of record); returns what it did.
+    """Publish an index version of the faces of record of table ``version``; returns what it did.
 
-    Records the version in ROOT/TABLE just before CURRENT is written. With no faces left, the
-    index is withdrawn (ROOT/index removed) since an empty IVF index cannot be built.
+    The shard tasks read the table's part files themselves (no face passes through this
+    process); erased ids are left out. Records the version in ROOT/TABLE just before CURRENT is
+    written. With no faces left, the index is withdrawn (ROOT/index removed) since an empty IVF
+    index cannot be built.
     """
     from facelake.index import layout
-    from facelake.index.build import DEFAULT_SHARD_SIZE, build_version, embeddings, read_faces
+    from facelake.index.build import DEFAULT_SHARD_SIZE, NothingToIndex, build_version, sampled_similarity
     from facelake.index.erasure import check_publishable, drop_versions_holding, erased_ids_checked
-    from facelake.index.load import open_version
+    from facelake.index.load import open_version, read_verified
 
     hooks = hooks or {}
     pointer = rootmod.read_pointer(root, options) or {}
     erased = erased_ids_checked(root, options)   # refuses a tampered erasure list
-    if faces is not None and len(erased):
-        faces = faces.filter(pc.invert(pc.is_in(faces["image_id"].cast(pa.string()), value_set=erased)))
-    if faces is None or faces.num_rows == 0:
+    parts = [rootmod.uri(root, rootmod.FACES, p) for p in version.faces] if version is not None else []
+    n = version.face_rows if version is not None else 0     # before erasure: at most this many
+
+    def withdraw() -> dict:
         lock.verify()
         storage.remove(layout.index_root(root), recursive=True, options=options)
         rootmod.write_pointer(root, {**pointer, "index_version": None, "quantizer": None}, options)
         return {"version": None, "retrained": False, "reason": "no faces of record: index withdrawn"}
+
+    if not parts or n == 0:
+        return withdraw()
     live = layout.current_version(root, options)
     live_manifest = open_version(root, live, options=options).manifest if live else None
-    table = read_faces(faces, options)
-    xb = embeddings(table)
     quantizer = pointer.get("quantizer")
     similarity = None
     if not full and live_manifest is not None and quantizer and live_manifest.get("model") == model:
-        from facelake.index.load import read_verified
-        similarity = mean_nearest_similarity(read_verified(open_version(root, live, options=options),
-                                                           layout.TRAINED), xb)
-    reason = retrain_reason(len(xb), quantizer, live_manifest, model, similarity, full)
-    n = table.num_rows
+        similarity = sampled_similarity(parts, read_verified(open_version(root, live, options=options),
+                                                             layout.TRAINED), DRIFT_SAMPLE, options)
+    reason = retrain_reason(n, quantizer, live_manifest, model, similarity, full)
     old_shards = len(live_manifest["shards"]) if live_manifest else 1
     shards = min(n, max(old_shards, math.ceil(n / DEFAULT_SHARD_SIZE)))
     pq_m = live_manifest.get("pq") if live_manifest else None
     if pq_m is not None and n < 256:
         pq_m = None
-    state: dict = {}
 
-    def before_manifest(version: str) -> None:
+    def before_manifest(version_name: str) -> None:
         if "before_manifest" in hooks:
-            hooks["before_manifest"](version)
+            hooks["before_manifest"](version_name)
 
-    def before_pointer(version: str) -> None:
+    def before_pointer(version_name: str) -> None:
         if "before_pointer" in hooks:
-            hooks["before_pointer"](version)
+            hooks["before_pointer"](version_name)
         lock.verify()
-        check_publishable(root, version, erased, options)
+        check_publishable(root, version_name, erased, options)
         q = quantizer
         if reason is not None:
-            handle = open_version(root, version, options=options)
-            from facelake.index.load import read_verified
-            q = {"trained_in": version, "faces": n,
-                 "mean_similarity": mean_nearest_similarity(read_verified(handle, layout.TRAINED), xb)}
-        state["quantizer"] = q
-        rootmod.write_pointer(root, {**(rootmod.read_pointer(root, options) or {}), "index_version": version,
+            trained = read_verified(open_version(root, version_name, options=options), layout.TRAINED)
+            q = {"trained_in": version_name, "faces": n,
+                 "mean_similarity": sampled_similarity(parts, trained, DRIFT_SAMPLE, options)}
+        rootmod.write_pointer(root, {**(rootmod.read_pointer(root, options) or {}), "index_version": version_name,
                                      "quantizer": q}, options)
 
-    built = build_version(table, root, model=model, weights_sha256=weights_sha256, shards=shards,
-                          pq=pq_m if reason is not None else None, keep=keep,
-                          trained_from=None if reason is not None else live, options=options,
-                          hooks={"before_manifest": before_manifest, "before_pointer": before_pointer},
-                          erased_ids=erased)
+    try:
+        built = build_version(parts, root, model=model, weights_sha256=weights_sha256, shards=shards,
+                              pq=pq_m if reason is not None else None, keep=keep,
+                              trained_from=None if reason is not None else live, options=options,
+                              hooks={"before_manifest": before_manifest, "before_pointer": before_pointer},
+                              erased_ids=erased, source=f"faces of record, table version {version.name}")
+    except NothingToIndex:
+        return withdraw()
     drop_versions_holding(root, erased, built["version"], options)
     return {"version": built["version"], "retrained": reason is not None, "reason": reason,
             "factory": built["factory"], "nlist": built["nlist"], "nprobe": built["nprobe"],
@@ -482,8 +484,7 @@ def _rebuild(config: RebuildConfig, spec, table: pa.Table, summary: RebuildSumma
                 if run is not None:
                     _keep_runs(config.root, run, options)
             t = time.monotonic()
-            faces_of_record = rootmod.read_faces(config.root, version=version, options=options)
-            published = publish_index(config.root, faces_of_record, model=spec.name,
+            published = publish_index(config.root, version, model=spec.name,
                                       weights_sha256=weights_fingerprint(spec), keep=config.keep,
                                       full=config.full, lock=lock, options=options, hooks=hooks)
             summary.seconds["index"] = round(time.monotonic() - t, 3)
