@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import typer
 
-from facelake import manifest, storage
+from facelake import manifest, reader, storage
 from facelake.errors import ConfigError
 from facelake.imaging import DEFAULT_MAX_PIXELS, content_sha256, decode_bgr
 from facelake.registry import MODELS, ModelSpec, get_model, weights_fingerprint
@@ -74,6 +74,8 @@ class EmbedConfig:
     endpoint_url: str | None = None
     weights_from: str | None = None
     allowed_roots: tuple[str, ...] = ()
+    max_bytes: int = reader.DEFAULT_MAX_BYTES
+    read_timeout_s: float = reader.DEFAULT_TIMEOUT_S
     shard_rows: int = DEFAULT_SHARD_ROWS
     workers: int | None = None
     progress: bool = True
@@ -86,8 +88,7 @@ class EmbedConfig:
                               + ", ".join(f"{m.name} ({m.recognizer}+{m.detector})" for m in MODELS.values()))
         for name, uri in (("MANIFEST", self.manifest), ("--out", self.out)):
             storage.check_uri(uri)
-        for root in self.allowed_roots:
-            storage.check_uri(root)
+        self.limits.validate()
         if self.batch_size < 1 or self.shard_rows < 1:
             raise ConfigError("--batch-size and --shard-rows must be at least 1")
         if self.min_face < 1 or not 0.0 <= self.min_score <= 1.0:
@@ -97,6 +98,11 @@ class EmbedConfig:
         if self.workers is not None and self.workers < 1:
             raise ConfigError("--workers must be at least 1")
         return spec
+
+    @property
+    def limits(self) -> reader.ReadLimits:
+        """What the workers may read (roots, bytes, time)."""
+        return reader.ReadLimits(self.allowed_roots, self.max_bytes, self.read_timeout_s)
 
 
 @dataclass
@@ -131,24 +137,11 @@ class EmbedSummary:
 
 def resolve_uri(uri: str, base_dir: str, allowed_roots: tuple[str, ...]) -> str:
     """Make a manifest uri absolute (relative to the manifest's folder) and check its roots."""
-    scheme = storage.scheme_of(uri)
-    if scheme not in storage.SUPPORTED_SCHEMES:
-        raise ValueError(f"unsupported URI scheme {scheme!r}: use a local path, file:// or s3://")
-    if scheme == "file" and not uri.startswith("file://") and not os.path.isabs(uri):
-        uri = storage.join(base_dir, uri)
-    if allowed_roots:
-        normal = _normal(uri)
-        if not any(normal == _normal(r) or normal.startswith(_normal(r).rstrip("/") + "/") for r in allowed_roots):
-            raise PermissionError(f"{storage.redact(uri)} is outside the allowed roots")
-    return uri
+    return reader.resolve(uri, base_dir, allowed_roots)
 
 
 def _normal(uri: str) -> str:
-    if storage.scheme_of(uri) == "s3":
-        scheme, rest = uri.split("://", 1)
-        return "s3://" + os.path.normpath("/" + rest).lstrip("/")
-    path = uri[len("file://"):] if uri.startswith("file://") else uri
-    return os.path.realpath(path)
+    return reader.normal(uri)
 
 
 class EmbedWorker:
@@ -157,7 +150,7 @@ class EmbedWorker:
     def __init__(self, *, model: str, weights_from: str | None, min_face: int, min_score: float,
                  max_pixels: int, options: storage.StorageOptions, allowed_roots: tuple[str, ...],
                  base_dir: str, done_ids: pa.Array | None, threads: int, carried: tuple[str, ...],
-                 carried_schema: pa.Schema) -> None:
+                 carried_schema: pa.Schema, limits: reader.ReadLimits | None = None) -> None:
         from facelake.faces import FaceEngine, QualityFloor
 
         self.engine = FaceEngine(model, weights_from=weights_from, threads=threads)
@@ -166,6 +159,7 @@ class EmbedWorker:
         self.max_pixels = max_pixels
         self.options = options
         self.allowed_roots = allowed_roots
+        self.limits = limits or reader.ReadLimits(allowed_roots)
         self.base_dir = base_dir
         self.done_ids = done_ids
         self.carried = carried
@@ -216,7 +210,9 @@ class EmbedWorker:
         except Exception as err:
             return self._error(out, row, STAGE_VALIDATE, type(err).__name__, str(err))
         try:
-            data = storage.read_bytes(uri, self.options)
+            data = reader.read(uri, self.limits, self.options)
+        except reader.ReadRefused as err:
+            return self._error(out, row, err.stage, type(err).__name__, str(err))
         except Exception as err:
             return self._error(out, row, STAGE_FETCH, type(err).__name__, f"cannot read {storage.redact(uri)}: {err}")
         sha = content_sha256(data)
@@ -377,7 +373,7 @@ def run_embed(config: EmbedConfig, *, hooks: dict | None = None) -> EmbedSummary
             model=spec.name, weights_from=config.weights_from, min_face=config.min_face,
             min_score=config.min_score, max_pixels=config.max_pixels, options=options,
             allowed_roots=config.allowed_roots, base_dir=base_dir, done_ids=done,
-            threads=1, carried=info.carried, carried_schema=carried_schema))
+            threads=1, carried=info.carried, carried_schema=carried_schema, limits=config.limits))
     layout = outputs(config.out)
     face_columns = faces_schema(spec.dim)
     faces_out = PartWriter(layout["faces"], run_id, _with_carried(face_columns, carried_schema),
@@ -479,6 +475,7 @@ def register(app: typer.Typer) -> None:
         endpoint_url: str = typer.Option(None, "--endpoint-url", help="S3-compatible endpoint (credentials come from the AWS chain)"),
         weights_from: str = typer.Option(None, "--weights-from", help="folder or s3:// prefix with the weight files"),
         allow_root: list[str] = typer.Option([], "--allow-root", help="only read images under this root (repeatable)"),
+        max_bytes: int = typer.Option(reader.DEFAULT_MAX_BYTES, "--max-bytes", help="refuse photos larger than this many bytes (from stat / HEAD, before reading)"),
         shard_rows: int = typer.Option(DEFAULT_SHARD_ROWS, help="faces per output Parquet file"),
         workers: int = typer.Option(None, help="model actors (default: one per CPU, or per GPU)"),
     ) -> None:
@@ -487,5 +484,5 @@ def register(app: typer.Typer) -> None:
             manifest=manifest_uri, out=out, model=model, detector=detector, address=address,
             batch_size=batch_size, min_face=min_face, min_score=min_score, max_pixels=max_pixels,
             endpoint_url=endpoint_url, weights_from=weights_from, allowed_roots=tuple(allow_root),
-            shard_rows=shard_rows, workers=workers))
+            max_bytes=max_bytes, shard_rows=shard_rows, workers=workers))
         print_summary(summary)

@@ -220,6 +220,12 @@ def test_hostile_archive_confined_to_allowed_root(tmp_path, ray_local, provision
     for name, data in objects.values():
         (photos / name).write_bytes(data)
     rows = [(image_id, f"photos/{name}") for image_id, (name, _) in objects.items()]
+    # inside the root but not photos: a FIFO (a plain open would hang forever) and a sparse 8 GiB file
+    os.mkfifo(photos / "pipe.jpg")
+    with open(photos / "sparse.jpg", "wb") as handle:
+        handle.truncate(8 * 1024 ** 3)
+    not_read = {"fifo": ("photos/pipe.jpg", "NotARegularFile"), "sparse": ("photos/sparse.jpg", "TooManyBytes")}
+    rows += [(image_id, uri) for image_id, (uri, _) in not_read.items()]
     escaping = {
         "traversal": "photos/../../secret/face.jpg",
         "traversal_etc": "../../../../../../etc/passwd",
@@ -251,12 +257,15 @@ def test_hostile_archive_confined_to_allowed_root(tmp_path, ray_local, provision
     assert face_ids == {"good1", "good2", "exif9999", "huge_ifd"}
     for image_id in escaping:
         assert errors[image_id]["stage"] == "validate", errors[image_id]
-        assert errors[image_id]["error_type"] in ("PermissionError", "ValueError"), errors[image_id]
+        assert errors[image_id]["error_type"] in ("OutsideRoots", "UnsupportedUri"), errors[image_id]
     for image_id in ("bomb", "bomb_64mpx"):
         assert (errors[image_id]["stage"], errors[image_id]["error_type"]) == ("decode", "ImageTooLarge")
     for image_id in ("text", "truncated", "empty", "zero_px", "eps"):
         assert (errors[image_id]["stage"], errors[image_id]["error_type"]) == ("decode", "DecodeError"), errors[image_id]
     assert errors["one_px"]["error_type"] == NO_FACE
+    for image_id, (_, error_type) in not_read.items():
+        assert (errors[image_id]["stage"], errors[image_id]["error_type"]) == ("fetch", error_type), errors[image_id]
+        assert errors[image_id]["content_sha256"] is None
     assert errors["file_scheme"]["note"] == f"row {[r[0] for r in rows].index('file_scheme')}"
     # nothing outside the root was read: no content hash on any refused row
     assert all(errors[i]["content_sha256"] is None for i in escaping)
