@@ -54,6 +54,7 @@ import typer
 
 from facelake import audit, calibration, storage
 from facelake.errors import ConfigError, FacelakeError, IndexVersionError
+from facelake.reader import DEFAULT_MAX_BYTES
 from facelake.registry import get_model, weights_fingerprint
 from facelake.schema import ERRORS_SCHEMA, FACE_COLUMNS, RESULT_COLUMNS, carried_columns
 
@@ -100,6 +101,8 @@ class SearchConfig:
     batch_size: int = DEFAULT_BATCH_SIZE
     executor: Executor = "ray"
     progress: bool = False
+    allowed_roots: tuple[str, ...] = ()  # probe photos are read only under these (facelake.reader)
+    max_bytes: int = DEFAULT_MAX_BYTES
 
     def validate(self) -> None:
         if self.purpose is None or not str(self.purpose).strip():
@@ -404,7 +407,8 @@ def _manifest_probes(config, options, model, summary) -> tuple[pa.Table, pa.Tabl
     work = outputs(config.out)["probe_faces"]
     run_embed(EmbedConfig(manifest=config.probes, out=work, model=model, address=config.address,
                           endpoint_url=config.endpoint_url, weights_from=config.weights_from,
-                          workers=config.workers, progress=config.progress))
+                          workers=config.workers, progress=config.progress,
+                          allowed_roots=config.allowed_roots, max_bytes=config.max_bytes))
     layout = embed_outputs(work)
     wanted = storage.read_table(config.probes, columns=["image_id"], options=options)["image_id"]
     tables = {}
@@ -697,10 +701,13 @@ def register(app: typer.Typer) -> None:
         weights_from: str = typer.Option(None, "--weights-from", help="folder or s3:// prefix with the weight files"),
         workers: int = typer.Option(None, "--workers", help="embed actors for a manifest of probes"),
         batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", help="probe faces per fan-out"),
+        allow_root: list[str] = typer.Option([], "--allow-root", help="only read probe photos under this root (repeatable)"),
+        max_bytes: int = typer.Option(DEFAULT_MAX_BYTES, "--max-bytes", help="refuse probe photos larger than this many bytes (before reading)"),
     ) -> None:
         """Search probe photos against a root's live index; write reviewable results; audit the job."""
         summary = run_search(SearchConfig(
             probes=probes, root=root, out=out, purpose=purpose, mode=mode, top_k=top_k, max_fpir=max_fpir,
             threshold=threshold, nprobe=nprobe, model=model, calibration=calibration_file, address=address,
-            endpoint_url=endpoint_url, weights_from=weights_from, workers=workers, batch_size=batch_size))
+            endpoint_url=endpoint_url, weights_from=weights_from, workers=workers, batch_size=batch_size,
+            allowed_roots=tuple(allow_root), max_bytes=max_bytes))
         print_summary(summary)
