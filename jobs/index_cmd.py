@@ -7,6 +7,7 @@ rebuild and erase, so it never races them.
 
 from __future__ import annotations
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import typer
 
@@ -14,6 +15,12 @@ from facelake import audit, storage
 from facelake.errors import ConfigError
 from facelake.lock import RootLock
 from facelake.storage import StorageOptions
+
+
+def faces_table(uri: str, options: StorageOptions | None = None) -> str:
+    """The faces table of an embed job's --out folder (OUT/faces), or ``uri`` itself."""
+    inner = storage.join(uri, "faces")
+    return inner if storage.list_files(inner, ".parquet", options) else uri
 
 
 def run_index(faces: str, root: str, *, shards: int | None = None, shard_size: int | None = None,
@@ -30,11 +37,16 @@ def run_index(faces: str, root: str, *, shards: int | None = None, shard_size: i
     if shards is not None and shard_size is not None:
         raise ConfigError("give --shards or --shard-size, not both")
     options = StorageOptions.from_env(endpoint_url)
+    faces = faces_table(faces, options)
     try:
         table = storage.read_table(faces, columns=["model", "weights_sha256"], options=options)
     except FileNotFoundError as err:
-        raise ConfigError(f"no faces table at {storage.redact(faces)}: pass the faces folder `facelake embed` "
-                          f"wrote") from err
+        raise ConfigError(f"no faces table at {storage.redact(faces)}: pass the --out folder of `facelake embed` "
+                          f"(or its faces/ folder)") from err
+    except (pa.ArrowException, KeyError) as err:
+        raise ConfigError(f"{storage.redact(faces)} is not a faces table written by `facelake embed` "
+                          f"({type(err).__name__}: {str(err)[:200]}); pass the embed job's --out folder "
+                          "or its faces/ folder") from err
     found = {}
     for column in ("model", "weights_sha256"):
         values = [v for v in pc.unique(table[column]).to_pylist() if v]
@@ -57,7 +69,7 @@ def run_index(faces: str, root: str, *, shards: int | None = None, shard_size: i
 def register(app: typer.Typer) -> None:
     @app.command("index")
     def index_command(
-        faces: str = typer.Argument(..., metavar="FACES", help="faces table (folder or file) written by `facelake embed`"),
+        faces: str = typer.Argument(..., metavar="FACES", help="the --out folder of `facelake embed` (or its faces/ table)"),
         root: str = typer.Option(..., "--root", help="ROOT under which ROOT/index/<version>/ is published"),
         shards: int = typer.Option(None, "--shards", help="number of shards"),
         shard_size: int = typer.Option(None, "--shard-size", help="faces per shard (default 1,000,000)"),
