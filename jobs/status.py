@@ -43,8 +43,7 @@ def collect(root: str, options: StorageOptions | None = None) -> dict:
         "table_version": table.name if table else None,
         "table_index_version": pointer.get("index_version"),
         "quantizer": pointer.get("quantizer"),
-        "counts": {"faces": table.face_rows if table else 0,
-                   "images": len(pc.unique(faces["image_id"])) if faces is not None else 0,
+        "counts": {**(_record_counts(table, faces) if table else _index_counts(root, options)),
                    "errors": table.error_rows if table else 0,
                    "erasures": len(pc.unique(erased["image_id"]))},
         "lock": lockmod.read_lock(root, options),
@@ -59,6 +58,22 @@ def collect(root: str, options: StorageOptions | None = None) -> dict:
     }
 
 
+def _record_counts(table, faces) -> dict:
+    return {"faces": table.face_rows, "images": len(pc.unique(faces["image_id"])) if faces is not None else 0,
+            "source": "record"}
+
+
+def _index_counts(root: str, options: StorageOptions | None) -> dict:
+    """A root made by `facelake index` has no table of record: count what the live version holds."""
+    from facelake.index import layout
+    from facelake.index.load import load_ids, open_version
+
+    if layout.current_version(root, options) is None:
+        return {"faces": 0, "images": 0, "source": "none"}
+    ids = load_ids(open_version(root, options=options))["image_id"]
+    return {"faces": len(ids), "images": len(pc.unique(ids)), "source": "live index"}
+
+
 def print_status(info: dict) -> None:
     echo = typer.echo
     echo(f"root {info['root']}")
@@ -70,8 +85,12 @@ def print_status(info: dict) -> None:
         echo(f"  {mark} {v['version']}  {v['total']} faces  {v['factory']}  {v['shards']} shard(s)  "
              f"created {v['created_at']}" + (f"  quantizer from {v['trained_from']}" if v["trained_from"] else ""))
     c = info["counts"]
-    echo(f"record (table version {info['table_version'] or 'none'}): {c['faces']} faces of {c['images']} images, "
-         f"{c['errors']} errors, {c['erasures']} erased ids")
+    if c.get("source") == "live index":
+        echo(f"no table of record (made by `facelake index`); the live index holds {c['faces']} faces of "
+             f"{c['images']} images, {c['erasures']} erased ids")
+    else:
+        echo(f"record (table version {info['table_version'] or 'none'}): {c['faces']} faces of {c['images']} images, "
+             f"{c['errors']} errors, {c['erasures']} erased ids")
     if info["quantizer"]:
         q = info["quantizer"]
         echo(f"quantizer trained in {q.get('trained_in')} on {q.get('faces')} faces "
