@@ -11,10 +11,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import typer
 
-from facelake import audit, storage
+from facelake import audit, progress, storage
 from facelake.errors import ConfigError
 from facelake.lock import RootLock
 from facelake.storage import StorageOptions
+
+
+# What `index` shows while it works (build_version reports these stages through its hooks).
+INDEX_STEPS = ("index: train and add shards", "index: write the version manifest", "index: publish")
 
 
 def faces_table(uri: str, options: StorageOptions | None = None) -> str:
@@ -25,8 +29,8 @@ def faces_table(uri: str, options: StorageOptions | None = None) -> str:
 
 def run_index(faces: str, root: str, *, shards: int | None = None, shard_size: int | None = None,
               nlist: int | None = None, pq: int | None = None, nprobe: int | None = None, keep: int = 3,
-              endpoint_url: str | None = None, address: str | None = None) -> dict:
-    """Build and publish; returns the version's manifest."""
+              endpoint_url: str | None = None, address: str | None = None, show_progress: bool = False) -> dict:
+    """Build and publish; returns the version's manifest. ``show_progress``: facelake.progress on stderr."""
     import ray
 
     from facelake.cluster import runtime
@@ -55,13 +59,21 @@ def run_index(faces: str, root: str, *, shards: int | None = None, shard_size: i
                               f"index the faces of exactly one model")
         found[column] = values[0]
     job_id = audit.new_job_id("index")
-    with RootLock(root, job_id, options=options):
+    with RootLock(root, job_id, options=options), \
+            progress.tracker(len(INDEX_STEPS), INDEX_STEPS[0], show_progress, unit="steps") as bar:
         started = not ray.is_initialized()
         runtime.connect(address)
+
+        def step(_version: str) -> None:
+            bar.advance(1)
+            bar.describe(INDEX_STEPS[min(bar.done, len(INDEX_STEPS) - 1)])
+
         try:
-            return build_version(faces, root, model=found["model"], weights_sha256=found["weights_sha256"],
-                                 shards=shards, shard_size=shard_size, nlist=nlist, pq=pq, nprobe=nprobe,
-                                 keep=keep, options=options)
+            built = build_version(faces, root, model=found["model"], weights_sha256=found["weights_sha256"],
+                                  shards=shards, shard_size=shard_size, nlist=nlist, pq=pq, nprobe=nprobe,
+                                  keep=keep, options=options, hooks={"before_manifest": step, "before_pointer": step})
+            bar.advance(1)
+            return built
         finally:
             runtime.shutdown_if_local(started and address is None)
 
@@ -82,7 +94,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train an IVF index on FACES, add shards in parallel, publish a new version of ROOT."""
         m = run_index(faces, root, shards=shards, shard_size=shard_size, nlist=nlist, pq=pq, nprobe=nprobe,
-                      keep=keep, endpoint_url=endpoint_url, address=address)
+                      keep=keep, endpoint_url=endpoint_url, address=address, show_progress=progress.enabled())
         typer.echo(f"published index version {m['version']}: {m['total']} faces, {m['factory']}, nlist {m['nlist']}, "
                    f"nprobe {m['nprobe']}, {len(m['shards'])} shard(s), "
                    f"{'GPU' if m['build']['gpu'] else 'CPU'} build in {m['build']['seconds']}s")

@@ -52,7 +52,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import typer
 
-from facelake import audit, calibration, storage
+from facelake import audit, calibration, progress, storage
 from facelake.errors import ConfigError, FacelakeError, IndexVersionError
 from facelake.reader import DEFAULT_MAX_BYTES
 from facelake.registry import get_model, weights_fingerprint
@@ -281,17 +281,17 @@ def _search_batches(config, faces, searcher, nprobe, cal, summary, writer, hooks
     from facelake.index.build import embeddings
 
     started = time.monotonic()
-    for start in range(0, faces.num_rows, config.batch_size):
-        batch = faces.slice(start, config.batch_size)
-        D, I = searcher(embeddings(batch), config.top_k, nprobe)
-        writer.add(batch, D, I, _fmr(cal, D), summary.threshold, config.mode)
-        summary.searched_faces += batch.num_rows
-        summary.search_seconds = round(time.monotonic() - started, 3)
-        if config.progress:
-            log.warning("searched %d/%d probe faces", summary.searched_faces, faces.num_rows)
-        if hooks and "after_batch" in hooks:
-            writer.flush()
-            hooks["after_batch"](summary)
+    with progress.tracker(faces.num_rows, "search", config.progress, unit="probe faces") as bar:
+        for start in range(0, faces.num_rows, config.batch_size):
+            batch = faces.slice(start, config.batch_size)
+            D, I = searcher(embeddings(batch), config.top_k, nprobe)
+            writer.add(batch, D, I, _fmr(cal, D), summary.threshold, config.mode)
+            summary.searched_faces += batch.num_rows
+            summary.search_seconds = round(time.monotonic() - started, 3)
+            bar.advance(batch.num_rows)
+            if hooks and "after_batch" in hooks:
+                writer.flush()
+                hooks["after_batch"](summary)
 
 
 # ------------------------------------------------------------------ threshold and calibration
@@ -709,5 +709,5 @@ def register(app: typer.Typer) -> None:
             probes=probes, root=root, out=out, purpose=purpose, mode=mode, top_k=top_k, max_fpir=max_fpir,
             threshold=threshold, nprobe=nprobe, model=model, calibration=calibration_file, address=address,
             endpoint_url=endpoint_url, weights_from=weights_from, workers=workers, batch_size=batch_size,
-            allowed_roots=tuple(allow_root), max_bytes=max_bytes))
+            allowed_roots=tuple(allow_root), max_bytes=max_bytes, progress=progress.enabled()))
         print_summary(summary)
