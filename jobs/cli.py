@@ -54,7 +54,9 @@ def _root(
 
 # Commands that only read ROOT (or must find it already there): a mistyped root is refused
 # instead of being created (status, audit) or filled with a failed audit record (search, erase).
-EXISTING_ROOT_COMMANDS = {"status": "root", "audit": "root", "search": "root", "erase": "root"}
+# Values: (the ROOT parameter, options the command itself refuses first when missing).
+EXISTING_ROOT_COMMANDS = {"status": ("root", ()), "audit": ("root", ()), "search": ("root", ("purpose",)),
+                          "erase": ("root", ())}
 
 
 def log_file() -> str:
@@ -97,8 +99,9 @@ def _check_root_exists(argv: list[str]) -> None:
     if sub is None:
         return
     params = sub.make_context(argv[0], list(argv[1:]), parent=ctx, resilient_parsing=True).params
-    root = params.get(EXISTING_ROOT_COMMANDS[argv[0]])
-    if not root or any(h in argv for h in ("--help", "-h")):
+    name, first = EXISTING_ROOT_COMMANDS[argv[0]]
+    root = params.get(name)
+    if not root or any(h in argv for h in ("--help", "-h")) or not all(params.get(p) for p in first):
         return
     storage.check_uri(root)
     if not storage.exists(root, storage.StorageOptions.from_env(params.get("endpoint_url"))):
