@@ -82,8 +82,9 @@ class RayHead:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ray head exited: {Path(self.log.name).read_text()[-3000:]}")
             try:
-                with urllib.request.urlopen(f"{self.address}/api/version", timeout=2) as resp:
-                    json.load(resp)
+                if not self.auth_token:  # a token head refuses this unauthenticated request
+                    with urllib.request.urlopen(f"{self.address}/api/version", timeout=2) as resp:
+                        json.load(resp)
                 jobsubmit.client(self.address).list_jobs()
                 return
             except ConfigError as err:
