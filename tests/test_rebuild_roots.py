@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import os
 
+import pyarrow as pa
 import pytest
 
 from facelake import reader, root as rootmod, storage
 from facelake.jobs.rebuild import ALLOWED_ROOTS_FILE, _hash_chunk, remembered_roots
-from tests.helpers import SAMPLE_DIR
 from tests.test_rebuild import put_photos, rebuild, write_manifest
 
 
@@ -34,7 +34,6 @@ def test_rebuild_remembers_roots_and_refuses_outside(ray_local, provisioned_weig
     put_photos(elsewhere, ["img3.jpg"])
     write_manifest(manifest_uri, ["img1.jpg"], photos)
     write_manifest(str(tmp_path / "other.parquet"), ["img3.jpg"], elsewhere)
-    import pyarrow as pa
     both = pa.concat_tables([storage.read_table(manifest_uri), storage.read_table(str(tmp_path / "other.parquet"))])
 
     # before any root was given, img3 (outside photos/) is part of the record
