@@ -131,6 +131,16 @@ def auth_message(address: str, env: Mapping[str, str]) -> str:
     return f"Ray's job server at {address} refused this client: {fix}"
 
 
+def failure_hint(message: str, logs: str = "") -> str | None:
+    """What to change when a job failed because the head could not run `facelake` at all."""
+    text = f"{message}\n{logs[-4000:]}"
+    if "facelake: not found" in text or "facelake: command not found" in text or "exit code 127" in text:
+        return ("the cluster could not run `facelake`: install facelake (the same version as here) on the "
+                "cluster's image or nodes so it is on the head's PATH, or pass --pip 'facelake==X.Y' "
+                "to install it into the job's environment")
+    return None
+
+
 def entrypoint(command: Sequence[str]) -> str:
     """The shell command a job runs: ``facelake`` and the given arguments, each quoted."""
     if not command:

@@ -288,6 +288,20 @@ def test_failing_job_ends_failed_with_its_error(ray_head):
     assert status.returncode == jobsubmit.EXIT_FAILED
 
 
+def test_head_without_facelake_on_path_is_named(ray_head):
+    """A job whose shell finds no `facelake` (a head without it installed) gets a hint naming the fix."""
+    jobs = jobsubmit.client(ray_head.address)
+    job_id = jobs.submit_job(entrypoint="facelake weights", runtime_env={"env_vars": {"PATH": "/usr/bin:/bin"}})
+    deadline = time.monotonic() + 300
+    while jobsubmit.status(ray_head.address, job_id).status not in jobsubmit.TERMINAL and time.monotonic() < deadline:
+        time.sleep(1)
+    row = jobsubmit.status(ray_head.address, job_id)
+    assert row.status == "FAILED", row
+    hint = jobsubmit.failure_hint(row.message, jobsubmit.logs(ray_head.address, job_id))
+    assert hint and "--pip" in hint and "PATH" in hint, (row.message, hint)
+    assert jobsubmit.failure_hint("Job entrypoint command failed with exit code 1") is None
+
+
 def test_stop_ends_a_long_job(ray_head):
     job_id = jobsubmit.submit(ray_head.address, ["sleep", "600"])
     deadline = time.monotonic() + 120
