@@ -92,3 +92,15 @@ def test_index_shows_progress_on_a_terminal_and_not_with_quiet(tmp_path):
     code, stdout, terminal = run_on_a_tty("--quiet", "index", str(tmp_path / "out"), "--root", str(tmp_path / "r2"))
     assert code == 0, terminal
     assert "steps" not in terminal and "published index version" in stdout
+
+
+@pytest.mark.timeout(900)
+def test_search_shows_probe_progress_on_a_terminal(tmp_path):
+    faces = tmp_path / "out" / "faces"
+    storage.write_table(str(faces / "part-0.parquet"), synthetic_faces(600))
+    code, _, terminal = run_on_a_tty("--quiet", "index", str(tmp_path / "out"), "--root", str(tmp_path / "root"))
+    assert code == 0, terminal
+    code, stdout, terminal = run_on_a_tty("search", str(faces), "--root", str(tmp_path / "root"),
+                                          "--out", str(tmp_path / "results"), "--purpose", "progress test")
+    assert code == 0, terminal + stdout
+    assert "search" in terminal and "600/600" in terminal and "probe faces/s" in terminal, terminal
