@@ -1,15 +1,20 @@
 """Start or join Ray, and describe the resources a job may plan with.
 
-Without an address facelake starts a local Ray (the embedded default) with its dashboard bound
-to 127.0.0.1; ``auto``, ``ray://host:port`` or ``host:port`` join an existing cluster. Storage
+Without an address facelake starts a local Ray (the embedded default) without its dashboard and
+with no fixed port (its dashboard agent's HTTP port is chosen by the OS instead of Ray's 52365, so
+a `ray start --head` on the same machine still gets its own); ``auto``, ``ray://host:port`` or
+``host:port`` join an existing cluster. Storage
 credentials are never put in the runtime environment: workers use the AWS credential chain.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 from dataclasses import dataclass
+from typing import Iterator
 
 import ray
 
@@ -61,10 +66,42 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> Clust
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         else:
             # address="local": never join a stray cluster another `ray start` left on this machine
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1",
-                     runtime_env=runtime_env, log_to_driver=True,
-                     object_store_memory=_local_object_store_bytes())
+            with _no_fixed_agent_port():
+                ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1",
+                         runtime_env=runtime_env, log_to_driver=True,
+                         object_store_memory=_local_object_store_bytes())
     return resources()
+
+
+@contextlib.contextmanager
+def _no_fixed_agent_port() -> Iterator[None]:
+    """Let the OS choose the local dashboard agent's HTTP port while ``ray.init`` starts a node.
+
+    Ray's agent listens on 52365 unless told otherwise, and ``ray.init`` has no option for it
+    (``ray start`` has --dashboard-agent-listen-port); a head started later on this machine then
+    cannot start its own agent. RayParams takes 0 as "any free port", so ray.init's RayParams
+    gets that default for the duration of the call.
+    """
+    from ray._private import parameter
+
+    original = parameter.RayParams.__init__
+
+    @functools.wraps(original)
+    def init(self, *args, **kwargs):
+        kwargs.setdefault("dashboard_agent_listen_port", 0)
+        original(self, *args, **kwargs)
+
+    parameter.RayParams.__init__ = init
+    try:
+        yield
+    finally:
+        parameter.RayParams.__init__ = original
+
+
+def agent_port() -> int | None:
+    """The HTTP port of this process's local Ray dashboard agent (None when not a local node)."""
+    node = getattr(ray._private.worker, "_global_node", None)
+    return getattr(node, "dashboard_agent_listen_port", None) if node is not None else None
 
 
 def resources() -> ClusterResources:

@@ -19,9 +19,10 @@ from facelake import storage
 from facelake.errors import ManifestError
 from facelake.schema import FACE_COLUMNS, MANIFEST_REQUIRED
 
-# Columns facelake writes itself; a manifest may not use these names for carried columns.
+# Columns facelake writes itself (faces, errors and dropped tables, and the embed workers'
+# internal row kind); a manifest may not use these names for carried columns.
 RESERVED = tuple(c for c in FACE_COLUMNS if c not in MANIFEST_REQUIRED) + (
-    "stage", "error_type", "message")
+    "stage", "error_type", "message", "reason", "frame", "_kind")
 
 
 @dataclass(frozen=True)
@@ -72,9 +73,7 @@ def validate(uri: str, options: storage.StorageOptions | None = None,
     if missing:
         raise ManifestError(f"manifest {storage.redact(uri)} lacks required column(s) {missing}; "
                             f"it has {schema.names}")
-    clash = [c for c in schema.names if c in RESERVED]
-    if clash:
-        raise ManifestError(f"manifest columns {clash} collide with columns facelake writes; rename them")
+    _refuse_reserved(uri, schema)
     duplicated = sorted({c for c in schema.names if schema.names.count(c) > 1})
     if duplicated:
         raise ManifestError(f"manifest {storage.redact(uri)} has column name(s) {duplicated} more than once; "
@@ -152,6 +151,14 @@ def id_rule_violation(ids: pa.Array | pa.ChunkedArray | list[str]) -> tuple[int,
             position = hits[0].as_py()
             first = (position, f"image_id {str(ids[position].as_py())[:80]!r} {why}")
     return first
+
+
+def _refuse_reserved(uri: str, schema: pa.Schema) -> None:
+    """Carried columns may not take a name facelake writes itself (they would clash in outputs)."""
+    clash = [c for c in schema.names if c in RESERVED]
+    if clash:
+        raise ManifestError(f"manifest {storage.redact(uri)} has column(s) {clash} whose names facelake uses for "
+                            f"its own output columns; rename them (reserved: {', '.join(RESERVED)})")
 
 
 def _refuse_duplicates(uri: str, options: storage.StorageOptions | None, clashing: set[int]) -> None:

@@ -35,9 +35,10 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 import facelake
-from facelake import audit, storage
+from facelake import audit, reader, storage
 from facelake.errors import ConfigError
 from facelake.imaging import DEFAULT_MAX_PIXELS, decode_bgr
+from facelake.reader import ReadLimits
 from facelake.storage import StorageOptions
 
 if TYPE_CHECKING:  # pandas and matplotlib are optional extras, imported when used
@@ -407,10 +408,11 @@ def resolve_uri(uri: str, base_dir: str | None = None) -> str:
 
 
 def load_photo(uri: str, base_dir: str | None = None, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-               options: StorageOptions | None = None) -> np.ndarray:
-    """A photo as an upright RGB uint8 array (H, W, 3), read through facelake.storage."""
+               options: StorageOptions | None = None, limits: ReadLimits | None = None) -> np.ndarray:
+    """A photo as an upright RGB uint8 array (H, W, 3), read through facelake.reader
+    (regular files and objects only, at most ``limits.max_bytes``, under ``limits.allowed_roots``)."""
     full = resolve_uri(uri, base_dir)
-    bgr = decode_bgr(storage.read_bytes(full, options), max_pixels)
+    bgr = decode_bgr(reader.read(full, limits or ReadLimits(), options), max_pixels)
     return np.ascontiguousarray(bgr[:, :, ::-1])
 
 

@@ -12,10 +12,13 @@ from pathlib import Path
 import typer
 
 import facelake
-from facelake import storage
+from facelake import progress, storage
 from facelake.errors import ConfigError
 
 SAMPLE_MANIFEST = Path(facelake.__file__).resolve().parents[1] / "samples" / "manifest.parquet"
+
+
+DEMO_STEPS = ("demo: embed the sample photos", "demo: build the index", "demo: search sample probes")
 
 
 def _step(text: str) -> None:
@@ -40,19 +43,25 @@ def run_demo(out: str, manifest_uri: str | None = None, fresh: bool = True) -> d
     resources = runtime.connect(None)
     typer.echo(f"local Ray: {resources.cpus:g} CPU, {resources.gpus:g} GPU, {resources.nodes} node(s)")
     try:
-        _step(f"embed {manifest_uri} -> {archive}")
-        summary = run_embed(EmbedConfig(manifest=manifest_uri, out=archive, progress=False))
-        print_summary(summary)
-        _step(f"index {archive}/faces -> {root}")
-        faces_uri = outputs(archive)["faces"]
-        from facelake.registry import get_model, weights_fingerprint
+        with progress.tracker(len(DEMO_STEPS), DEMO_STEPS[0], unit="steps") as bar:
+            _step(f"embed {manifest_uri} -> {archive}")
+            summary = run_embed(EmbedConfig(manifest=manifest_uri, out=archive, progress=False))
+            print_summary(summary)
+            bar.advance(1)
+            bar.describe(DEMO_STEPS[1])
+            _step(f"index {archive}/faces -> {root}")
+            faces_uri = outputs(archive)["faces"]
+            from facelake.registry import get_model, weights_fingerprint
 
-        spec = get_model(summary.model)
-        manifest = build_version(faces_uri, root, model=spec.name, weights_sha256=weights_fingerprint(spec))
-        typer.echo(f"published index version {manifest['version']}: {manifest['total']} faces in "
-                   f"{len(manifest['shards'])} shard(s), {manifest['factory']}, nprobe {manifest['nprobe']}")
-        report = {"archive": archive, "root": root, "faces": summary.faces, "version": manifest["version"]}
-        report.update(_search_step(manifest_uri, root, results))
+            spec = get_model(summary.model)
+            manifest = build_version(faces_uri, root, model=spec.name, weights_sha256=weights_fingerprint(spec))
+            typer.echo(f"published index version {manifest['version']}: {manifest['total']} faces in "
+                       f"{len(manifest['shards'])} shard(s), {manifest['factory']}, nprobe {manifest['nprobe']}")
+            report = {"archive": archive, "root": root, "faces": summary.faces, "version": manifest["version"]}
+            bar.advance(1)
+            bar.describe(DEMO_STEPS[2])
+            report.update(_search_step(manifest_uri, root, results))
+            bar.advance(1)
     finally:
         ray.shutdown()
     typer.secho(f"\ndemo finished in {time.monotonic() - started:.0f}s; outputs under {out}", fg=typer.colors.GREEN)

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import typer
 
-from facelake import manifest, storage
+from facelake import manifest, reader, storage
 from facelake.errors import ConfigError
 from facelake.imaging import DEFAULT_MAX_PIXELS, content_sha256, decode_bgr
 from facelake.registry import MODELS, ModelSpec, get_model, weights_fingerprint
@@ -88,6 +88,8 @@ class EmbedConfig:
     endpoint_url: str | None = None
     weights_from: str | None = None
     allowed_roots: tuple[str, ...] = ()
+    max_bytes: int = reader.DEFAULT_MAX_BYTES
+    read_timeout_s: float = reader.DEFAULT_TIMEOUT_S
     shard_rows: int = DEFAULT_SHARD_ROWS
     chunk_images: int = DEFAULT_CHUNK_IMAGES
     workers: int | None = None
@@ -101,8 +103,7 @@ class EmbedConfig:
                               + ", ".join(f"{m.name} ({m.recognizer}+{m.detector})" for m in MODELS.values()))
         for name, uri in (("MANIFEST", self.manifest), ("--out", self.out)):
             storage.check_uri(uri)
-        for root in self.allowed_roots:
-            storage.check_uri(root)
+        self.limits.validate()
         if self.batch_size < 1 or self.shard_rows < 1:
             raise ConfigError("--batch-size and --shard-rows must be at least 1")
         if self.chunk_images < 1:
@@ -114,6 +115,11 @@ class EmbedConfig:
         if self.workers is not None and self.workers < 1:
             raise ConfigError("--workers must be at least 1")
         return spec
+
+    @property
+    def limits(self) -> reader.ReadLimits:
+        """What the workers may read (roots, bytes, time)."""
+        return reader.ReadLimits(self.allowed_roots, self.max_bytes, self.read_timeout_s)
 
 
 @dataclass
@@ -149,24 +155,11 @@ class EmbedSummary:
 
 def resolve_uri(uri: str, base_dir: str, allowed_roots: tuple[str, ...]) -> str:
     """Make a manifest uri absolute (relative to the manifest's folder) and check its roots."""
-    scheme = storage.scheme_of(uri)
-    if scheme not in storage.SUPPORTED_SCHEMES:
-        raise ValueError(f"unsupported URI scheme {scheme!r}: use a local path, file:// or s3://")
-    if scheme == "file" and not uri.startswith("file://") and not os.path.isabs(uri):
-        uri = storage.join(base_dir, uri)
-    if allowed_roots:
-        normal = _normal(uri)
-        if not any(normal == _normal(r) or normal.startswith(_normal(r).rstrip("/") + "/") for r in allowed_roots):
-            raise PermissionError(f"{storage.redact(uri)} is outside the allowed roots")
-    return uri
+    return reader.resolve(uri, base_dir, allowed_roots)
 
 
 def _normal(uri: str) -> str:
-    if storage.scheme_of(uri) == "s3":
-        scheme, rest = uri.split("://", 1)
-        return "s3://" + os.path.normpath("/" + rest).lstrip("/")
-    path = uri[len("file://"):] if uri.startswith("file://") else uri
-    return os.path.realpath(path)
+    return reader.normal(uri)
 
 
 class EmbedWorker:
@@ -177,7 +170,8 @@ class EmbedWorker:
                  max_pixels: int, options: storage.StorageOptions, allowed_roots: tuple[str, ...],
                  base_dir: str, done_ids: "ray.ObjectRef | None", threads: int, carried: tuple[str, ...],
                  carried_schema: pa.Schema, out: str, run_id: str, batch_size: int, shard_rows: int,
-                 weights_sha256: str, turns: "ray.actor.ActorHandle | None" = None) -> None:
+                 weights_sha256: str, turns: "ray.actor.ActorHandle | None" = None,
+                 limits: reader.ReadLimits | None = None) -> None:
         import ray
 
         from facelake.faces import FaceEngine, QualityFloor
@@ -188,6 +182,7 @@ class EmbedWorker:
         self.max_pixels = max_pixels
         self.options = options
         self.allowed_roots = allowed_roots
+        self.limits = limits or reader.ReadLimits(allowed_roots)
         self.base_dir = base_dir
         # the ids already in OUT travel once through the object store, not pickled per actor
         self.done_ids = ray.get(done_ids) if done_ids is not None else None
@@ -276,7 +271,9 @@ class EmbedWorker:
         except Exception as err:
             return self._error(out, row, STAGE_VALIDATE, type(err).__name__, str(err))
         try:
-            data = storage.read_bytes(uri, self.options)
+            data = reader.read(uri, self.limits, self.options)
+        except reader.ReadRefused as err:
+            return self._error(out, row, err.stage, type(err).__name__, str(err))
         except Exception as err:
             return self._error(out, row, STAGE_FETCH, type(err).__name__, f"cannot read {storage.redact(uri)}: {err}")
         sha = content_sha256(data)
@@ -507,7 +504,7 @@ def embed_dataset(config: EmbedConfig, *, stepped: bool = False) -> EmbedPlan:
             done_ids=ray.put(done) if len(done) else None,
             threads=1, carried=info.carried, carried_schema=carried_schema,
             out=config.out, run_id=run_id, batch_size=config.batch_size, shard_rows=config.shard_rows,
-            weights_sha256=weights_fingerprint(spec), turns=turns))
+            weights_sha256=weights_fingerprint(spec), turns=turns, limits=config.limits))
     return EmbedPlan(dataset, summary, turns)
 
 
@@ -623,6 +620,7 @@ def register(app: typer.Typer) -> None:
         endpoint_url: str = typer.Option(None, "--endpoint-url", help="S3-compatible endpoint (credentials come from the AWS chain)"),
         weights_from: str = typer.Option(None, "--weights-from", help="folder or s3:// prefix with the weight files"),
         allow_root: list[str] = typer.Option([], "--allow-root", help="only read images under this root (repeatable)"),
+        max_bytes: int = typer.Option(reader.DEFAULT_MAX_BYTES, "--max-bytes", help="refuse photos larger than this many bytes (from stat / HEAD, before reading)"),
         shard_rows: int = typer.Option(DEFAULT_SHARD_ROWS, help="faces per output Parquet file"),
         chunk_images: int = typer.Option(DEFAULT_CHUNK_IMAGES, help="images per actor call; each call writes its own part files"),
         workers: int = typer.Option(None, help="model actors (default: one per CPU, or per GPU)"),
@@ -632,5 +630,5 @@ def register(app: typer.Typer) -> None:
             manifest=manifest_uri, out=out, model=model, detector=detector, address=address,
             batch_size=batch_size, min_face=min_face, min_score=min_score, max_pixels=max_pixels,
             endpoint_url=endpoint_url, weights_from=weights_from, allowed_roots=tuple(allow_root),
-            shard_rows=shard_rows, chunk_images=chunk_images, workers=workers))
+            max_bytes=max_bytes, shard_rows=shard_rows, chunk_images=chunk_images, workers=workers))
         print_summary(summary)

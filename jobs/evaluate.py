@@ -36,10 +36,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import typer
 
-from facelake import storage
+from facelake import reader, storage
 from facelake.calibration import Calibration, CalibrationError, wilson_upper
 from facelake.errors import ConfigError, ManifestError
 from facelake.registry import MODELS, get_model
+from facelake.reader import DEFAULT_MAX_BYTES, ReadLimits
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +80,14 @@ class EvaluateConfig:
     seed: int = DEFAULT_SEED
     dataset: str | None = None  # name recorded in the calibration; default: the manifest's file name
     plots: bool = True
+    allowed_roots: tuple[str, ...] = ()  # photos are read only under these (facelake.reader)
+    max_bytes: int = DEFAULT_MAX_BYTES
 
     def validate(self) -> None:
         get_model(self.model)
         for uri in (self.manifest, self.out) + ((self.pairs,) if self.pairs else ()):
             storage.check_uri(uri)
+        ReadLimits(self.allowed_roots, self.max_bytes).validate()
         if self.embedder not in ("ray", "local"):
             raise ConfigError(f"embedder must be 'ray' or 'local', not {self.embedder!r}")
         if self.max_impostor_pairs < 1:
@@ -168,7 +172,8 @@ def _embed_with_job(config: EvaluateConfig, ids: list[str], dim: int) -> tuple[n
 
     work = storage.join(config.out, "embeddings")
     run_embed(EmbedConfig(manifest=config.manifest, out=work, model=config.model, address=config.address,
-                          workers=config.workers, progress=False))
+                          workers=config.workers, progress=False, allowed_roots=config.allowed_roots,
+                          max_bytes=config.max_bytes))
     layout = outputs(work)
     position = {image_id: i for i, image_id in enumerate(ids)}
     vectors = np.full((len(ids), dim), np.nan, np.float32)
@@ -193,20 +198,30 @@ def _embed_with_job(config: EvaluateConfig, ids: list[str], dim: int) -> tuple[n
 
 
 def _embed_local(config: EvaluateConfig, labeled: pa.Table, dim: int) -> tuple[np.ndarray, dict[str, int]]:
-    from facelake.jobs.embed import manifest_dir, resolve_uri
+    from facelake.jobs.embed import manifest_dir
 
     base = manifest_dir(config.manifest)
-    uris = [resolve_uri(u, base, ()) for u in labeled["uri"].to_pylist()]
-    vectors, errors = embed_largest_faces_local(uris, config.model, face=config.face)
+    uris = [_resolved_or_given(u, base) for u in labeled["uri"].to_pylist()]
+    vectors, errors = embed_largest_faces_local(uris, config.model, face=config.face,
+                                                limits=ReadLimits(config.allowed_roots, config.max_bytes))
     counts: dict[str, int] = {}
     for err in errors:
         counts[err["error_type"]] = counts.get(err["error_type"], 0) + 1
     return vectors, counts
 
 
+def _resolved_or_given(uri: str, base: str) -> str:
+    """The absolute uri, or the uri as given when refused (reading it then fails as an error)."""
+    try:
+        return reader.resolve(uri, base)
+    except reader.ReadRefused:
+        return uri
+
+
 def embed_largest_faces_local(uris: list[str], model: str | None = None, *, threads: int | None = None,
                               batch_size: int = 64, progress_every: int = 0,
-                              face: Literal["largest", "central"] = "largest"):
+                              face: Literal["largest", "central"] = "largest",
+                              limits: ReadLimits = ReadLimits()):
     """Embed one usable face of each image in this process (no Ray): the largest (face_index 0,
     as the embed job orders them), or with ``face="central"`` the one whose box centre is nearest
     the image centre (the labeled face of centred data sets such as LFW, where the largest face
@@ -234,7 +249,7 @@ def embed_largest_faces_local(uris: list[str], model: str | None = None, *, thre
 
     for row, uri in enumerate(uris):
         try:
-            image = decode_bgr(storage.read_bytes(uri))
+            image = decode_bgr(reader.read(uri, limits))
         except Exception as err:  # recorded, never fatal
             errors.append({"row": row, "uri": uri, "error_type": type(err).__name__, "message": str(err)})
             continue
@@ -781,11 +796,14 @@ def register(app: typer.Typer) -> None:
         max_impostor_pairs: int = typer.Option(DEFAULT_MAX_IMPOSTOR_PAIRS, help="sample impostor pairs beyond this many"),
         seed: int = typer.Option(DEFAULT_SEED, help="seed for impostor sampling and the gallery split"),
         workers: int = typer.Option(None, help="embed job model actors (default: the embed job decides)"),
+        allow_root: list[str] = typer.Option([], "--allow-root", help="only read photos under this root (repeatable)"),
+        max_bytes: int = typer.Option(DEFAULT_MAX_BYTES, "--max-bytes", help="refuse photos larger than this many bytes (before reading)"),
     ) -> None:
         """Measure verification, identification and calibration on a labeled manifest."""
         result = evaluate(EvaluateConfig(manifest=manifest_uri, out=out, model=model, pairs=pairs,
                                          group_by=group_by, address=address, embedder=embedder, face=face,
-                                         max_impostor_pairs=max_impostor_pairs, seed=seed, workers=workers))
+                                         max_impostor_pairs=max_impostor_pairs, seed=seed, workers=workers,
+                                         allowed_roots=tuple(allow_root), max_bytes=max_bytes))
         m = result.metrics
         typer.echo(f"{m['photos']['embedded']}/{m['photos']['labeled']} photos embedded; "
                    f"{m['verification']['genuine_pairs']:,} genuine / {m['verification']['impostor_pairs']:,} impostor pairs")

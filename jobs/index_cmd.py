@@ -7,19 +7,48 @@ rebuild and erase, so it never races them.
 
 from __future__ import annotations
 
-import pyarrow.compute as pc
+import pyarrow as pa
 import typer
 
-from facelake import audit, storage
+from facelake import audit, progress, storage
 from facelake.errors import ConfigError
 from facelake.lock import RootLock
 from facelake.storage import StorageOptions
 
 
+# What `index` shows while it works (build_version reports these stages through its hooks).
+INDEX_STEPS = ("index: train and add shards", "index: write the version manifest", "index: publish")
+
+
+def faces_table(uri: str, options: StorageOptions | None = None) -> str:
+    """The faces table of an embed job's --out folder (OUT/faces), or ``uri`` itself."""
+    inner = storage.join(uri, "faces")
+    return inner if storage.list_files(inner, ".parquet", options) else uri
+
+
+def _model_of(faces: str, options: StorageOptions) -> dict[str, str]:
+    """model and weights_sha256 from the first rows of the faces table (the shard tasks check that
+    every row has the same; nothing else of the table is read here)."""
+    files = storage.list_files(faces, ".parquet", options)
+    if not files:
+        raise ConfigError(f"no faces table at {storage.redact(faces)}: pass the --out folder of `facelake embed` "
+                          f"(or its faces/ folder)")
+    try:
+        batch = next(storage.iter_batches(files[0], columns=["model", "weights_sha256"], batch_size=1,
+                                          options=options), None)
+    except (pa.ArrowException, KeyError, ValueError) as err:
+        raise ConfigError(f"{storage.redact(faces)} is not a faces table written by `facelake embed` "
+                          f"({type(err).__name__}: {str(err)[:200]}); pass the embed job's --out folder "
+                          "or its faces/ folder") from err
+    if batch is None or not batch.num_rows or not all(batch.column(i)[0].as_py() for i in range(2)):
+        raise ConfigError(f"{storage.redact(faces)} names no model: pass a faces table written by `facelake embed`")
+    return {"model": batch.column(0)[0].as_py(), "weights_sha256": batch.column(1)[0].as_py()}
+
+
 def run_index(faces: str, root: str, *, shards: int | None = None, shard_size: int | None = None,
               nlist: int | None = None, pq: int | None = None, nprobe: int | None = None, keep: int = 3,
-              endpoint_url: str | None = None, address: str | None = None) -> dict:
-    """Build and publish; returns the version's manifest."""
+              endpoint_url: str | None = None, address: str | None = None, show_progress: bool = False) -> dict:
+    """Build and publish; returns the version's manifest. ``show_progress``: facelake.progress on stderr."""
     import ray
 
     from facelake.cluster import runtime
@@ -31,23 +60,19 @@ def run_index(faces: str, root: str, *, shards: int | None = None, shard_size: i
     if shards is not None and shard_size is not None:
         raise ConfigError("give --shards or --shard-size, not both")
     options = StorageOptions.from_env(endpoint_url)
-    try:
-        table = storage.read_table(faces, columns=["model", "weights_sha256"], options=options)
-    except FileNotFoundError as err:
-        raise ConfigError(f"no faces table at {storage.redact(faces)}: pass the faces folder `facelake embed` "
-                          f"wrote") from err
-    found = {}
-    for column in ("model", "weights_sha256"):
-        values = [v for v in pc.unique(table[column]).to_pylist() if v]
-        if len(values) != 1:
-            raise ConfigError(f"faces table holds {len(values)} distinct {column} values {values[:3]}: "
-                              f"index the faces of exactly one model")
-        found[column] = values[0]
+    faces = faces_table(faces, options)
+    found = _model_of(faces, options)
     with audit.Job(root, "index", options, details={"faces": storage.redact(faces), "model": found["model"]}) as job:
-        with RootLock(root, job.job_id, options=options) as lock:
+        with RootLock(root, job.job_id, options=options) as lock, \
+                progress.tracker(len(INDEX_STEPS), INDEX_STEPS[0], show_progress, unit="steps") as bar:
             erased = erased_ids_checked(root, options)   # refuses a tampered erasure list
 
+            def step() -> None:
+                bar.advance(1)
+                bar.describe(INDEX_STEPS[min(bar.done, len(INDEX_STEPS) - 1)])
+
             def before_pointer(version: str) -> None:
+                step()
                 lock.verify()
                 check_publishable(root, version, erased, options)
 
@@ -57,7 +82,9 @@ def run_index(faces: str, root: str, *, shards: int | None = None, shard_size: i
                 manifest = build_version(faces, root, model=found["model"], weights_sha256=found["weights_sha256"],
                                          shards=shards, shard_size=shard_size, nlist=nlist, pq=pq, nprobe=nprobe,
                                          keep=keep, options=options, erased_ids=erased,
-                                         hooks={"before_pointer": before_pointer})
+                                         hooks={"before_manifest": lambda _version: step(),
+                                                "before_pointer": before_pointer})
+                bar.advance(1)
             finally:
                 runtime.shutdown_if_local(started and address is None)
             removed = drop_versions_holding(root, erased, manifest["version"], options)
@@ -70,7 +97,7 @@ def run_index(faces: str, root: str, *, shards: int | None = None, shard_size: i
 def register(app: typer.Typer) -> None:
     @app.command("index")
     def index_command(
-        faces: str = typer.Argument(..., metavar="FACES", help="faces table (folder or file) written by `facelake embed`"),
+        faces: str = typer.Argument(..., metavar="FACES", help="the --out folder of `facelake embed` (or its faces/ table)"),
         root: str = typer.Option(..., "--root", help="ROOT under which ROOT/index/<version>/ is published"),
         shards: int = typer.Option(None, "--shards", help="number of shards"),
         shard_size: int = typer.Option(None, "--shard-size", help="faces per shard (default 1,000,000)"),
@@ -83,7 +110,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train an IVF index on FACES, add shards in parallel, publish a new version of ROOT."""
         m = run_index(faces, root, shards=shards, shard_size=shard_size, nlist=nlist, pq=pq, nprobe=nprobe,
-                      keep=keep, endpoint_url=endpoint_url, address=address)
+                      keep=keep, endpoint_url=endpoint_url, address=address, show_progress=progress.enabled())
         typer.echo(f"published index version {m['version']}: {m['total']} faces, {m['factory']}, nlist {m['nlist']}, "
                    f"nprobe {m['nprobe']}, {len(m['shards'])} shard(s), "
                    f"{'GPU' if m['build']['gpu'] else 'CPU'} build in {m['build']['seconds']}s")

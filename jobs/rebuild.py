@@ -29,6 +29,7 @@ unchanged and CURRENT naming its index does nothing and says so.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -41,7 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import typer
 
-from facelake import audit, manifest, root as rootmod, storage
+from facelake import audit, manifest, reader, root as rootmod, storage
 from facelake.errors import ConfigError
 from facelake.lock import DEFAULT_TTL_S, RootLock
 from facelake.registry import get_model, weights_fingerprint
@@ -78,11 +79,14 @@ class RebuildConfig:
     weights_from: str | None = None
     lock_ttl_s: float = DEFAULT_TTL_S
     progress: bool = True
+    allowed_roots: tuple[str, ...] = ()  # empty: the roots ROOT remembers (ROOT/ALLOWED_ROOTS)
+    max_bytes: int = reader.DEFAULT_MAX_BYTES
 
     def validate(self):
         spec = get_model(self.model)
         storage.check_uri(self.manifest)
         storage.check_uri(self.root)
+        reader.ReadLimits(self.allowed_roots, self.max_bytes).validate()
         if self.keep < 1:
             raise ConfigError(f"--keep must be at least 1 (the live version is always kept), got {self.keep}")
         if self.batch_size < 1 or (self.workers is not None and self.workers < 1):
@@ -133,7 +137,7 @@ class Plan:
 
 
 def _resolve_manifest(uri: str, options: StorageOptions) -> tuple[pa.Table, manifest.ManifestInfo]:
-    from facelake.jobs.embed import manifest_dir, resolve_uri
+    from facelake.jobs.embed import manifest_dir
 
     info = manifest.validate(uri, options)
     table = storage.read_table(uri, options=options)
@@ -141,8 +145,8 @@ def _resolve_manifest(uri: str, options: StorageOptions) -> tuple[pa.Table, mani
     resolved = []
     for value in table["uri"].to_pylist():
         try:
-            resolved.append(resolve_uri(value, base, ()))
-        except ValueError:
+            resolved.append(reader.resolve(value, base))
+        except reader.ReadRefused:
             resolved.append(value)  # the embed job records it as a validate error
     table = table.set_column(table.schema.get_field_index("uri"), "uri", pa.array(resolved, pa.string()))
     table = table.set_column(table.schema.get_field_index("image_id"), "image_id",
@@ -150,27 +154,55 @@ def _resolve_manifest(uri: str, options: StorageOptions) -> tuple[pa.Table, mani
     return table, info
 
 
-def _hash_chunk(uris: list[str], options: StorageOptions) -> list[str | None]:
+def _hash_chunk(uris: list[str], options: StorageOptions,
+                limits: reader.ReadLimits = reader.ReadLimits()) -> list[str | None]:
     from facelake.imaging import content_sha256
 
     out = []
     for value in uris:
         try:
-            out.append(content_sha256(storage.read_bytes(value, options)))
-        except Exception:  # unreadable now: the caller keeps the record as it is
+            out.append(content_sha256(reader.read(value, limits, options)))
+        except Exception:  # unreadable or refused now: the caller keeps the record as it is
             out.append(None)
     return out
 
 
-def hash_images(uris: list[str], options: StorageOptions) -> list[str | None]:
-    """sha256 of each image's bytes (None when unreadable), in parallel Ray tasks."""
+def hash_images(uris: list[str], options: StorageOptions,
+                limits: reader.ReadLimits = reader.ReadLimits()) -> list[str | None]:
+    """sha256 of each image's bytes (None when unreadable or refused), in parallel Ray tasks.
+
+    Every read goes through facelake.reader: nothing outside ``limits.allowed_roots``, no FIFO
+    or device, nothing over ``limits.max_bytes`` is read or hashed.
+    """
     import ray
 
     if not uris:
         return []
     task = ray.remote(num_cpus=HASH_CPUS)(_hash_chunk)
-    refs = [task.remote(uris[i:i + HASH_CHUNK], options) for i in range(0, len(uris), HASH_CHUNK)]
+    refs = [task.remote(uris[i:i + HASH_CHUNK], options, limits) for i in range(0, len(uris), HASH_CHUNK)]
     return [h for chunk in ray.get(refs) for h in chunk]
+
+
+ALLOWED_ROOTS_FILE = "ALLOWED_ROOTS"
+
+
+def remembered_roots(root: str, options: StorageOptions) -> tuple[str, ...]:
+    """The --allow-root values ROOT remembers from the rebuild that last gave them (() if none)."""
+    try:
+        data = json.loads(storage.read_bytes(storage.join(root, ALLOWED_ROOTS_FILE), options))
+    except FileNotFoundError:
+        return ()
+    return tuple(data.get("allowed_roots", ()))
+
+
+def effective_roots(config: RebuildConfig, options: StorageOptions) -> tuple[str, ...]:
+    """--allow-root when given (and remembered in ROOT for later runs), else what ROOT remembers."""
+    if not config.allowed_roots:
+        return remembered_roots(config.root, options)
+    if remembered_roots(config.root, options) != config.allowed_roots:
+        storage.write_bytes_atomic(storage.join(config.root, ALLOWED_ROOTS_FILE),
+                                   json.dumps({"allowed_roots": list(config.allowed_roots)}).encode(), options)
+    return config.allowed_roots
 
 
 def plan(config: RebuildConfig, table: pa.Table, record: pa.Table, erased: pa.Array,
@@ -201,7 +233,13 @@ def plan(config: RebuildConfig, table: pa.Table, record: pa.Table, erased: pa.Ar
     uri_changed = pc.fill_null(pc.not_equal(existing["uri"], existing["rec_uri"]), True)
     changed = existing["image_id"].filter(uri_changed).to_pylist()
     same_uri = existing.filter(pc.invert(uri_changed))
-    hashes = hash_images(same_uri["uri"].to_pylist(), options)
+    if config.allowed_roots:
+        # outside the roots now: never read; re-embedding records it as a validate error
+        inside = pa.array([reader.within(u, config.allowed_roots) for u in same_uri["uri"].to_pylist()], pa.bool_())
+        changed += same_uri["image_id"].filter(pc.invert(inside)).to_pylist()
+        same_uri = same_uri.filter(inside)
+    limits = reader.ReadLimits(config.allowed_roots, config.max_bytes)
+    hashes = hash_images(same_uri["uri"].to_pylist(), options, limits)
     for image_id, now, before in zip(same_uri["image_id"].to_pylist(), hashes, same_uri["rec_sha"].to_pylist()):
         if now is None:
             if before is not None:
@@ -381,6 +419,7 @@ def _embed(config: RebuildConfig, spec, the_plan: Plan, run: str, options: Stora
     summary = run_embed(EmbedConfig(manifest=sub_uri, out=out, model=spec.name, address=config.address,
                                     batch_size=config.batch_size, endpoint_url=config.endpoint_url,
                                     weights_from=config.weights_from, workers=config.workers,
+                                    allowed_roots=config.allowed_roots, max_bytes=config.max_bytes,
                                     progress=config.progress), hooks=embed_hooks)
     faces = _staged(out, "faces", the_plan.to_embed, options)
     errors = _staged(out, "errors", the_plan.to_embed, options)
@@ -430,6 +469,7 @@ def _rebuild(config: RebuildConfig, spec, table: pa.Table, summary: RebuildSumma
         try:
             if "locked" in hooks:
                 hooks["locked"](job_id)
+            config = dataclasses.replace(config, allowed_roots=effective_roots(config, options))
             rootmod.collect_garbage(config.root, options)
             base = rootmod.current(config.root, options)
             if base is not None and base.model not in (None, spec.name):
@@ -548,8 +588,11 @@ def register(app: typer.Typer) -> None:
         endpoint_url: str = typer.Option(None, "--endpoint-url", help="S3-compatible endpoint (credentials come from the AWS chain)"),
         keep: int = typer.Option(DEFAULT_KEEP, "--keep", help="index versions to keep (the live one always)"),
         weights_from: str = typer.Option(None, "--weights-from", help="folder or s3:// prefix with the weight files"),
+        allow_root: list[str] = typer.Option([], "--allow-root", help="only read photos under this root (repeatable; ROOT remembers them for later rebuilds)"),
+        max_bytes: int = typer.Option(reader.DEFAULT_MAX_BYTES, "--max-bytes", help="refuse photos larger than this many bytes (from stat / HEAD, before reading)"),
     ) -> None:
         """Embed new and changed photos, drop removed ones, publish a new index version."""
         summary = run_rebuild(RebuildConfig(manifest=manifest_uri, root=root, address=address, full=full,
-                                            endpoint_url=endpoint_url, keep=keep, weights_from=weights_from))
+                                            endpoint_url=endpoint_url, keep=keep, weights_from=weights_from,
+                                            allowed_roots=tuple(allow_root), max_bytes=max_bytes))
         print_summary(summary)

@@ -57,8 +57,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import typer
 
-from facelake import audit, calibration, storage
+from facelake import audit, calibration, progress, storage
 from facelake.errors import ConfigError, FacelakeError, IndexVersionError
+from facelake.reader import DEFAULT_MAX_BYTES
 from facelake.registry import get_model, weights_fingerprint
 from facelake.schema import ERRORS_SCHEMA, FACE_COLUMNS, ID_TABLE_SCHEMA, RESULT_COLUMNS, carried_columns
 
@@ -112,6 +113,8 @@ class SearchConfig:
     executor: Executor = "ray"
     search_workers: int | None = None  # None: SEARCH_WORKERS
     progress: bool = False
+    allowed_roots: tuple[str, ...] = ()  # probe photos are read only under these (facelake.reader)
+    max_bytes: int = DEFAULT_MAX_BYTES
 
     def validate(self) -> None:
         if self.purpose is None or not str(self.purpose).strip():
@@ -310,15 +313,15 @@ def _search(config: SearchConfig, options: storage.StorageOptions, summary: Sear
 def _tally(counts, config: SearchConfig, summary: SearchSummary, hooks: Hooks | None) -> None:
     """Add up the per-batch counts the search workers return (the driver sees nothing else)."""
     started = time.monotonic()
-    for row in counts:
-        summary.searched_faces += row["faces"]
-        summary.result_rows += row["rows"]
-        summary.no_candidate_faces += row["no_candidate"]
-        summary.search_seconds = round(time.monotonic() - started, 3)
-        if config.progress:
-            log.warning("searched %d/%d probe faces", summary.searched_faces, summary.probe_faces)
-        if hooks and "after_batch" in hooks:
-            hooks["after_batch"](summary)
+    with progress.tracker(summary.probe_faces, "search", config.progress, unit="probe faces") as bar:
+        for row in counts:
+            summary.searched_faces += row["faces"]
+            summary.result_rows += row["rows"]
+            summary.no_candidate_faces += row["no_candidate"]
+            summary.search_seconds = round(time.monotonic() - started, 3)
+            bar.advance(row["faces"])
+            if hooks and "after_batch" in hooks:
+                hooks["after_batch"](summary)
 
 
 
@@ -503,7 +506,8 @@ def _manifest_probes(config, options, model, summary) -> ProbeSource:
     _claim_probe_folder(work, info.fingerprint, options)
     run_embed(EmbedConfig(manifest=config.probes, out=work, model=model, address=config.address,
                           endpoint_url=config.endpoint_url, weights_from=config.weights_from,
-                          workers=config.workers, progress=config.progress))
+                          workers=config.workers, progress=False,
+                          allowed_roots=config.allowed_roots, max_bytes=config.max_bytes))
     layout = embed_outputs(work)
     files = storage.list_files(layout["faces"], ".parquet", options)
     errors = storage.list_files(layout["errors"], ".parquet", options)
@@ -621,7 +625,7 @@ def _probe_dataset(config: SearchConfig, probes: ProbeSource, options):
     import ray
 
     context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = config.progress
+    context.enable_progress_bars = False     # facelake.progress counts probe faces instead
     context.use_datasource_v2 = False        # see jobs/embed.py: the V1 reader honours num_cpus
     names = set(_schema_of(probes.files[0], options).names)
     columns = [c for c in _probe_columns(probes) if c in names]
@@ -806,7 +810,7 @@ def register(app: typer.Typer) -> None:
         probes: str = typer.Argument(..., metavar="PROBES", help="manifest of probe images (image_id, uri) or a faces table"),
         root: str = typer.Option(..., "--root", help="root holding the live index version and the audit log"),
         out: str = typer.Option(..., "--out", help="results folder: results/, errors/, probe_faces/"),
-        purpose: str = typer.Option(None, "--purpose", help="why this search is run (required; audited)"),
+        purpose: str = typer.Option(None, "--purpose", help="REQUIRED: why this search is run, a case or request reference (audited)"),
         mode: str = typer.Option("investigate", "--mode", help="investigate (top-K for review) or identify (above threshold)"),
         top_k: int = typer.Option(DEFAULT_TOP_K, "--top-k", help="candidates per probe face"),
         max_fpir: float = typer.Option(None, "--max-fpir", help=f"false-positive identification rate the threshold is chosen for (default {DEFAULT_MAX_FPIR:g})"),
@@ -820,11 +824,14 @@ def register(app: typer.Typer) -> None:
         weights_from: str = typer.Option(None, "--weights-from", help="folder or s3:// prefix with the weight files"),
         workers: int = typer.Option(None, "--workers", help="embed actors for a manifest of probes"),
         batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", help="probe faces per fan-out"),
+        allow_root: list[str] = typer.Option([], "--allow-root", help="only read probe photos under this root (repeatable)"),
+        max_bytes: int = typer.Option(DEFAULT_MAX_BYTES, "--max-bytes", help="refuse probe photos larger than this many bytes (before reading)"),
     ) -> None:
         """Search probe photos against a root's live index; write reviewable results; audit the job."""
         summary = run_search(SearchConfig(
             probes=probes, root=root, out=out, purpose=purpose, mode=mode, top_k=top_k, max_fpir=max_fpir,
             threshold=threshold, nprobe=nprobe, model=model, calibration=calibration_file,
             allow_extrapolation=allow_extrapolation, address=address,
-            endpoint_url=endpoint_url, weights_from=weights_from, workers=workers, batch_size=batch_size))
+            endpoint_url=endpoint_url, weights_from=weights_from, workers=workers, batch_size=batch_size,
+            allowed_roots=tuple(allow_root), max_bytes=max_bytes, progress=progress.enabled()))
         print_summary(summary)

@@ -65,8 +65,7 @@ def collect(root: str, options: StorageOptions | None = None) -> dict:
         "table_version": table.name if table else None,
         "table_index_version": pointer.get("index_version"),
         "quantizer": pointer.get("quantizer"),
-        "counts": {"faces": table.face_rows if table else 0,
-                   "images": len(pc.unique(faces["image_id"])) if faces is not None else 0,
+        "counts": {**(_record_counts(table, faces) if table else _index_counts(root, options)),
                    "errors": table.error_rows if table else 0,
                    "erasures": erased_count},
         "lock": lockmod.read_lock(root, options),
@@ -82,6 +81,22 @@ def collect(root: str, options: StorageOptions | None = None) -> dict:
     }
 
 
+def _record_counts(table, faces) -> dict:
+    return {"faces": table.face_rows, "images": len(pc.unique(faces["image_id"])) if faces is not None else 0,
+            "source": "record"}
+
+
+def _index_counts(root: str, options: StorageOptions | None) -> dict:
+    """A root made by `facelake index` has no table of record: count what the live version holds."""
+    from facelake.index import layout
+    from facelake.index.load import load_ids, open_version
+
+    if layout.current_version(root, options) is None:
+        return {"faces": 0, "images": 0, "source": "none"}
+    ids = load_ids(open_version(root, options=options))["image_id"]
+    return {"faces": len(ids), "images": len(pc.unique(ids)), "source": "live index"}
+
+
 def print_status(info: dict) -> None:
     echo = typer.echo
     echo(f"root {info['root']}")
@@ -93,9 +108,13 @@ def print_status(info: dict) -> None:
         echo(f"  {mark} {v['version']}  {v['total']} faces  {v['factory']}  {v['shards']} shard(s)  "
              f"created {v['created_at']}" + (f"  quantizer from {v['trained_from']}" if v["trained_from"] else ""))
     c = info["counts"]
-    echo(f"record (table version {info['table_version'] or 'none'}): {c['faces']} faces of {c['images']} images, "
-         f"{c['errors']} errors, "
-         + (f"{c['erasures']} erased ids" if c["erasures"] is not None else "erasure list refused (see below)"))
+    erasures = f"{c['erasures']} erased ids" if c["erasures"] is not None else "erasure list refused (see below)"
+    if c.get("source") == "live index":
+        echo(f"no table of record (made by `facelake index`); the live index holds {c['faces']} faces of "
+             f"{c['images']} images, {erasures}")
+    else:
+        echo(f"record (table version {info['table_version'] or 'none'}): {c['faces']} faces of {c['images']} images, "
+             f"{c['errors']} errors, {erasures}")
     if info["quantizer"]:
         q = info["quantizer"]
         echo(f"quantizer trained in {q.get('trained_in')} on {q.get('faces')} faces "

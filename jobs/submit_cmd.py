@@ -42,6 +42,10 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"submitted {job_id}", err=True)
         final = jobsubmit.follow(address, job_id)
         typer.echo(f"job {job_id} {final}", err=True)
+        if final == "FAILED":
+            hint = jobsubmit.failure_hint(jobsubmit.status(address, job_id).message)
+            if hint:
+                typer.secho(f"error: {hint}", fg=typer.colors.RED, err=True)
         raise typer.Exit(jobsubmit.exit_code(final))
 
     jobs_app = typer.Typer(no_args_is_help=True, help="List, inspect, follow and stop facelake's Ray jobs.")

@@ -27,6 +27,7 @@ from facelake.imaging import DecodeError, ImageTooLarge, decode_bgr
 from facelake.jobs.embed import EmbedConfig, outputs, run_embed
 from facelake.schema import NO_FACE
 from tests.helpers import SAMPLE_DIR
+from tests.test_imaging_formats import png16
 
 
 # ------------------------------------------------------------------------- hostile bytes
@@ -192,6 +193,13 @@ def test_tiny_images_decode():
     assert decode_bgr(png_of(1, 3000)).shape == (3000, 1, 3)
 
 
+def animated_gif() -> bytes:
+    frames = [Image.open(SAMPLE_DIR / n).convert("RGB") for n in ("img1.jpg", "img2.jpg")]
+    out = io.BytesIO()
+    frames[0].save(out, format="GIF", save_all=True, append_images=frames[1:], duration=100)
+    return out.getvalue()
+
+
 # ------------------------------------------------------------------------- the embed job
 
 def test_hostile_archive_confined_to_allowed_root(tmp_path, ray_local, provisioned_weights):
@@ -216,10 +224,19 @@ def test_hostile_archive_confined_to_allowed_root(tmp_path, ray_local, provision
         "zero_px": ("zero.png", png_claiming(0, 0)),
         "one_px": ("one.png", png_of(1, 1)),
         "eps": ("drawing.eps", eps_file()),
+        "grey16": ("grey16.png", png16("img8.jpg")),
+        "animated": ("anim.gif", animated_gif()),
+        "heic": ("photo.heic", b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 256),
     }
     for name, data in objects.values():
         (photos / name).write_bytes(data)
     rows = [(image_id, f"photos/{name}") for image_id, (name, _) in objects.items()]
+    # inside the root but not photos: a FIFO (a plain open would hang forever) and a sparse 8 GiB file
+    os.mkfifo(photos / "pipe.jpg")
+    with open(photos / "sparse.jpg", "wb") as handle:
+        handle.truncate(8 * 1024 ** 3)
+    not_read = {"fifo": ("photos/pipe.jpg", "NotARegularFile"), "sparse": ("photos/sparse.jpg", "TooManyBytes")}
+    rows += [(image_id, uri) for image_id, (uri, _) in not_read.items()]
     escaping = {
         "traversal": "photos/../../secret/face.jpg",
         "traversal_etc": "../../../../../../etc/passwd",
@@ -248,15 +265,22 @@ def test_hostile_archive_confined_to_allowed_root(tmp_path, ray_local, provision
     face_ids = set(faces["image_id"].to_pylist())
     assert face_ids | set(errors) == set(manifest["image_id"].to_pylist()), "a row was lost"
     assert not face_ids & set(errors), "a row is in both tables"
-    assert face_ids == {"good1", "good2", "exif9999", "huge_ifd"}
+    assert face_ids == {"good1", "good2", "exif9999", "huge_ifd", "grey16"}
     for image_id in escaping:
         assert errors[image_id]["stage"] == "validate", errors[image_id]
-        assert errors[image_id]["error_type"] in ("PermissionError", "ValueError"), errors[image_id]
+        assert errors[image_id]["error_type"] in ("OutsideRoots", "UnsupportedUri"), errors[image_id]
     for image_id in ("bomb", "bomb_64mpx"):
         assert (errors[image_id]["stage"], errors[image_id]["error_type"]) == ("decode", "ImageTooLarge")
     for image_id in ("text", "truncated", "empty", "zero_px", "eps"):
         assert (errors[image_id]["stage"], errors[image_id]["error_type"]) == ("decode", "DecodeError"), errors[image_id]
     assert errors["one_px"]["error_type"] == NO_FACE
+    assert (errors["animated"]["stage"], errors["animated"]["error_type"]) == ("decode", "MultiFrame")
+    assert "2 frames" in errors["animated"]["message"]
+    assert (errors["heic"]["stage"], errors["heic"]["error_type"]) == ("decode", "UnsupportedFormat")
+    assert "pillow-heif" in errors["heic"]["message"]
+    for image_id, (_, error_type) in not_read.items():
+        assert (errors[image_id]["stage"], errors[image_id]["error_type"]) == ("fetch", error_type), errors[image_id]
+        assert errors[image_id]["content_sha256"] is None
     assert errors["file_scheme"]["note"] == f"row {[r[0] for r in rows].index('file_scheme')}"
     # nothing outside the root was read: no content hash on any refused row
     assert all(errors[i]["content_sha256"] is None for i in escaping)

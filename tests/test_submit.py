@@ -46,7 +46,8 @@ def _free_port() -> int:
 class RayHead:
     """A Ray head node owned by this test module: started with --block, stopped by its process group."""
 
-    def __init__(self) -> None:
+    def __init__(self, auth_token: str | None = None) -> None:
+        self.auth_token = auth_token
         self.temp_dir = tempfile.mkdtemp(prefix="flray-", dir="/tmp")
         self.gcs_port = _free_port()
         self.dashboard_port = _free_port()
@@ -66,6 +67,8 @@ class RayHead:
         # Ray enables token auth on a new head when ~/.ray/auth_token exists (any local ray.init()
         # may have written it); this head states its mode so the tests do not depend on that file.
         env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
+        if auth_token:  # README's quick start: token auth with the token given in the environment
+            env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=auth_token)
         # Job entrypoints run `facelake` from the head's PATH, as on a cluster whose image has it
         # installed; here that is this virtualenv's bin folder (not on PATH under `make test`).
         env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
@@ -73,16 +76,21 @@ class RayHead:
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True, cwd=self.temp_dir)
 
-    def wait_ready(self, timeout_s: float = 120) -> None:
+    def wait_ready(self, timeout_s: float = 300) -> None:  # a loaded 2-core machine needs minutes
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ray head exited: {Path(self.log.name).read_text()[-3000:]}")
             try:
-                with urllib.request.urlopen(f"{self.address}/api/version", timeout=2) as resp:
-                    json.load(resp)
+                if not self.auth_token:  # a token head refuses this unauthenticated request
+                    with urllib.request.urlopen(f"{self.address}/api/version", timeout=2) as resp:
+                        json.load(resp)
                 jobsubmit.client(self.address).list_jobs()
                 return
+            except ConfigError as err:
+                if self.auth_token and "refused this client" in str(err):
+                    return  # up, and refusing this process, which holds no token
+                time.sleep(1)
             except Exception:
                 time.sleep(1)
         raise RuntimeError(f"ray head not ready in {timeout_s}s: {Path(self.log.name).read_text()[-3000:]}")
@@ -112,6 +120,8 @@ class RayHead:
 
     def stop(self) -> list[int]:
         """Stop the head and everything it started; return pids still alive afterwards (should be [])."""
+        if self.auth_token:
+            os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.auth_token)
         try:
             jobs = jobsubmit.client(self.address)
             for info in jobs.list_jobs():
@@ -278,6 +288,20 @@ def test_failing_job_ends_failed_with_its_error(ray_head):
     assert status.returncode == jobsubmit.EXIT_FAILED
 
 
+def test_head_without_facelake_on_path_is_named(ray_head):
+    """A job whose shell finds no `facelake` (a head without it installed) gets a hint naming the fix."""
+    jobs = jobsubmit.client(ray_head.address)
+    job_id = jobs.submit_job(entrypoint="facelake weights", runtime_env={"env_vars": {"PATH": "/usr/bin:/bin"}})
+    deadline = time.monotonic() + 300
+    while jobsubmit.status(ray_head.address, job_id).status not in jobsubmit.TERMINAL and time.monotonic() < deadline:
+        time.sleep(1)
+    row = jobsubmit.status(ray_head.address, job_id)
+    assert row.status == "FAILED", row
+    hint = jobsubmit.failure_hint(row.message, jobsubmit.logs(ray_head.address, job_id))
+    assert hint and "--pip" in hint and "PATH" in hint, (row.message, hint)
+    assert jobsubmit.failure_hint("Job entrypoint command failed with exit code 1") is None
+
+
 def test_stop_ends_a_long_job(ray_head):
     job_id = jobsubmit.submit(ray_head.address, ["sleep", "600"])
     deadline = time.monotonic() + 120
@@ -336,3 +360,42 @@ def test_cluster_package_never_imports_jobs():
         text = path.read_text()
         assert not re.search(r"^\s*(from|import)\s+facelake\.jobs", text, re.M), path
         assert "from facelake import jobs" not in text, path
+
+
+# --- README's "Run on a Ray cluster" quick start: a head with token auth, then submit ------
+
+@pytest.fixture(scope="module")
+def token_head():
+    head = RayHead(auth_token="facelake-test-token-" + os.urandom(8).hex())
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    try:
+        head.wait_ready()
+        yield head
+    finally:
+        left = head.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        assert not left, f"processes of the test's Ray head still running: {left}"
+
+
+def test_quick_start_token_head_refuses_without_token_then_runs_the_job(token_head, provisioned_weights):
+    bare = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    for args in (("jobs", "list", "--address", token_head.address),
+                 ("submit", "--address", token_head.address, "--", "weights")):
+        refused = facelake(*args, env=bare)
+        lines = [ln for ln in refused.stderr.splitlines() if ln.strip()]
+        assert refused.returncode == 2, refused.stderr
+        assert len(lines) == 1 and lines[0].startswith("error: "), refused.stderr
+        assert "RAY_AUTH_MODE=token" in lines[0] and "RAY_AUTH_TOKEN" in lines[0]
+        assert token_head.auth_token not in refused.stderr
+    wrong = facelake("jobs", "list", "--address", token_head.address,
+                     env={**bare, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-the-token"})
+    assert wrong.returncode == 2 and "was refused" in wrong.stderr and "not-the-token" not in wrong.stderr
+    with_token = {**bare, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token_head.auth_token}
+    done = facelake("submit", "--address", token_head.address, "--wait", "--", "weights", env=with_token, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    listed = facelake("jobs", "list", "--address", token_head.address, env=with_token)
+    assert listed.returncode == 0 and "weights" in listed.stdout and "SUCCEEDED" in listed.stdout, listed.stdout
