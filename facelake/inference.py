@@ -1,0 +1,129 @@
+"""Recognizer runtimes: run the provisioned recognizer graph on OpenVINO, onnxruntime or CUDA.
+
+The same checksummed ONNX file (facelake/registry.py) runs on whichever runtime is chosen; the
+runtimes differ only in speed and in float rounding. Every runtime must give the same embedding
+for the same aligned face within ``COSINE_TOLERANCE`` of onnxruntime's CPU result
+(tests/test_inference.py), so faces embedded on any runtime share one model name, one weights
+fingerprint and one calibration. Measured on LFW faces (2-core AMD EPYC, AVX-512): OpenVINO's
+CPU plugin ~8.5 ms per face on one thread, onnxruntime's CPU provider ~27 ms (PRelu runs
+unfused there), minimum cosine to onnxruntime 0.9998.
+
+    "auto"         CUDA when onnxruntime has its CUDA provider and this process may see a GPU,
+                   else OpenVINO when installed, else onnxruntime on CPU
+    "openvino"     OpenVINO's CPU plugin (pip openvino)
+    "onnxruntime"  onnxruntime's CPU provider
+    "cuda"         onnxruntime's CUDA provider (onnxruntime-gpu; unmeasured: no GPU was at hand)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Literal, Protocol
+
+import numpy as np
+
+from facelake.errors import ConfigError
+
+Runtime = Literal["auto", "openvino", "onnxruntime", "cuda"]
+RUNTIMES: tuple[str, ...] = ("auto", "openvino", "onnxruntime", "cuda")
+
+# Minimum cosine similarity between a runtime's embedding and onnxruntime CPU's for the same
+# aligned face. 0.9995 moves a similarity by at most ~0.001 (the calibration's rows are 0.01
+# apart); measured minimum over 300 LFW faces: 0.9998 (OpenVINO CPU, float32).
+COSINE_TOLERANCE = 0.9995
+
+
+class Recognizer(Protocol):
+    """A loaded recognizer graph: float32 (n, 3, H, W) in, raw (n, dim) embeddings out."""
+
+    runtime: str
+
+    def run(self, blob: np.ndarray) -> np.ndarray: ...
+
+
+def cuda_visible() -> bool:
+    """True when onnxruntime has its CUDA provider and this process is allowed a GPU.
+
+    Ray sets CUDA_VISIBLE_DEVICES to "" in actors that reserved no GPU, so CPU actors on GPU
+    nodes stay on CPU runtimes.
+    """
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return False
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def resolve_runtime(runtime: str = "auto") -> str:
+    """The concrete runtime "auto" stands for here; unknown or unavailable choices name the fix."""
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"unknown recognizer runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    if runtime == "auto":
+        if cuda_visible():
+            return "cuda"
+        return "openvino" if importlib.util.find_spec("openvino") else "onnxruntime"
+    if runtime == "openvino" and not importlib.util.find_spec("openvino"):
+        raise ConfigError("runtime 'openvino' needs the openvino package: pip install openvino "
+                          "(or choose runtime 'onnxruntime')")
+    if runtime == "cuda" and not cuda_visible():
+        raise ConfigError("runtime 'cuda' needs onnxruntime-gpu and a visible GPU: run `make install-gpu` on GPU "
+                          "nodes (or choose runtime 'openvino' / 'onnxruntime')")
+    return runtime
+
+
+class OrtRecognizer:
+    """onnxruntime session (CPU or CUDA provider) with bounded threads."""
+
+    def __init__(self, path: str, *, threads: int | None, cuda: bool) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # a chain of convs: nothing to overlap
+        options.inter_op_num_threads = 1
+        if threads:
+            options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(path, sess_options=options, providers=providers)
+        self.runtime = "cuda" if cuda else "onnxruntime"
+        self._input = self.session.get_inputs()[0].name
+
+    def run(self, blob: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self._input: blob})[0]
+
+
+class OpenVinoRecognizer:
+    """OpenVINO CPU plugin, dynamic batch, latency mode, threads not pinned.
+
+    Pinning is off because several single-thread actors share a node's cores; pinned, they can
+    land on the same core.
+    """
+
+    def __init__(self, path: str, *, threads: int | None) -> None:
+        import openvino as ov
+
+        core = ov.Core()
+        model = core.read_model(path)
+        shape = list(model.inputs[0].get_partial_shape())
+        model.reshape({model.inputs[0].any_name: ov.PartialShape([-1, *shape[1:]])})
+        config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "ENABLE_CPU_PINNING": False,
+                  "INFERENCE_PRECISION_HINT": "f32"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        self._request = core.compile_model(model, "CPU", config).create_infer_request()
+        self.runtime = "openvino"
+
+    def run(self, blob: np.ndarray) -> np.ndarray:
+        return np.array(self._request.infer({0: blob})[0], copy=True)
+
+
+def open_recognizer(path: str, *, runtime: str = "auto", threads: int | None = None) -> Recognizer:
+    """Load a provisioned recognizer graph on the chosen runtime ("auto" picks, see module doc)."""
+    chosen = resolve_runtime(runtime)
+    if chosen == "openvino":
+        return OpenVinoRecognizer(path, threads=threads)
+    return OrtRecognizer(path, threads=threads, cuda=chosen == "cuda")
