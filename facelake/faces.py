@@ -81,11 +81,12 @@ class FaceEngine:
     """A loaded detector + recognizer pair. Build once per worker; call from one thread."""
 
     def __init__(self, model: str | ModelSpec | None = None, *, weights_from: str | None = None,
-                 threads: int | None = None, runtime: str = "auto") -> None:
+                 threads: int | None = None, runtime: str = "auto", precision: str = "auto") -> None:
         """Provision and load the model's detector (through deepface) and recognizer.
 
         ``threads`` bounds the detector's and recognizer's threads (None: their defaults);
-        ``runtime`` is the recognizer runtime (facelake.inference: auto, openvino, onnxruntime, cuda).
+        ``runtime`` is the recognizer runtime (facelake.inference: auto, openvino, onnxruntime, cuda)
+        and ``precision`` its arithmetic on OpenVINO (auto: bf16 where the CPU has it; f32).
         """
         self.spec = model if isinstance(model, ModelSpec) else get_model(model)
         paths = provision(self.spec, weights_from)
@@ -98,7 +99,8 @@ class FaceEngine:
         # opens it itself so that it runs on the fastest runtime at hand (same embeddings within
         # facelake.inference.COSINE_TOLERANCE), not only on deepface's onnxruntime session.
         recognizer_path = str(paths[self.spec.recognizer_weight.file_name])
-        self._recognizer = open_recognizer(recognizer_path, runtime=runtime, threads=threads)
+        self._recognizer = open_recognizer(recognizer_path, runtime=runtime, threads=threads,
+                                           precision=precision)
         self.runtime = self._recognizer.runtime
         self.weights_sha256 = weights_fingerprint(self.spec)
         self._template = np.asarray(SFACE_TEMPLATE_112, np.float32)

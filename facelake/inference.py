@@ -1,12 +1,13 @@
 """Recognizer runtimes: run the provisioned recognizer graph on OpenVINO, onnxruntime or CUDA.
 
 The same checksummed ONNX file (facelake/registry.py) runs on whichever runtime is chosen; the
-runtimes differ only in speed and in float rounding. Every runtime must give the same embedding
-for the same aligned face within ``COSINE_TOLERANCE`` of onnxruntime's CPU result
-(tests/test_inference.py), so faces embedded on any runtime share one model name, one weights
-fingerprint and one calibration. Measured on LFW faces (2-core AMD EPYC, AVX-512): OpenVINO's
-CPU plugin ~8.5 ms per face on one thread, onnxruntime's CPU provider ~27 ms (PRelu runs
-unfused there), minimum cosine to onnxruntime 0.9998.
+runtimes differ only in speed and in rounding. Every runtime must give the same embedding for
+the same aligned face within ``COSINE_TOLERANCE`` of onnxruntime's CPU result, and move no
+similarity by more than ``SIMILARITY_TOLERANCE`` (tests/test_inference.py), so faces embedded
+on any runtime share one model name, one weights fingerprint and one calibration. Measured on
+LFW faces, CPU time per face on one thread (2-core AMD EPYC with AVX512_BF16, machine under
+load): OpenVINO bf16 ~8.6 ms, OpenVINO float32 ~14.7 ms, onnxruntime ~28 ms (its PRelu kernel
+takes ~45% of that).
 
     "auto"         CUDA when onnxruntime has its CUDA provider and this process may see a GPU,
                    else OpenVINO when installed, else onnxruntime on CPU
@@ -26,12 +27,15 @@ import numpy as np
 from facelake.errors import ConfigError
 
 Runtime = Literal["auto", "openvino", "onnxruntime", "cuda"]
+Precision = Literal["auto", "f32"]
 RUNTIMES: tuple[str, ...] = ("auto", "openvino", "onnxruntime", "cuda")
 
 # Minimum cosine similarity between a runtime's embedding and onnxruntime CPU's for the same
-# aligned face. 0.9995 moves a similarity by at most ~0.001 (the calibration's rows are 0.01
-# apart); measured minimum over 300 LFW faces: 0.9998 (OpenVINO CPU, float32).
+# aligned face, and the most a similarity between two faces may move. Measured over 300 LFW
+# faces (44,850 pairs): OpenVINO float32 cosine 1.00000; OpenVINO bf16 (its default on CPUs with
+# native bf16) minimum cosine 0.9998, similarity moved by 0.001 median, 0.004 p99, 0.009 max.
 COSINE_TOLERANCE = 0.9995
+SIMILARITY_TOLERANCE = 0.01
 
 
 class Recognizer(Protocol):
@@ -100,30 +104,40 @@ class OpenVinoRecognizer:
     """OpenVINO CPU plugin, dynamic batch, latency mode, threads not pinned.
 
     Pinning is off because several single-thread actors share a node's cores; pinned, they can
-    land on the same core.
+    land on the same core. Precision "auto" is OpenVINO's own choice: bfloat16 arithmetic on CPUs
+    with native bf16 (AVX512_BF16, AMX), float32 elsewhere; "f32" forces float32 everywhere.
     """
 
-    def __init__(self, path: str, *, threads: int | None) -> None:
+    def __init__(self, path: str, *, threads: int | None, precision: Precision = "auto") -> None:
         import openvino as ov
 
         core = ov.Core()
         model = core.read_model(path)
         shape = list(model.inputs[0].get_partial_shape())
         model.reshape({model.inputs[0].any_name: ov.PartialShape([-1, *shape[1:]])})
-        config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "ENABLE_CPU_PINNING": False,
-                  "INFERENCE_PRECISION_HINT": "f32"}
+        config: dict = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "ENABLE_CPU_PINNING": False}
+        if precision == "f32":
+            config["INFERENCE_PRECISION_HINT"] = "f32"
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
-        self._request = core.compile_model(model, "CPU", config).create_infer_request()
+        compiled = core.compile_model(model, "CPU", config)
+        self._request = compiled.create_infer_request()
         self.runtime = "openvino"
+        self.precision = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
 
     def run(self, blob: np.ndarray) -> np.ndarray:
         return np.array(self._request.infer({0: blob})[0], copy=True)
 
 
-def open_recognizer(path: str, *, runtime: str = "auto", threads: int | None = None) -> Recognizer:
-    """Load a provisioned recognizer graph on the chosen runtime ("auto" picks, see module doc)."""
+def open_recognizer(path: str, *, runtime: str = "auto", threads: int | None = None,
+                    precision: Precision = "auto") -> Recognizer:
+    """Load a provisioned recognizer graph on the chosen runtime ("auto" picks, see module doc).
+
+    ``precision`` applies to OpenVINO ("auto": bf16 where the CPU has it natively; "f32").
+    """
+    if precision not in ("auto", "f32"):
+        raise ConfigError(f"unknown recognizer precision {precision!r}; choose auto or f32")
     chosen = resolve_runtime(runtime)
     if chosen == "openvino":
-        return OpenVinoRecognizer(path, threads=threads)
+        return OpenVinoRecognizer(path, threads=threads, precision=precision)
     return OrtRecognizer(path, threads=threads, cuda=chosen == "cuda")

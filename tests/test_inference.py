@@ -13,7 +13,7 @@ import pytest
 from facelake.errors import ConfigError
 from facelake.faces import FaceEngine
 from facelake.imaging import decode_bgr
-from facelake.inference import COSINE_TOLERANCE, RUNTIMES, resolve_runtime
+from facelake.inference import COSINE_TOLERANCE, RUNTIMES, SIMILARITY_TOLERANCE, resolve_runtime
 from tests.helpers import SAMPLE_DIR
 
 
@@ -27,16 +27,24 @@ def sample_crops(face_engine):
     return crops
 
 
-@pytest.mark.parametrize("runtime", ["openvino"])
-def test_runtime_matches_onnxruntime_within_tolerance(provisioned_weights, sample_crops, runtime):
-    reference = FaceEngine(runtime="onnxruntime", threads=1).embed(sample_crops, batch_size=5)
-    engine = FaceEngine(runtime=runtime, threads=1)
-    assert engine.providers == [runtime]
+@pytest.fixture(scope="module")
+def reference(provisioned_weights, sample_crops):
+    return FaceEngine(runtime="onnxruntime", threads=1).embed(sample_crops, batch_size=5)
+
+
+@pytest.mark.parametrize("precision", ["auto", "f32"])
+def test_openvino_matches_onnxruntime_within_tolerance(sample_crops, reference, precision):
+    engine = FaceEngine(runtime="openvino", threads=1, precision=precision)
+    assert engine.providers == ["openvino"]
     for batch_size in (1, 7, 64):  # dynamic batch: any size gives the same vectors
         got = engine.embed(sample_crops, batch_size=batch_size)
         assert got.shape == reference.shape and got.dtype == np.float32
         cosine = (got * reference).sum(axis=1)
         assert cosine.min() >= COSINE_TOLERANCE, f"batch {batch_size}: min cosine {cosine.min():.5f}"
+        moved = np.abs(got @ got.T - reference @ reference.T).max()
+        assert moved <= SIMILARITY_TOLERANCE, f"batch {batch_size}: a similarity moved by {moved:.4f}"
+        if precision == "f32":  # float32 on both: equal to float rounding
+            assert cosine.min() > 0.99999
 
 
 def test_auto_picks_openvino_on_a_cpu_machine(face_engine):
