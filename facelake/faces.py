@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from facelake.errors import ConfigError
 from facelake.inference import open_recognizer
 from facelake.registry import SFACE_TEMPLATE_112, ModelSpec, get_model, weights_fingerprint
 from facelake.weights import provision
@@ -77,38 +78,71 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return matrix
 
 
+class FaceEmbedder:
+    """The recognizer alone: aligned faces in, embeddings out. Build once per worker.
+
+    What a GPU actor needs when CPU workers beside it decode, detect and align: it never loads
+    the detector.
+    """
+
+    def __init__(self, model: str | ModelSpec | None = None, *, weights_from: str | None = None,
+                 threads: int | None = None, runtime: str = "auto", precision: str = "auto") -> None:
+        """Provision the model's weights and open its recognizer on ``runtime`` (facelake.inference:
+        auto, openvino, onnxruntime, cuda) with ``precision`` on OpenVINO (auto: bf16 where the
+        CPU has it natively; f32) and at most ``threads`` threads (None: the runtime's default).
+        """
+        self.spec = model if isinstance(model, ModelSpec) else get_model(model)
+        paths = provision(self.spec, weights_from)
+        # The recognizer is the provisioned, checksum-verified file deepface would load; facelake
+        # opens it itself so that it runs on the fastest runtime at hand (same embeddings within
+        # facelake.inference's tolerances), not only on deepface's onnxruntime session.
+        self._recognizer = open_recognizer(str(paths[self.spec.recognizer_weight.file_name]),
+                                           runtime=runtime, threads=threads, precision=precision)
+        self.runtime = self._recognizer.runtime
+        self.weights_sha256 = weights_fingerprint(self.spec)
+
+    def embed(self, faces_bgr: list[np.ndarray] | np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """L2-normalised embeddings (n, dim) float32 for aligned faces, many per model call."""
+        if len(faces_bgr) == 0:
+            return np.zeros((0, self.spec.dim), np.float32)
+        stack = np.asarray(faces_bgr, dtype=np.uint8)
+        # SFace takes RGB, channels first, 0..255 (as OpenCV's FaceRecognizerSF.feature feeds it)
+        blob = np.ascontiguousarray(stack[..., ::-1].transpose(0, 3, 1, 2), dtype=np.float32)
+        out = [self._recognizer.run(blob[i:i + batch_size]) for i in range(0, len(blob), batch_size)]
+        vectors = np.concatenate(out).astype(np.float32)
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        return vectors / np.maximum(norms, 1e-12)
+
+
 class FaceEngine:
     """A loaded detector + recognizer pair. Build once per worker; call from one thread."""
 
     def __init__(self, model: str | ModelSpec | None = None, *, weights_from: str | None = None,
-                 threads: int | None = None, runtime: str = "auto", precision: str = "auto") -> None:
-        """Provision and load the model's detector (through deepface) and recognizer.
+                 threads: int | None = None, runtime: str = "auto", precision: str = "auto",
+                 recognizer: bool = True) -> None:
+        """Provision and load the model's detector (through deepface) and, unless ``recognizer``
+        is False (detect-and-align workers feeding a FaceEmbedder elsewhere), its recognizer.
 
         ``threads`` bounds the detector's and recognizer's threads (None: their defaults);
-        ``runtime`` is the recognizer runtime (facelake.inference: auto, openvino, onnxruntime, cuda)
-        and ``precision`` its arithmetic on OpenVINO (auto: bf16 where the CPU has it; f32).
+        ``runtime`` and ``precision`` choose the recognizer's runtime (see FaceEmbedder).
         """
         self.spec = model if isinstance(model, ModelSpec) else get_model(model)
-        paths = provision(self.spec, weights_from)
+        provision(self.spec, weights_from)
         from deepface.modules import modeling  # imported late: it is slow and pulls in onnxruntime
 
         self._detector = modeling.build_model(task="face_detector", model_name=self.spec.detector).model
         if threads:
             cv2.setNumThreads(threads)
-        # The recognizer is the provisioned, checksum-verified file deepface would load; facelake
-        # opens it itself so that it runs on the fastest runtime at hand (same embeddings within
-        # facelake.inference.COSINE_TOLERANCE), not only on deepface's onnxruntime session.
-        recognizer_path = str(paths[self.spec.recognizer_weight.file_name])
-        self._recognizer = open_recognizer(recognizer_path, runtime=runtime, threads=threads,
-                                           precision=precision)
-        self.runtime = self._recognizer.runtime
+        self._embedder = FaceEmbedder(self.spec, weights_from=weights_from, threads=threads, runtime=runtime,
+                                      precision=precision) if recognizer else None
+        self.runtime = self._embedder.runtime if self._embedder else None
         self.weights_sha256 = weights_fingerprint(self.spec)
         self._template = np.asarray(SFACE_TEMPLATE_112, np.float32)
 
     @property
     def providers(self) -> list[str]:
         """Where the recognizer runs, e.g. ["openvino"] or ["cuda"]."""
-        return [self.runtime]
+        return [self.runtime] if self.runtime else []
 
     def detect(self, image_bgr: np.ndarray) -> list[Detection]:
         """All faces YuNet finds (score >= DETECT_FLOOR_SCORE), largest first."""
@@ -141,15 +175,10 @@ class FaceEngine:
 
     def embed(self, faces_bgr: list[np.ndarray] | np.ndarray, batch_size: int = 64) -> np.ndarray:
         """L2-normalised embeddings (n, dim) float32 for aligned faces, many per model call."""
-        if len(faces_bgr) == 0:
-            return np.zeros((0, self.spec.dim), np.float32)
-        stack = np.asarray(faces_bgr, dtype=np.uint8)
-        # SFace takes RGB, channels first, 0..255 (as OpenCV's FaceRecognizerSF.feature feeds it)
-        blob = np.ascontiguousarray(stack[..., ::-1].transpose(0, 3, 1, 2), dtype=np.float32)
-        out = [self._recognizer.run(blob[i:i + batch_size]) for i in range(0, len(blob), batch_size)]
-        vectors = np.concatenate(out).astype(np.float32)
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        return vectors / np.maximum(norms, 1e-12)
+        if self._embedder is None:
+            raise ConfigError("this FaceEngine was built with recognizer=False: embed its aligned faces "
+                              "with a FaceEmbedder, or build it with recognizer=True")
+        return self._embedder.embed(faces_bgr, batch_size)
 
 
 def default_threads() -> int:

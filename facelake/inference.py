@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from typing import Literal, Protocol
 
 import numpy as np
@@ -47,18 +48,31 @@ class Recognizer(Protocol):
 
 
 def cuda_visible() -> bool:
-    """True when onnxruntime has its CUDA provider and this process is allowed a GPU.
+    """True when onnxruntime has its CUDA provider and this process may use a GPU.
 
-    Ray sets CUDA_VISIBLE_DEVICES to "" in actors that reserved no GPU, so CPU actors on GPU
-    nodes stay on CPU runtimes.
+    Inside a Ray actor that means Ray assigned it a GPU (since Ray 2.48 actors without one
+    still see every GPU in CUDA_VISIBLE_DEVICES), so CPU actors on GPU nodes stay on CPU
+    runtimes; elsewhere an empty CUDA_VISIBLE_DEVICES hides the GPUs.
     """
-    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+    assigned = _ray_actor_gpus()
+    if assigned is not None:
+        if not assigned:
+            return False
+    elif os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
         return False
     try:
         import onnxruntime as ort
     except ImportError:
         return False
     return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def _ray_actor_gpus() -> list | None:
+    """The GPU ids Ray assigned to this actor; None when not running inside a Ray actor."""
+    ray = sys.modules.get("ray")  # never import Ray just to ask
+    if ray is None or not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+        return None
+    return list(ray.get_gpu_ids())
 
 
 def resolve_runtime(runtime: str = "auto") -> str:

@@ -57,3 +57,34 @@ def test_bad_runtime_names_the_fix():
         resolve_runtime("tensorrt")
     with pytest.raises(ConfigError, match="make install-gpu"):  # this machine has no GPU
         resolve_runtime("cuda")
+
+
+def test_detect_only_workers_feed_a_separate_embedder(face_engine, sample_crops):
+    """The GPU layout's two halves (CPU detect-and-align, recognizer alone) give the engine's vectors."""
+    from facelake.faces import FaceEmbedder
+
+    detect_only = FaceEngine(recognizer=False, threads=1)
+    assert detect_only.providers == []
+    image = decode_bgr(sorted(SAMPLE_DIR.glob("*.jpg"))[0].read_bytes())
+    crops = [detect_only.align(image, d.landmarks) for d in detect_only.detect(image)]
+    expected = face_engine.embed([face_engine.align(image, d.landmarks) for d in face_engine.detect(image)])
+    embedder = FaceEmbedder(runtime=face_engine.runtime)
+    assert np.allclose(embedder.embed(crops), expected, atol=1e-6)
+    assert embedder.weights_sha256 == face_engine.weights_sha256
+    with pytest.raises(ConfigError, match="FaceEmbedder"):
+        detect_only.embed(crops)
+
+
+def test_ray_actor_without_a_gpu_stays_on_cpu(ray_local):
+    """Ray (>= 2.48) leaves CUDA_VISIBLE_DEVICES alone in GPU-less actors; "auto" asks Ray instead."""
+    import ray
+
+    @ray.remote(num_cpus=0.5)
+    class Probe:
+        def runtime(self):
+            from facelake.inference import _ray_actor_gpus, resolve_runtime
+
+            return _ray_actor_gpus(), resolve_runtime("auto")
+
+    probe = Probe.remote()
+    assert ray.get(probe.runtime.remote(), timeout=300) == ([], "openvino")
