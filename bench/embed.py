@@ -160,7 +160,7 @@ def print_table(result: dict) -> None:
     def cell(stat: dict) -> str:
         return "-" if stat["median"] is None else f"{stat['median']:.1f} [{stat['min']:.1f}-{stat['max']:.1f}]"
 
-    print(f"\n| side | images/s wall | images/s steady | seconds wall | first result s | faces | errors |")
+    print("\n| side | images/s wall | images/s steady | seconds wall | first result s | faces | errors |")
     print("|---|---|---|---|---|---|---|")
     for side in SIDES:
         row = result["summary"][side]

@@ -76,3 +76,13 @@ def test_rewritten_sface_matches_the_shipped_graph(provisioned_weights):
     batched = folded.run(None, {"data": x})[0]
     assert batched.shape == (5, 128)
     assert np.abs(batched - expected).max() < 1e-4
+
+
+def test_every_model_names_one_recognizer_file():
+    """facelake.inference opens the weight file the registry marks as the recognizer."""
+    from facelake.registry import MODELS
+
+    for spec in MODELS.values():
+        assert sum(w.role == "recognizer" for w in spec.weights) == 1
+        assert spec.recognizer_weight.file_name.endswith(".onnx")
+    assert get_model().recognizer_weight is SFACE_INT8_FOLDED
