@@ -54,3 +54,23 @@ def test_summary_reports_medians_spread_and_speedups():
     assert summary["speedup_wall"] == {"median": 3.0, "min": 3.0, "max": 3.0}  # per round: 30/10, 36/12, 33/11
     assert summary["speedup_steady"]["median"] == 5.5
     assert summary["facelake"]["recognizer_runtime"] == "openvino"
+
+
+def test_alternated_rounds_run_end_to_end_without_saving():
+    """The real harness on 6 sample photos: 3 A B rounds, each side in a fresh process with its
+    own local Ray; --no-save writes nothing. Guards the harness against changes in the embed job."""
+    import json
+
+    results = REPO / "bench" / "results" / "embed.json"
+    before = results.read_bytes() if results.exists() else None
+    done = subprocess.run([sys.executable, str(SCRIPT), "--source", "sample", "--photos", "6", "--no-save"],
+                          capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout[:done.stdout.index("\n}\n") + 2])
+    assert report["rounds"] == 3 and report["photos"] == 6
+    assert [len(report["runs"][side]) for side in ("facelake", "deepface")] == [3, 3]
+    ours = report["summary"]["facelake"]
+    assert ours["images"] == 6 and ours["errors"] == 0 and ours["recognizer_runtime"] == "openvino"
+    assert ours["images_per_s_wall"]["median"] > 0 and ours["ray_start_s"]["median"] > 0
+    assert report["summary"]["speedup_wall"]["median"] > 0
+    assert (results.read_bytes() if results.exists() else None) == before
