@@ -102,7 +102,7 @@ def carried_columns(schema: pa.Schema, own: tuple[str, ...] = FACE_COLUMNS) -> l
 AUDIT_FORMAT = 1
 # The one status field every job's records carry: "started" is written before any result,
 # then exactly one of the others when the job ends (none when it was killed outright).
-AUDIT_STATUSES = ("started", "succeeded", "failed", "interrupted")
+AUDIT_STATUSES = ("started", "succeeded", "failed", "interrupted", "skipped")   # skipped: nothing to do
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ def collect(root: str, options: StorageOptions | None = None) -> dict:
         "table_version": table.name if table else None,
         "table_index_version": pointer.get("index_version"),
         "quantizer": pointer.get("quantizer"),
-        "counts": {**(_record_counts(table, faces) if table else _index_counts(root, options)),
+        "counts": {**(_record_counts(table, faces) if table else _index_counts(root, live, options)),
                    "errors": table.error_rows if table else 0,
                    "erasures": erased_count},
         "lock": lockmod.read_lock(root, options),
@@ -86,14 +86,13 @@ def _record_counts(table, faces) -> dict:
             "source": "record"}
 
 
-def _index_counts(root: str, options: StorageOptions | None) -> dict:
+def _index_counts(root: str, live: str | None, options: StorageOptions | None) -> dict:
     """A root made by `facelake index` has no table of record: count what the live version holds."""
-    from facelake.index import layout
     from facelake.index.load import load_ids, open_version
 
-    if layout.current_version(root, options) is None:
+    if live is None:
         return {"faces": 0, "images": 0, "source": "none"}
-    ids = load_ids(open_version(root, options=options))["image_id"]
+    ids = load_ids(open_version(root, live, options=options), ["image_id"])["image_id"]
     return {"faces": len(ids), "images": len(pc.unique(ids)), "source": "live index"}
 
 

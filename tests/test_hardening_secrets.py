@@ -85,10 +85,13 @@ def _tiny_version(root: str) -> tuple[str, np.ndarray]:
                     "face_index": pa.array(np.zeros(200, np.int32)),
                     "bbox": pa.array([[0, 0, 1, 1]] * 200, pa.list_(pa.int32(), 4))})
     ids_uri = layout.file_uri(root, version, layout.shard_files(0)[1])
-    storage.write_table(ids_uri, ids)
-    ids_bytes = storage.read_bytes(ids_uri)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, ids.schema) as writer:     # id tables are Arrow IPC files
+        writer.write_table(ids)
+    ids_bytes = sink.getvalue().to_pybytes()
+    storage.write_bytes_atomic(ids_uri, ids_bytes)
     files[layout.shard_files(0)[1]] = {"sha256": layout.sha256(ids_bytes), "bytes": len(ids_bytes)}
-    manifest = {"format": 1, "version": version, "model": MODEL, "weights_sha256": WEIGHTS, "dim": 8,
+    manifest = {"format": 2, "version": version, "model": MODEL, "weights_sha256": WEIGHTS, "dim": 8,
                 "metric": "inner_product", "nlist": 4, "nprobe": 2, "pq": None,
                 "shards": [{"shard": 0, "first_id": 0, "count": 200, "index_file": layout.shard_files(0)[0],
                             "ids_file": layout.shard_files(0)[1]}], "total": 200, "files": files}
