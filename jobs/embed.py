@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import typer
 
-from facelake import manifest, reader, storage
+from facelake import manifest, progress, reader, storage
 from facelake.errors import ConfigError
 from facelake.imaging import DEFAULT_MAX_PIXELS, content_sha256, decode_bgr
 from facelake.registry import MODELS, ModelSpec, get_model, weights_fingerprint
@@ -478,7 +478,7 @@ def embed_dataset(config: EmbedConfig, *, stepped: bool = False) -> EmbedPlan:
     base_dir = manifest_dir(config.manifest, options)
     carried_schema = pa.schema([info.schema.field(c) for c in info.carried])
     context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = config.progress
+    context.enable_progress_bars = False    # facelake.progress counts images, faces and errors instead
     # Ray Data's V2 file reader lists files in a task that asks for a whole CPU and cannot be
     # told otherwise (nor can a repartition); on 1-CPU nodes already holding a model actor it
     # never starts. The V1 reader honours num_cpus=READ_CPUS and splits files into blocks.
@@ -527,13 +527,18 @@ def run_embed(config: EmbedConfig, *, hooks: dict | None = None) -> EmbedSummary
         return summary
     started = time.monotonic()
     batches = iter(plan.dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
+    show = config.progress and progress.enabled()
     try:
-        for counts in batches:
-            add_counts(summary, counts)  # the one place where the workers' counts arrive
-            if after_block is not None:
-                after_block(summary)
-                for _ in range(counts.num_rows):
-                    plan.turns.give.remote()
+        with progress.tracker(summary.manifest_rows - summary.skipped_done, "embed", show) as bar:
+            for counts in batches:
+                before = (summary.images, summary.faces, summary.errors)
+                add_counts(summary, counts)  # the one place where the workers' counts arrive
+                bar.advance(images=summary.images - before[0], faces=summary.faces - before[1],
+                            errors=summary.errors - before[2])
+                if after_block is not None:
+                    after_block(summary)
+                    for _ in range(counts.num_rows):
+                        plan.turns.give.remote()
     finally:
         batches.close()  # on a failure, stop the actors now: no part lands after run_embed has returned
     summary.seconds = round(time.monotonic() - started, 3)
