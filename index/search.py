@@ -200,6 +200,10 @@ def start_searchers(handle: VersionHandle, *, use_gpu: bool | None = None, num_c
         num_cpus = min(1.0, max(0.01, share))
     if use_gpu is None:
         use_gpu = hasattr(faiss, "StandardGpuResources") and ray.cluster_resources().get("GPU", 0) >= 1
+    if threads is None:   # Ray caps OpenMP at an actor's num_cpus (1 here): give faiss the node's share
+        nodes = [n["Resources"].get("CPU", 1) for n in ray.nodes() if n.get("Alive")] or [1]
+        per_node = -(-handle.shard_count // len(nodes))
+        threads = max(1, int(min(nodes) // per_node))
     opts = {"num_cpus": num_cpus, "num_gpus": 1 if use_gpu else 0, "scheduling_strategy": "SPREAD"}
     return [ShardSearcher.options(**opts, **({"memory": shard_memory(handle, s)} if reserve_memory else {}))
             .remote(handle, s, use_gpu, threads) for s in range(handle.shard_count)]
