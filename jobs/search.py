@@ -34,10 +34,11 @@ Outputs (every probe image ends in exactly one of results or errors):
                                             (with _probes.json: which manifest it embeds)
     RESULTS/_search.json                    the summary, written last on success
 
-Audit: every job whose options validate appends one record to ROOT/audit/ (``facelake.audit``),
-written in a ``finally`` so a job that fails half-way is recorded with status "failed" and its
-error. A search refused by option validation (no purpose, conflicting options) does no work and
-writes no record. Tested in tests/test_search.py; benchmarked by bench/search.py.
+Audit: every job whose options validate runs inside ``audit.Job``: a "started" record is written
+before any result (a job that cannot write it does nothing), then one end record: succeeded,
+failed (with its error) or interrupted (SIGTERM/SIGINT). A search refused by option validation
+(no purpose, conflicting options) does no work and writes no record. Tested in
+tests/test_search.py and tests/test_audit.py; benchmarked by bench/scale.py.
 """
 
 from __future__ import annotations
@@ -743,12 +744,6 @@ def _audit_record(config: SearchConfig, summary: SearchSummary) -> dict:
         "notes": summary.notes,
         "seconds": summary.seconds,
     }
-
-
-def _utc_now_ms() -> str:
-    """UTC time to the millisecond, so that records of jobs started in one second sort in order."""
-    now = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
 
 
 def _same_place(a: str, b: str) -> bool:
