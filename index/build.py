@@ -70,8 +70,9 @@ def train(xb_sample: np.ndarray, params: IndexParams, use_gpu: bool = False) -> 
     """
     xb_sample = _as_vectors(xb_sample, params.dim)
     index = faiss.index_factory(params.dim, params.factory, faiss.METRIC_INNER_PRODUCT)
-    if params.pq_m is not None:  # polysemous codes are not searched; training them triples PQ time
-        faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    if isinstance(ivf, faiss.IndexIVFPQ):  # polysemous codes are not searched; training them triples PQ time
+        ivf.do_polysemous_training = False
     if use_gpu:
         faiss.extract_index_ivf(index).clustering_index = faiss.index_cpu_to_all_gpus(
             faiss.IndexFlatIP(params.dim))
@@ -286,7 +287,7 @@ def _shard_task(job: ShardJob, parts: list[Part], trained: np.ndarray, erased: p
     ids = table.select(job.id_schema.names).cast(job.id_schema)
     faiss_ids = ids.column("faiss_id").to_numpy()
     index = faiss.deserialize_index(trained)
-    if job.use_gpu:
+    if job.use_gpu and job.params.pq_m is None:   # faiss GPU has no fast-scan PQ: those add on CPU
         resources = faiss.StandardGpuResources()
         gpu = faiss.index_cpu_to_gpu(resources, 0, index)
         gpu.add_with_ids(xb, faiss_ids)
@@ -324,8 +325,8 @@ def _tuning_results(shard, xb: np.ndarray, faiss_ids: np.ndarray, xq: np.ndarray
 
 def _ipc_bytes(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
-    with pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table)
+    with pa.ipc.new_file(sink, table.schema) as writer:   # one batch: take() on a memory-mapped
+        writer.write_table(table.combine_chunks())         # many-chunk table concatenates per call
     return sink.getvalue().to_pybytes()
 
 
@@ -447,6 +448,10 @@ def build_version(faces: FacesInput, root: str, *, model: str, weights_sha256: s
         trained, old = _reuse_trained(root, trained_from, model, dim, nlist, pq, options)
         nlist, pq, rerank = old["nlist"], old["pq"] or 0, old.get("rerank", 0)
     params = choose_params(n, dim, nlist=nlist, pq=pq, nprobe=nprobe, rerank=rerank)
+    if trained_from and old.get("factory") != params.factory:
+        raise ConfigError(f"--trained-from {trained_from} holds a {old.get('factory')} quantizer, this facelake "
+                          f"builds {params.factory}: build without --trained-from (`facelake rebuild --full` "
+                          f"retrains)")
     if use_gpu and not hasattr(faiss, "StandardGpuResources"):
         raise ConfigError("use_gpu=True but this faiss has no GPU support: install faiss-gpu-cu12 "
                           "(make install-gpu) or leave use_gpu unset")

@@ -62,15 +62,8 @@ def search_reranked(shard: LoadedShard, xq: np.ndarray, k: int, nprobe: int) -> 
     if not shard.rerank or shard.vectors is None:
         return search_shard(shard.index, xq, k, nprobe)
     xq = _check(xq, shard.index.d, k)
-    D0, I0 = search_shard(shard.index, xq, max(k, k * shard.rerank), nprobe)
-    valid = I0 >= 0
-    scores = np.full(I0.shape, -np.inf, np.float32)
-    if valid.any():
-        rows = np.searchsorted(shard.faiss_ids, I0[valid])
-        unique_rows, inverse = np.unique(rows, return_inverse=True)   # sorted: sequential page reads
-        vectors = np.asarray(shard.vectors[unique_rows], dtype=np.float32)
-        queries = np.nonzero(valid)[0]
-        scores[valid] = np.einsum("ij,ij->i", xq[queries], vectors[inverse])
+    _, I0 = search_shard(shard.index, xq, max(k, k * shard.rerank), nprobe)
+    scores = exact_scores(xq, shard.vectors, np.where(I0 >= 0, np.searchsorted(shard.faiss_ids, I0), -1))
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     D = np.take_along_axis(scores, order, axis=1)
     I = np.take_along_axis(I0, order, axis=1)
@@ -80,6 +73,18 @@ def search_reranked(shard: LoadedShard, xq: np.ndarray, k: int, nprobe: int) -> 
         D = np.pad(D, ((0, 0), (0, pad)), constant_values=-np.inf)
         I = np.pad(I, ((0, 0), (0, pad)), constant_values=-1)
     return D, I
+
+
+def exact_scores(xq: np.ndarray, vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Inner products of each probe with its candidate ``rows`` of ``vectors`` (a memory-mapped
+    (n, d) float32 array); -inf where the row is -1. faiss's C++ kernel reads only those rows."""
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    scores = np.empty(rows.shape, np.float32)
+    if not isinstance(vectors, np.ndarray) or vectors.dtype != np.float32 or not vectors.flags.c_contiguous:
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    faiss.fvec_inner_products_by_idx(faiss.swig_ptr(scores), faiss.swig_ptr(xq), faiss.swig_ptr(vectors),
+                                     faiss.swig_ptr(rows), xq.shape[1], rows.shape[0], rows.shape[1])
+    return scores
 
 
 def rows_of(shard: LoadedShard, I: np.ndarray) -> pa.Table:
@@ -198,8 +203,9 @@ def start_searchers(handle: VersionHandle, *, use_gpu: bool | None = None, num_c
     if num_cpus is None:
         share = SEARCHER_CPU_SHARE * ray.cluster_resources().get("CPU", 1) / max(1, handle.shard_count)
         num_cpus = min(1.0, max(0.01, share))
-    if use_gpu is None:
-        use_gpu = hasattr(faiss, "StandardGpuResources") and ray.cluster_resources().get("GPU", 0) >= 1
+    if use_gpu is None:   # faiss GPU has no fast-scan PQ: compressed shards are searched on CPUs
+        use_gpu = (hasattr(faiss, "StandardGpuResources") and ray.cluster_resources().get("GPU", 0) >= 1
+                   and not handle.manifest.get("pq"))
     if threads is None:   # Ray caps OpenMP at an actor's num_cpus (1 here): give faiss the node's share
         nodes = [n["Resources"].get("CPU", 1) for n in ray.nodes() if n.get("Alive")] or [1]
         per_node = -(-handle.shard_count // len(nodes))

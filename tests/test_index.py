@@ -52,7 +52,7 @@ def test_default_params_follow_collection_size():
     mid = params.choose_params(100_000, 128)
     assert (mid.nlist, mid.nprobe) == (1024, 16)
     big = params.choose_params(1_000_000, 512, pq=64)
-    assert (big.nlist, big.nprobe, big.factory) == (4096, 64, "IVF4096,PQ64x8")
+    assert (big.nlist, big.nprobe, big.factory) == (4096, 64, "IVF4096,PQ64x4fs")
     assert params.choose_params(10**10, 128).nlist == params.MAX_NLIST
     for n in (1, 38, 39, 1000, 77_777):
         p = params.choose_params(n, 64)
@@ -60,7 +60,7 @@ def test_default_params_follow_collection_size():
 
 
 @pytest.mark.parametrize("kwargs, fix", [
-    ({"pq": 12}, "must divide the embedding dimension 128"),
+    ({"pq": 12}, "must be even and divide the embedding dimension 128"),
     ({"nlist": 500}, "out of range for 100 faces"),
     ({"pq": 16}, "omit --pq"),
     ({"nprobe": 9}, "within 1..nlist"),
@@ -281,7 +281,7 @@ def test_compressed_shards_rerank_to_exact_quality(ray_local, tmp_path):
     the resident bytes per face far below IVF-Flat's."""
     xb = synthetic.clustered(60_000, 128, seed=24)
     manifest = make(tmp_path, xb, shards=2, pq=32)
-    assert manifest["factory"].endswith("PQ32x8") and manifest["rerank"] == params.RERANK_FACTOR
+    assert manifest["factory"].endswith("PQ32x4fs") and manifest["rerank"] == params.RERANK_FACTOR
     handle = load.open_version(str(tmp_path))
     shard = load.open_shard(handle, 0)
     assert isinstance(shard.vectors, np.memmap)
