@@ -2,7 +2,7 @@
 with exact search, and measure where the memory goes.
 
     python bench/scale.py                          # 1M faces
-    python bench/scale.py --sizes 1000000 10000000 --rounds 3
+    python bench/scale.py --sizes 1000000 2000000 --probes 50000 20000 --rounds 2
 
 For each size N the orchestrator (this process, not measured) writes N synthetic clustered
 128-d faces (``index.synthetic`` model, generated chunk by chunk) as a real faces table of
@@ -285,7 +285,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--role", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000])
-    parser.add_argument("--probes", type=int, default=50_000)
+    parser.add_argument("--probes", type=int, nargs="+", default=[50_000],
+                        help="probes per size (one value per --sizes entry; the last one repeats)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--work", default=str(HERE / "results" / "tmp" / "scale"))
     parser.add_argument("--out", default=str(HERE / "results" / "scale.json"))
@@ -300,8 +301,8 @@ def main() -> None:
     report = {"machine": {"cpus": CPUS, "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
                           "load_average_at_start": round(load, 2)},
               "faiss": faiss.__version__, "sizes": []}
-    for n in args.sizes:
-        report["sizes"].append(bench_size(n, work, args.probes, args.rounds))
+    for i, n in enumerate(args.sizes):
+        report["sizes"].append(bench_size(n, work, args.probes[min(i, len(args.probes) - 1)], args.rounds))
         print(json.dumps(report["sizes"][-1]), flush=True)
     report["machine"]["load_average_at_end"] = round(os.getloadavg()[0], 2)
     print(table(report))
