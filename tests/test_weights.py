@@ -126,3 +126,14 @@ def test_int8_sface_is_rebuilt_from_the_verified_float_graph(provisioned_weights
     int8 = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.INT8}
     weight_dq = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in int8]
     assert len(weight_dq) == 28
+
+
+def test_int8_model_ships_its_own_calibration():
+    """Measured with the int8 weights (bench/eval.py --model sface-int8-yunet), never the float model's."""
+    from facelake import calibration
+    from facelake.calibration import CalibrationError
+
+    shipped = calibration.load_default("sface-int8-yunet")
+    assert shipped.model == "sface-int8-yunet"
+    with pytest.raises(CalibrationError, match="--model sface-yunet"):
+        shipped.check_model("sface-yunet")
