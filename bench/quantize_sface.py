@@ -1,6 +1,6 @@
 """bench/quantize_sface: make facelake/data/sface-int8-recipe.json, the int8 SFace recipe.
 
-    pip install -e '.[quantize]'     # NNCF, needed only by this script
+    pip install -e '.[quantize]'     # nncf==3.4.0, needed only by this script
     python bench/quantize_sface.py [--check]
 
 1. Cuts calibration faces disjoint from every evaluation set: the 400 ORL photos
