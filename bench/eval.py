@@ -49,6 +49,15 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_LFW = REPO.parent / "shared" / "faces" / "lfw_deepfunneled"
 # All LFW pairs: ~242k genuine, ~87.5M impostor; every impostor pair is used (no sampling).
 ALL_PAIRS = 100_000_000
+# Result files of the first registered model keep their historical names (eval-lfw.json, ...);
+# other models' carry the model name (eval-lfw-sface-yunet-flip.json, ...).
+UNSUFFIXED_MODEL = "sface-yunet"
+
+
+def result_name(model: str, face: str = "central", suffix: str = "") -> str:
+    """bench/results file stem for a model, face rule and optional suffix (e.g. "frte")."""
+    parts = ["eval-lfw"] + ([] if model == UNSUFFIXED_MODEL else [model]) + ([] if face == "central" else [face])
+    return "-".join(parts + ([suffix] if suffix else []))
 
 
 def lfw_manifest(lfw: Path, folder: str) -> str:
@@ -206,9 +215,10 @@ def run_frte(args, emb, spec) -> None:
               "style); LFW enrolled identities + synthetic distractors; exact search", "distractors": args.distractors,
               "rank": FRTE_RANK, "rows": rows}
     args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "eval-lfw-frte.json").write_text(json.dumps(result, indent=2) + "\n")
+    name = result_name(spec.name, args.face, "frte")
+    (args.results / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     try:
-        plot_frte(rows, args.results / "eval-lfw-frte.png", spec.name)
+        plot_frte(rows, args.results / f"{name}.png", spec.name)
     except ImportError:
         print("matplotlib missing: no plot (pip install facelake[eval])", file=sys.stderr)
     print(json.dumps(result, indent=2))
@@ -317,7 +327,7 @@ def main() -> None:
     calibration.notes += ("; LFW deep-funneled, 13,233 photos. Pairs share photos (each photo is in thousands of "
                           "impostor pairs), so the binomial bound is optimistic; LFW also holds a few mislabeled "
                           "photos, which inflate the impostor tail (conservative)")
-    name = "eval-lfw" if args.face == "central" else f"eval-lfw-{args.face}"
+    name = result_name(spec.name, args.face)
     report_dir = args.results / name
     write_report(metrics, calibration, str(report_dir))
     shipped = REPO / "facelake" / "data" / f"calibration-{spec.name}-lfw.json"
