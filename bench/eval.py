@@ -210,10 +210,13 @@ def plot_frte(rows: list[dict], path: Path, label: str) -> None:
 
 
 def run_frte(args, emb, spec) -> None:
+    started = time.monotonic()
     rows = frte_curve(emb, tuple(args.gallery_sizes), kind=args.distractors)
     result = {"model": spec.name, "face": args.face, "protocol": "FNIR at FPIR 1e-3 vs gallery size (NIST FRTE 1:N "
               "style); LFW enrolled identities + synthetic distractors; exact search", "distractors": args.distractors,
-              "rank": FRTE_RANK, "rows": rows}
+              "rank": FRTE_RANK, "command": "python bench/eval.py " + " ".join(sys.argv[1:]),
+              "photos": len(emb.image_ids), "photos_without_usable_face": int((~emb.ok).sum()),
+              "seconds": round(time.monotonic() - started, 1), "rows": rows}
     args.results.mkdir(parents=True, exist_ok=True)
     name = result_name(spec.name, args.face, "frte")
     (args.results / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
