@@ -1,6 +1,9 @@
-"""bench/eval: the LFW protocol for facelake's default model, and plain deepface beside it.
+"""bench/eval: the LFW protocol for a registered model (the default unless --model), and plain deepface beside it.
 
-    python bench/eval.py [--lfw DIR] [--cache DIR] [--embedder local|ray] [--deepface-folds N]
+    python bench/eval.py [--model M] [--lfw DIR] [--cache DIR] [--embedder local|ray] [--deepface-folds N]
+
+Results of the model sface-yunet go to bench/results/eval-lfw*.json; those of any other model
+carry its name (eval-lfw-sface-yunet-flip.json, ...).
 
 1. Builds a Parquet manifest of LFW (image_id = file stem, uri, identity) in a temp folder.
 2. Embeds every photo with facelake (5-point alignment, batched SFace), cached under --cache by
