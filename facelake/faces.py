@@ -110,16 +110,31 @@ class FaceEmbedder:
         self.weights_sha256 = weights_fingerprint(self.spec)
 
     def embed(self, faces_bgr: list[np.ndarray] | np.ndarray, batch_size: int = 64) -> np.ndarray:
-        """L2-normalised embeddings (n, dim) float32 for aligned faces, many per model call."""
+        """L2-normalised embeddings (n, dim) float32 for aligned faces, many per model call.
+
+        For a model registered with ``flip`` (test-time flip), each face is embedded twice, as
+        aligned and mirrored left-right, and the embedding is the normalised mean of the two
+        normalised vectors: two recognizer calls per face.
+        """
         if len(faces_bgr) == 0:
             return np.zeros((0, self.spec.dim), np.float32)
         stack = np.asarray(faces_bgr, dtype=np.uint8)
         # SFace takes RGB, channels first, 0..255 (as OpenCV's FaceRecognizerSF.feature feeds it)
         blob = np.ascontiguousarray(stack[..., ::-1].transpose(0, 3, 1, 2), dtype=np.float32)
+        vectors = self._run(blob, batch_size)
+        if self.spec.flip:
+            vectors = _l2(vectors + self._run(np.ascontiguousarray(blob[..., ::-1]), batch_size))
+        return vectors
+
+    def _run(self, blob: np.ndarray, batch_size: int) -> np.ndarray:
+        """The recognizer over (n, 3, H, W) in batches; L2-normalised (n, dim) float32."""
         out = [self._recognizer.run(blob[i:i + batch_size]) for i in range(0, len(blob), batch_size)]
-        vectors = np.concatenate(out).astype(np.float32)
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        return vectors / np.maximum(norms, 1e-12)
+        return _l2(np.concatenate(out).astype(np.float32))
+
+
+def _l2(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.maximum(norms, 1e-12)
 
 
 class FaceEngine:

@@ -41,6 +41,15 @@ class ModelSpec:
     deepface_published_lfw: float | None  # deepface README's LFW accuracy for the recognizer
     # recognizer runtimes (facelake.inference) its calibration holds on; empty: any of them
     runtimes: tuple[str, ...] = ()
+    # Test-time flip: the embedding is the L2-normalised mean of the aligned face's and its
+    # horizontal mirror's (each L2-normalised first); two recognizer calls per face. Its own model
+    # name, so its faces, indexes and calibrations never mix with the plain model's.
+    flip: bool = False
+
+    @property
+    def recognizer_calls_per_face(self) -> int:
+        """Recognizer runs per face: 2 with test-time flip, else 1."""
+        return 2 if self.flip else 1
 
     @property
     def recognizer_weight(self) -> WeightFile:
@@ -120,6 +129,25 @@ MODELS: dict[str, ModelSpec] = {
         runtimes=("openvino",),
     ),
 }
+
+# ---- sface-yunet-flip (issue 17): the default's weights, detector and alignment, plus test-time flip.
+# Same weights fingerprint as sface-yunet (same files); told apart by its name everywhere faces,
+# index versions and calibrations are checked. Costs a second SFace call per face (~2x recognizer time).
+MODELS["sface-yunet-flip"] = ModelSpec(
+    name="sface-yunet-flip",
+    recognizer="SFace",
+    detector="yunet",
+    dim=128,
+    metric="cosine",
+    normalization="l2",
+    input_size=(112, 112),
+    alignment="5-point similarity transform to SFace's 112x112 template; embedding averaged with the "
+              "aligned face's horizontal mirror",
+    weights=(YUNET_INT8, SFACE_INT8_FOLDED),
+    deepface_published_lfw=0.996,
+    flip=True,
+)
+# ---- end sface-yunet-flip
 
 DEFAULT_MODEL = "sface-yunet"
 
