@@ -3,23 +3,35 @@
 One run, under ROOT's lock (facelake.lock):
 
 1. Plan. Compare the manifest with the images of record (faces and errors) and the erasure
-   list: ids not in record are new; ids in record whose (resolved) uri changed, or whose bytes
-   now hash (sha256) to something else than the content_sha256 of record, are changed; ids of
-   record not in the manifest are removed; erased ids are never embedded again and are purged
-   from record if still there. Change detection reads the bytes of every image already in
-   record once per run, in Ray tasks that only hash (no decoding); images of record that
-   cannot be read now keep their record (a transient read error must not drop faces) and are
-   counted as "unverified". An error of record without a hash (fetch failed) is retried when
-   the image becomes readable. `--full` re-embeds everything and retrains.
+   list: ids not in record are new; ids in record whose (resolved) uri changed are changed; ids
+   of record not in the manifest are removed; erased ids are never embedded again and are purged
+   from record if still there. Changes are found from the source stat, not the bytes: every row
+   of record stores what its photo looked like when embedded (facelake.schema.SOURCE_STAT_SCHEMA:
+   size and mtime for local files, size and ETag for S3), and the stat of now comes from the
+   manifest's own ``size`` / ``etag`` / ``mtime`` columns when it has them, else from
+   facelake.reader.source_stats (stat per file, S3 LIST per folder or HEAD per object) in Ray
+   tasks, whole folders per task (``stat_images``). Another size: changed. Same size and same
+   mtime / ETag: unchanged, never read. Same size, other mtime / ETag: its bytes alone are hashed
+   (sha256, no decoding); same hash: only the new stat is recorded ("restat": its rows are
+   rewritten, nothing is embedded). Rows without a stat (roots written before it; a fetch that
+   failed) are hashed once and then recorded. ``--verify-content`` hashes every photo of record
+   (the check before this existed). Images of record that cannot be statted or read now keep
+   their record (a transient error must not drop faces) and are counted as "unverified". An
+   error of record without a hash (fetch failed) is retried when the image becomes readable.
+   `--full` re-embeds everything and retrains.
 2. Embed the new and changed photos with facelake embed's ``run_embed`` into
    ROOT/staging/<run>/. A killed run's staging is reused by the next run (run_embed skips the
    image ids already there), so nothing is embedded twice.
 3. Write a new table version of record (facelake.root) and point ROOT/TABLE at it.
-4. Publish an index version with ``build_version`` from the faces of record, reusing the live
-   version's trained quantizer (``trained_from``) while it fits: the collection is within
-   [1/2, 2] x the size it was trained on, and the mean similarity of a sample of faces to their
-   nearest centroid has not dropped by more than 10% from its value at training time.
-   Otherwise (or with --full) it retrains. ROOT/TABLE records the index version built from
+4. Publish an index version of the faces of record, reusing the live version's trained
+   quantizer while it fits: the collection is within [1/2, 2] x the size it was trained on, and
+   the mean similarity of a sample of faces to their nearest centroid has not dropped by more
+   than 10% from its value at training time. Then the live version is extended
+   (facelake.index.update): shards whose part files of record are all still in the table are
+   kept (files hard-linked or copied server-side), shards that held removed, changed or erased
+   faces are rebuilt, new faces go to delta shards, small shards merge tier by tier. Otherwise
+   (or with --full, or a live version built before shards recorded their sources) it retrains and
+   builds every shard (``build_version``). ROOT/TABLE records the index version built from
    the table version just before CURRENT is written.
 
 A crash before 3 leaves the previous table and version live; between 3 and 4 the table of

@@ -1,0 +1,242 @@
+"""`facelake rebuild` at O(change) (issue 13, item 5), on real sample photos, real Ray, faiss, moto S3.
+
+Change detection from the source stat (size + mtime locally, size + ETag on S3) instead of reading
+every photo; the index version extended from the live one (unchanged shards' files reused, only
+shards holding removed / changed / erased faces rebuilt, new faces in delta shards), with search
+results equal to a from-scratch build and to exact search.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from facelake import root as rootmod, storage
+from facelake.index import layout
+from facelake.index.build import build_version
+from facelake.index.load import load_ids, open_version
+from facelake.index.search import search_version
+from facelake.index.update import _Group, _merge_tiers, _split, plan_groups
+from facelake.jobs.erase import EraseConfig, run_erase
+from facelake.registry import get_model, weights_fingerprint
+from facelake.schema import SOURCE_STAT_SCHEMA
+from tests.helpers import SAMPLE_DIR
+from tests.test_rebuild import BASE, ADDED, assert_record_consistent, put_photos, rebuild, write_manifest
+
+
+def ids_of(photos: list[str]) -> list[str]:
+    return [n.split(".")[0] for n in photos]
+
+
+def shard_files_by_sha(manifest: dict) -> dict[str, str]:
+    """sha256 -> file name of every shard file of a version."""
+    return {v["sha256"]: k for k, v in manifest["files"].items() if k.startswith("shard-")}
+
+
+def topk(handle, xq: np.ndarray, k: int) -> list[list[tuple[str, int, float]]]:
+    """Exhaustive (nprobe = nlist) top-k as (image_id, face_index, similarity to 4 decimals)."""
+    D, I = search_version(handle, xq, k, nprobe=handle.nlist)
+    table = load_ids(handle)
+    rows = {f: (i, x) for f, i, x in zip(table["faiss_id"].to_pylist(), table["image_id"].to_pylist(),
+                                          table["face_index"].to_pylist())}
+    return [[(*rows[i], round(float(d), 4)) for d, i in zip(dr, ir) if i >= 0] for dr, ir in zip(D, I)]
+
+
+def exact_topk(faces: pa.Table, xq: np.ndarray, k: int) -> list[list[tuple[str, int, float]]]:
+    xb = np.array(faces["embedding"].to_pylist(), np.float32)
+    faiss.normalize_L2(xb)
+    flat = faiss.IndexFlatIP(xb.shape[1])
+    flat.add(xb)
+    D, I = flat.search(xq, k)
+    ids, fis = faces["image_id"].to_pylist(), faces["face_index"].to_pylist()
+    return [[(ids[i], fis[i], round(float(d), 4)) for d, i in zip(dr, ir)] for dr, ir in zip(D, I)]
+
+
+def assert_same_search_as_from_scratch(root: str, scratch_root: str) -> None:
+    """The live (extended) version answers as a version built from scratch over the faces of
+    record, and both as exact search."""
+    faces = rootmod.read_faces(root)
+    xq = np.array(faces["embedding"].to_pylist(), np.float32)
+    faiss.normalize_L2(xq)
+    k = min(5, faces.num_rows)
+    version = rootmod.current(root)
+    spec = get_model()
+    storage.remove(scratch_root, recursive=True)
+    build_version([rootmod.uri(root, rootmod.FACES, p) for p in version.faces], scratch_root, model=spec.name,
+                  weights_sha256=weights_fingerprint(spec), erased_ids=rootmod.erased_ids(root))
+    live, scratch = topk(open_version(root), xq, k), topk(open_version(scratch_root), xq, k)
+    exact = exact_topk(faces, xq, k)
+    assert [set(r) for r in live] == [set(r) for r in scratch] == [set(r) for r in exact]
+
+
+def test_changed_size_reembedded_unchanged_never_read(ray_local, provisioned_weights, tmp_path):
+    photos, root = str(tmp_path / "photos"), str(tmp_path / "root")
+    manifest_uri = str(tmp_path / "manifest.parquet")
+    put_photos(photos, BASE + ADDED)
+    write_manifest(manifest_uri, BASE + ADDED, photos)
+    first = rebuild(manifest_uri, root)
+    assert first.outcome == "published" and first.hashed == 0
+    record = rootmod.read_faces(root)
+    assert record["source_size"].null_count == 0 and record["source_mtime_ns"].null_count == 0
+    assert record["source_etag"].null_count == record.num_rows    # local files: mtime, no ETag
+
+    # img3: bytes made undecodable, same size and mtime restored: reading it would re-embed it
+    # (as a decode error), so it staying in the record proves it was not read
+    victim = f"{photos}/{BASE[1]}"
+    before = os.stat(victim)
+    with open(victim, "r+b") as handle:
+        handle.write(b"\0" * 4096)
+    os.utime(victim, ns=(before.st_atime_ns, before.st_mtime_ns))
+    # ADDED[0] now holds another photo of another size
+    shutil.copy(SAMPLE_DIR / "img4.jpg", f"{photos}/{ADDED[0]}")
+    assert os.path.getsize(f"{photos}/{ADDED[0]}") != (SAMPLE_DIR / ADDED[0]).stat().st_size
+
+    second = rebuild(manifest_uri, root)
+    assert (second.new, second.changed, second.removed) == (0, 1, 0)
+    assert second.hashed == 0 and second.embed["images"] == 1
+    faces = assert_record_consistent(root)
+    assert ids_of([BASE[1]])[0] in faces["image_id"].to_pylist()
+    from facelake.imaging import content_sha256
+    changed = faces.filter(pc.equal(faces["image_id"], ids_of([ADDED[0]])[0]))
+    assert set(changed["content_sha256"].to_pylist()) == {content_sha256((SAMPLE_DIR / "img4.jpg").read_bytes())}
+    assert set(changed["source_size"].to_pylist()) == {os.path.getsize(f"{photos}/{ADDED[0]}")}
+
+    # --verify-content reads every photo of record: now the rewritten img3 is found
+    third = rebuild(manifest_uri, root, verify_content=True)
+    assert third.hashed == len(BASE + ADDED) and third.changed == 1
+    errors = rootmod.read_errors(root)
+    assert ids_of([BASE[1]])[0] in errors["image_id"].to_pylist()
+
+
+def test_touched_but_identical_is_not_reembedded(ray_local, provisioned_weights, tmp_path):
+    photos, root = str(tmp_path / "photos"), str(tmp_path / "root")
+    manifest_uri = str(tmp_path / "manifest.parquet")
+    put_photos(photos, BASE)
+    write_manifest(manifest_uri, BASE, photos)
+    rebuild(manifest_uri, root)
+    touched = f"{photos}/{BASE[0]}"
+    stamp = os.stat(touched).st_mtime_ns + 5_000_000_000
+    os.utime(touched, ns=(stamp, stamp))
+
+    # the stat cannot clear it (same size, other mtime): its bytes alone are read, found equal
+    plain = rebuild(manifest_uri, root)
+    assert (plain.changed, plain.hashed, plain.restat) == (0, 1, 1) and plain.embed is None
+    faces = rootmod.read_faces(root)
+    row = faces.filter(pc.equal(faces["image_id"], ids_of(BASE)[0]))
+    assert set(row["source_mtime_ns"].to_pylist()) == {stamp}    # the new stat is recorded
+    assert rebuild(manifest_uri, root).outcome == "nothing-changed"
+
+    os.utime(touched, ns=(stamp + 10**9, stamp + 10**9))
+    verified = rebuild(manifest_uri, root, verify_content=True)
+    assert (verified.changed, verified.hashed, verified.restat) == (0, len(BASE), 1) and verified.embed is None
+    assert_record_consistent(root)
+
+
+def test_root_without_stat_columns_is_hashed_once_then_recorded(ray_local, provisioned_weights, tmp_path):
+    photos, root = str(tmp_path / "photos"), str(tmp_path / "root")
+    manifest_uri = str(tmp_path / "manifest.parquet")
+    put_photos(photos, BASE)
+    write_manifest(manifest_uri, BASE, photos)
+    rebuild(manifest_uri, root)
+    # make the record look like one written before the stat columns existed
+    base = rootmod.current(root)
+    old = {kind: rootmod.read_table(root, kind) for kind in rootmod.KINDS}
+    old = {k: (t.drop_columns(SOURCE_STAT_SCHEMA.names) if t is not None else None) for k, t in old.items()}
+    everything = pa.concat_arrays([t["image_id"].combine_chunks() for t in old.values() if t is not None])
+    rootmod.write_version(root, base, drop_ids=everything, add=old, model=base.model, job_id="old-root")
+    assert "source_size" not in rootmod.read_faces(root).column_names
+
+    migrated = rebuild(manifest_uri, root)
+    assert (migrated.changed, migrated.hashed, migrated.restat) == (0, len(BASE), len(BASE))
+    assert migrated.embed is None
+    assert rootmod.read_faces(root)["source_size"].null_count == 0
+    again = rebuild(manifest_uri, root)
+    assert again.outcome == "nothing-changed" and again.hashed == 0
+
+
+NIGHT1 = [f"img{i}.jpg" for i in range(1, 31)]
+NIGHT2 = ["img31.jpg", "img32.jpg", "img33.jpg"]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_publish_reuses_untouched_shards(where, ray_local, provisioned_weights, tmp_path, request):
+    base = str(tmp_path) if where == "local" else request.getfixturevalue("s3_bucket")
+    photos, root, manifest_uri = f"{base}/photos", f"{base}/root", f"{base}/manifest/m.parquet"
+    scratch = str(tmp_path / "scratch")
+    put_photos(photos, NIGHT1 + NIGHT2)
+    write_manifest(manifest_uri, NIGHT1, photos)
+    first = rebuild(manifest_uri, root)
+    v1 = open_version(root).manifest
+    assert first.incremental is None and len(v1["shards"]) == 1
+
+    # night 2: new photos go to a delta shard; the first shard's files are reused as they were
+    write_manifest(manifest_uri, NIGHT1 + NIGHT2, photos)
+    added = rebuild(manifest_uri, root)
+    assert added.hashed == 0 and added.embed["images"] == len(NIGHT2)
+    assert not added.retrained, added.retrain_reason      # 30 -> 33 photos: within the growth bound
+    v2 = open_version(root).manifest
+    assert v2["incremental"]["reused_shards"] == [0] and len(v2["shards"]) == 2
+    assert v2["shards"][0]["sources"] == v1["shards"][0]["sources"]
+    for key in ("index_file", "ids_file"):
+        assert v2["files"][v2["shards"][0][key]] == v1["files"][v1["shards"][0][key]]
+    if where == "local":       # a hard link: the same file, no bytes copied
+        same = os.stat(layout.file_uri(root, v2["version"], v2["shards"][0]["index_file"]))
+        assert same.st_ino == os.stat(layout.file_uri(root, v1["version"], v1["shards"][0]["index_file"])).st_ino
+    assert v2["next_id"] > v1["next_id"] and v2["trained_from"] == v1["version"]
+    assert_record_consistent(root)
+    assert_same_search_as_from_scratch(root, scratch)
+
+    # night 3: a photo of the second night is removed: only the shard that held it is rebuilt
+    write_manifest(manifest_uri, NIGHT1 + NIGHT2[1:], photos)
+    removed = rebuild(manifest_uri, root)
+    assert removed.removed == 1 and removed.hashed == 0 and not removed.retrained
+    v3 = open_version(root).manifest
+    assert v3["incremental"]["reused_shards"] == [0] and v3["incremental"]["built_shards"] == [1]
+    kept = {v3["files"][v3["shards"][0][k]]["sha256"] for k in ("index_file", "ids_file")}
+    assert kept == {v2["files"][v2["shards"][0][k]]["sha256"] for k in ("index_file", "ids_file")}
+    assert v2["files"][v2["shards"][1]["index_file"]]["sha256"] not in shard_files_by_sha(v3)
+    assert_record_consistent(root)
+    assert_same_search_as_from_scratch(root, scratch)
+
+    # an erasure of a first-night photo: only the first night's shard is rebuilt, the other kept
+    erased = run_erase(EraseConfig(root=root, ids=(ids_of(NIGHT1)[0],), reason="test"))
+    assert erased.index_version
+    v4 = open_version(root).manifest
+    assert v4["incremental"]["reused_shards"] == [1]
+    reused = next(e for e in v4["shards"] if e.get("reused_from", {}).get("version") == v3["version"])
+    assert v4["files"][reused["index_file"]] == v3["files"][v3["shards"][1]["index_file"]]
+    assert ids_of(NIGHT1)[0] not in load_ids(open_version(root))["image_id"].to_pylist()
+    assert_record_consistent(root)
+    assert_same_search_as_from_scratch(root, scratch)
+    # --keep: every kept version still opens and verifies (each is self-contained)
+    for version in layout.list_versions(root):
+        handle = open_version(root, version)
+        assert load_ids(handle).num_rows == handle.total
+
+
+def test_plan_groups_and_tiered_merges():
+    from facelake.index.build import Part
+
+    parts = [Part(uri=f"/r/faces/p{i}.parquet", rows=r, first_row=0) for i, r in enumerate([100, 50, 10])]
+    live = {"next_id": 150, "shards": [
+        {"shard": 0, "count": 100, "sources": [{"part": "p0.parquet", "part_rows": 100, "start": 0, "stop": 100, "first_id": 0}]},
+        {"shard": 1, "count": 50, "sources": [{"part": "p1.parquet", "part_rows": 50, "start": 0, "stop": 50, "first_id": 100}]},
+        {"shard": 2, "count": 7, "sources": [{"part": "gone.parquet", "part_rows": 7, "start": 0, "stop": 7, "first_id": 143}]},
+    ]}
+    groups, next_id = plan_groups(live, parts, size=1000)
+    assert [g.reused["shard"] if g.reused else None for g in groups] == [0, 1, None] and next_id == 160
+    assert groups[2].pieces == [("p2.parquet", 0, 10, 150)]     # new ids from next_id up; shard 2 vanished
+    # MERGE_FACTOR small shards of one tier become one; sealed (large) shards are never merged
+    small = [_Group([(f"n{i}", 0, 20, 1000 + 20 * i)], 20) for i in range(4)]
+    merged = _merge_tiers([_Group([("big", 0, 900, 0)], 900), *small], size=1000)
+    assert len(merged) == 2 and merged[0].rows == 900 and merged[1].rows == 80
+    assert [p[3] for p in merged[1].pieces] == sorted(p[3] for p in merged[1].pieces)
+    # a full shard size splits a piece, ids staying contiguous
+    split = _split([("a", 0, 500, 7)], 300)
+    assert [g.pieces for g in split] == [[("a", 0, 300, 7)], [("a", 300, 500, 307)]]
