@@ -302,16 +302,17 @@ def with_stats(table: pa.Table | None, stats: pa.Table) -> pa.Table | None:
     return table
 
 
-def _stat_differs(now: dict, before: dict) -> bool:
-    """Same size, and the same mtime (local) or ETag (S3) where both sides have one."""
-    if now["source_mtime_ns"] is not None and before["source_mtime_ns"] is not None \
-            and now["source_mtime_ns"] != before["source_mtime_ns"]:
-        return True
-    if now["source_etag"] is not None and before["source_etag"] is not None \
-            and now["source_etag"] != before["source_etag"]:
-        return True
-    return (now["source_mtime_ns"] is None) != (before["source_mtime_ns"] is None) or \
-        (now["source_etag"] is None) != (before["source_etag"] is None)
+def _stat_differs(table: pa.Table) -> pa.ChunkedArray:
+    """Per row: the mtime (local) or ETag (S3) of now differs from the one of record, or only one
+    side has it (the stat came from elsewhere: the bytes must decide)."""
+    out = None
+    for column in ("source_mtime_ns", "source_etag"):
+        now, before = table[column], table[f"rec_{column}"]
+        differs = pc.fill_null(pc.not_equal(now, before), False)
+        one_side = pc.not_equal(pc.is_null(now), pc.is_null(before))
+        part = pc.or_(differs, one_side)
+        out = part if out is None else pc.or_(out, part)
+    return out
 
 
 def plan(config: RebuildConfig, table: pa.Table, record: pa.Table, erased: pa.Array,
@@ -359,19 +360,20 @@ def plan(config: RebuildConfig, table: pa.Table, record: pa.Table, erased: pa.Ar
     # tell (same size, other mtime / ETag: a touched or rewritten file), where the record has no
     # stat yet (rows written before the columns: hashed once, then recorded), and with
     # --verify-content (every photo, as before).
-    restat, to_hash = [], []
-    for row in same_uri.to_pylist():
-        now = {c: row[c] for c in SOURCE_STAT_SCHEMA.names}
-        before = {c: row[f"rec_{c}"] for c in SOURCE_STAT_SCHEMA.names}
-        if now["source_size"] is None:                  # unreadable or refused now: keep the record
-            if row["rec_sha"] is not None:
-                result.unverified += 1
-        elif config.verify_content or before["source_size"] is None:
-            to_hash.append(row)
-        elif now["source_size"] != before["source_size"]:
-            changed.append(row["image_id"])
-        elif _stat_differs(now, before):
-            to_hash.append(row)
+    size, rec_size = same_uri["source_size"], same_uri["rec_source_size"]
+    missing = pc.is_null(size)                          # unreadable or refused now: keep the record
+    result.unverified += int(pc.sum(pc.and_(missing, pc.is_valid(same_uri["rec_sha"]))).as_py() or 0)
+    readable = same_uri.filter(pc.invert(missing))
+    size, rec_size = readable["source_size"], readable["rec_source_size"]
+    if config.verify_content:
+        hash_it = pa.array(np.ones(readable.num_rows, bool))
+        other_size = pa.array(np.zeros(readable.num_rows, bool))
+    else:
+        other_size = pc.fill_null(pc.not_equal(size, rec_size), False)
+        hash_it = pc.or_(pc.is_null(rec_size), pc.and_(pc.invert(other_size), _stat_differs(readable)))
+    changed += readable["image_id"].filter(other_size).to_pylist()
+    to_hash = readable.filter(hash_it).to_pylist()
+    restat = []
     hashes = hash_images([r["uri"] for r in to_hash], options, limits)
     result.hashed = len(to_hash)
     for row, digest in zip(to_hash, hashes):

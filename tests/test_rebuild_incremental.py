@@ -240,3 +240,39 @@ def test_plan_groups_and_tiered_merges():
     # a full shard size splits a piece, ids staying contiguous
     split = _split([("a", 0, 500, 7)], 300)
     assert [g.pieces for g in split] == [[("a", 0, 300, 7)], [("a", 300, 500, 307)]]
+
+
+def test_source_stats_local_never_outside_roots(tmp_path):
+    from facelake import reader
+
+    inside, outside = tmp_path / "in", tmp_path / "out"
+    inside.mkdir()
+    outside.mkdir()
+    (inside / "a.jpg").write_bytes(b"photo")
+    os.mkfifo(inside / "pipe.jpg")
+    (outside / "b.jpg").write_bytes(b"secret")
+    os.symlink(outside / "b.jpg", inside / "link.jpg")        # resolves outside the root
+    limits = reader.ReadLimits((str(inside),))
+    got = reader.source_stats([str(inside / "a.jpg"), str(inside / "pipe.jpg"), str(outside / "b.jpg"),
+                               str(inside / "link.jpg"), str(inside / "missing.jpg"), "/proc/self/status"], limits)
+    a = os.stat(inside / "a.jpg")
+    assert got[0] == reader.SourceStat(size=5, mtime_ns=a.st_mtime_ns)
+    assert got[1:] == [None] * 5
+
+
+def test_source_stats_s3_list_and_head_agree(s3_bucket):
+    from facelake import reader
+
+    many = [f"{s3_bucket}/photos/big/p{i:03d}.jpg" for i in range(reader.LIST_FROM + 2)]    # listed
+    few = [f"{s3_bucket}/photos/small/q{i}.jpg" for i in range(3)]                         # HEADed
+    for i, uri in enumerate(many + few):
+        storage.write_bytes_atomic(uri, b"x" * (i + 1))
+    elsewhere = f"{s3_bucket}/private/secret.jpg"
+    storage.write_bytes_atomic(elsewhere, b"secret")
+    limits = reader.ReadLimits((f"{s3_bucket}/photos",))
+    got = reader.source_stats(many + few + [elsewhere, f"{s3_bucket}/photos/big/none.jpg"], limits)
+    fs, _ = storage.filesystem(s3_bucket)
+    for i, uri in enumerate(many + few):
+        head = fs.info(uri[len("s3://"):])
+        assert got[i] == reader.SourceStat(size=i + 1, etag=head["ETag"].strip('"')), uri
+    assert got[-2:] == [None, None]
