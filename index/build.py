@@ -16,6 +16,9 @@ part files (row counts and schemas) and hands each task a list of (file, row ran
 Every shard is an IVF index over the same trained quantizer, so shards are interchangeable.
 Faces get faiss ids in input order: part files sorted by name, rows in file order (an image's
 faces are in one part). Erased faces leave gaps in the ids; id tables carry the ids explicitly.
+The manifest names each shard's ``sources`` (part file, row range, first faiss id) and the
+version's ``next_id``, so ``facelake.index.update`` can extend the version later, keeping the
+shards whose parts did not change (their ids stay; new faces are numbered from ``next_id``).
 """
 
 from __future__ import annotations

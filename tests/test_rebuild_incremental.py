@@ -276,3 +276,22 @@ def test_source_stats_s3_list_and_head_agree(s3_bucket):
         head = fs.info(uri[len("s3://"):])
         assert got[i] == reader.SourceStat(size=i + 1, etag=head["ETag"].strip('"')), uri
     assert got[-2:] == [None, None]
+
+
+def test_killed_incremental_rebuild_resumes_without_duplicates(ray_local, provisioned_weights, tmp_path):
+    from tests.test_rebuild import Crash, crash
+
+    photos, root, manifest_uri = str(tmp_path / "photos"), str(tmp_path / "root"), str(tmp_path / "m.parquet")
+    put_photos(photos, NIGHT1 + NIGHT2)
+    write_manifest(manifest_uri, NIGHT1, photos)
+    v1 = rebuild(manifest_uri, root).index_version
+    write_manifest(manifest_uri, NIGHT1 + NIGHT2, photos)
+    for stage in ("during_embed", "after_embed", "before_table_pointer", "before_manifest", "before_pointer"):
+        with pytest.raises(Crash):
+            rebuild(manifest_uri, root, hooks={stage: crash})
+        assert layout.current_version(root) == v1
+    done = rebuild(manifest_uri, root)
+    assert done.outcome == "published" and not done.retrained and done.incremental["reused_shards"] == [0]
+    faces = assert_record_consistent(root)          # no face twice in the record, no faiss id twice
+    assert set(faces["image_id"].to_pylist()) == set(ids_of(NIGHT1 + NIGHT2))
+    assert rebuild(manifest_uri, root).outcome == "nothing-changed"
