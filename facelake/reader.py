@@ -239,13 +239,14 @@ def source_stats(uris: list[str], limits: ReadLimits = ReadLimits(),
     """
     out: list[SourceStat | None] = [None] * len(uris)
     by_folder: dict[str, list[int]] = {}
+    folders: dict[str, str] = {}        # folder -> its resolved path (one realpath per folder)
+    bases = [normal(r).rstrip("/") for r in limits.allowed_roots]
     for i, uri in enumerate(uris):
-        if limits.allowed_roots and not within(uri, limits.allowed_roots):
-            continue
         if storage.scheme_of(uri) == "s3":
-            by_folder.setdefault(normal(uri).rsplit("/", 1)[0], []).append(i)
+            if not limits.allowed_roots or within(uri, limits.allowed_roots):
+                by_folder.setdefault(normal(uri).rsplit("/", 1)[0], []).append(i)
         else:
-            out[i] = _stat_local(normal(uri))
+            out[i] = _stat_local(uri, folders, bases)
     for folder, members in by_folder.items():
         fs, _ = storage.filesystem(folder + "/", options)
         listed = None
@@ -267,13 +268,50 @@ def source_stats(uris: list[str], limits: ReadLimits = ReadLimits(),
     return out
 
 
-def _stat_local(path: str) -> SourceStat | None:
-    if _pseudo(path):
-        return None
+def within_each(uris: list[str], roots: tuple[str, ...]) -> list[bool]:
+    """``within(uri, roots)`` for many uris, resolving each folder once (what the rebuild's plan
+    checks for every photo of record)."""
+    folders: dict[str, str] = {}
+    bases = [normal(r).rstrip("/") for r in roots]
+    out = []
+    for uri in uris:
+        if storage.scheme_of(uri) == "s3":
+            out.append(within(uri, roots))
+        else:
+            path = _resolve_local(uri, folders)[0]
+            out.append(any(path == b or path.startswith(b + "/") for b in bases))
+    return out
+
+
+def _resolve_local(uri: str, folders: dict[str, str]) -> tuple[str, os.stat_result | None]:
+    """(``normal(uri)``, its lstat or stat) with one realpath per folder: the file itself costs
+    one lstat, a symlink is resolved in full; (path, None) when it does not exist."""
+    path = uri[len("file://"):] if uri.startswith("file://") else uri
+    if ".." in path.split("/"):
+        path = os.path.realpath(path)       # `..` after a symlinked folder: resolve it as realpath does
+    else:
+        folder, name = os.path.split(os.path.abspath(path))
+        real = folders.get(folder)
+        if real is None:
+            real = folders[folder] = os.path.realpath(folder)
+        path = os.path.join(real, name)
     try:
-        info = os.stat(path)
+        info = os.lstat(path)
+        if stat.S_ISLNK(info.st_mode):
+            path = os.path.realpath(path)
+            info = os.stat(path)
     except OSError:
+        return path, None
+    return path, info
+
+
+def _stat_local(uri: str, folders: dict[str, str], bases: list[str]) -> SourceStat | None:
+    """stat of one local photo, resolved as ``normal`` resolves it (symlinks and ``..``)."""
+    path, info = _resolve_local(uri, folders)
+    if info is None:
         return None
-    if not stat.S_ISREG(info.st_mode):
+    if bases and not any(path == b or path.startswith(b + "/") for b in bases):
+        return None
+    if _pseudo(path) or not stat.S_ISREG(info.st_mode):
         return None
     return SourceStat(size=int(info.st_size), mtime_ns=int(info.st_mtime_ns))

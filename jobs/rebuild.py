@@ -73,9 +73,10 @@ DRIFT_SAMPLE = 20_000
 # Images per hashing task: enough to amortise a task, few enough to spread over a cluster.
 HASH_CHUNK = 256
 HASH_CPUS = 0.25
-# Photos per stat task: a stat or a listed key costs microseconds to milliseconds, so tasks are
-# larger than hashing tasks (whole folders are kept in one task, see stat_images).
-STAT_CHUNK = 4096
+# Photos per stat task: a local stat costs microseconds, a listed S3 key far less than a HEAD,
+# so tasks are much larger than hashing tasks (whole folders are kept in one task, see
+# stat_images); a manifest of at most this many photos is statted in the driver, without tasks.
+STAT_CHUNK = 8192
 DEFAULT_KEEP = 3
 
 
@@ -253,6 +254,8 @@ def stat_images(uris: list[str], options: StorageOptions,
 
     if not uris:
         return SOURCE_STAT_SCHEMA.empty_table()
+    if len(uris) <= STAT_CHUNK:             # one task's worth: no task (nor worker start) at all
+        return _stat_chunk(uris, options, limits)
     order = sorted(range(len(uris)), key=lambda i: uris[i])     # folders contiguous
     chunks, current, folder = [], [], None
     for i in order:
@@ -352,7 +355,7 @@ def plan(config: RebuildConfig, table: pa.Table, record: pa.Table, erased: pa.Ar
     same_uri = existing.filter(pc.invert(uri_changed))
     if config.allowed_roots:
         # outside the roots now: never read; re-embedding records it as a validate error
-        inside = pa.array([reader.within(u, config.allowed_roots) for u in same_uri["uri"].to_pylist()], pa.bool_())
+        inside = pa.array(reader.within_each(same_uri["uri"].to_pylist(), config.allowed_roots), pa.bool_())
         changed += same_uri["image_id"].filter(pc.invert(inside)).to_pylist()
         same_uri = same_uri.filter(inside)
     # Decide from the stat alone where it can: a different size is a change; the same size with

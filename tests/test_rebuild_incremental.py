@@ -295,3 +295,22 @@ def test_killed_incremental_rebuild_resumes_without_duplicates(ray_local, provis
     faces = assert_record_consistent(root)          # no face twice in the record, no faiss id twice
     assert set(faces["image_id"].to_pylist()) == set(ids_of(NIGHT1 + NIGHT2))
     assert rebuild(manifest_uri, root).outcome == "nothing-changed"
+
+
+def test_within_each_agrees_with_within(tmp_path):
+    from facelake import reader
+
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "in" / "sub" / "a.jpg").write_bytes(b"a")
+    (tmp_path / "out" / "b.jpg").write_bytes(b"b")
+    os.symlink(tmp_path / "out" / "b.jpg", tmp_path / "in" / "link.jpg")
+    os.symlink(tmp_path / "out", tmp_path / "in" / "dirlink")
+    uris = [str(tmp_path / "in" / "sub" / "a.jpg"), str(tmp_path / "in" / "link.jpg"),
+            str(tmp_path / "in" / "dirlink" / "b.jpg"), str(tmp_path / "in" / "sub" / ".." / "sub" / "a.jpg"),
+            str(tmp_path / "in" / "missing.jpg"), f"file://{tmp_path}/in/sub/a.jpg",
+            str(tmp_path / "in" / "dirlink" / ".." / "in" / "sub" / "a.jpg"),     # .. after a symlinked folder
+            str(tmp_path / "in" / "dirlink" / ".." / "out" / "b.jpg")]
+    roots = (str(tmp_path / "in"),)
+    assert reader.within_each(uris, roots) == [reader.within(u, roots) for u in uris] \
+        == [True, False, False, True, True, True, True, False]
