@@ -314,3 +314,51 @@ def test_within_each_agrees_with_within(tmp_path):
     roots = (str(tmp_path / "in"),)
     assert reader.within_each(uris, roots) == [reader.within(u, roots) for u in uris] \
         == [True, False, False, True, True, True, True, False]
+
+
+def _synthetic_part(uri: str, xb: np.ndarray, prefix: str) -> None:
+    n, dim = xb.shape
+    storage.write_table(uri, pa.table({
+        "image_id": [f"{prefix}{i:05d}" for i in range(n)], "face_index": np.zeros(n, np.int32),
+        "uri": [f"/archive/{prefix}{i}.jpg" for i in range(n)], "bbox": [[0, 0, 10, 10]] * n,
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(xb.reshape(-1), pa.float32()), dim),
+        "model": ["m"] * n, "weights_sha256": ["w"] * n}))
+
+
+def test_compressed_version_extended_equals_build_on_same_quantizer(ray_local, tmp_path):
+    """IVF-PQ shards with their full-vector files: the kept shard's three files are reused, a part
+    replaced and a part added are built, and every search answers exactly as a build of the same
+    faces over the same trained quantizer (PQ codes and re-rank included), and near exact search."""
+    from facelake.index.synthetic import clustered
+    from facelake.index.update import update_version
+
+    root = str(tmp_path / "root")
+    # shards of 1500: v1 [a], [b]; b then loses its last 100 faces (rewritten under a new name: b2)
+    # and c is new, so the extended version is [a] (kept), [b2 + c...], [...c], as a full build cuts it
+    xb = clustered(4500, 128, seed=3)
+    a, b, b2, c = (str(tmp_path / "faces" / f"part-{x}.parquet") for x in "a b b2 c".split())
+    _synthetic_part(a, xb[:1500], "a")
+    _synthetic_part(b, xb[1500:3000], "b")
+    v1 = build_version([a, b], root, model="m", weights_sha256="w", shard_size=1500, nlist=16, pq=32, keep=10)
+    assert v1["pq"] and v1["rerank"] and all("vectors_file" in s for s in v1["shards"])
+    _synthetic_part(b2, xb[1500:2900], "b")
+    _synthetic_part(c, xb[2900:4500], "c")
+    v2 = update_version([a, b2, c], root, live=v1["version"], model="m", weights_sha256="w", keep=10,
+                        shard_size=1500)
+    assert v2["incremental"]["reused_shards"] == [0] and v2["factory"] == v1["factory"]
+    assert [s["count"] for s in v2["shards"]] == [1500, 1500, 1500]
+    for key in ("index_file", "ids_file", "vectors_file"):
+        assert v2["files"][v2["shards"][0][key]] == v1["files"][v1["shards"][0][key]]
+    ids = load_ids(open_version(root, v2["version"]))["faiss_id"].to_pylist()
+    assert len(ids) == len(set(ids))
+    same_q = build_version([a, b2, c], root, model="m", weights_sha256="w", shard_size=1500,
+                           trained_from=v2["version"], keep=10)
+    xq = np.ascontiguousarray(xb[::37])
+    extended, rebuilt = topk(open_version(root, v2["version"]), xq, 10), topk(open_version(root, same_q["version"]), xq, 10)
+    assert extended == rebuilt
+    kept = xb
+    names = [f"a{i:05d}" for i in range(1500)] + [f"b{i:05d}" for i in range(1400)] + [f"c{i:05d}" for i in range(1600)]
+    exact = exact_topk(pa.table({"image_id": names, "face_index": np.zeros(len(names), np.int32),
+                                 "embedding": kept.tolist()}), xq, 10)
+    hits = sum(len({r[0] for r in e} & {r[0] for r in x}) for e, x in zip(extended, exact))
+    assert hits / (10 * len(xq)) >= 0.95
