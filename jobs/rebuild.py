@@ -280,6 +280,15 @@ def _manifest_stats(table: pa.Table) -> pa.Table | None:
     names = table.column_names
     if "size" not in names or not ({"etag", "mtime"} & set(names)):
         return None
+    try:
+        return _stats_from_columns(table, names)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+        raise ConfigError(f"the manifest's size / etag / mtime columns cannot be read as source stats ({err}): "
+                          f"give size as an integer, etag as a string and mtime as a timestamp or integer "
+                          f"nanoseconds, or rename those columns so that rebuild stats the photos itself") from err
+
+
+def _stats_from_columns(table: pa.Table, names: list[str]) -> pa.Table:
     columns = {"source_size": table["size"].cast(pa.int64()),
                "source_mtime_ns": pa.nulls(table.num_rows, pa.int64()),
                "source_etag": pa.nulls(table.num_rows, pa.string())}

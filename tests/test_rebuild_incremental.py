@@ -362,3 +362,27 @@ def test_compressed_version_extended_equals_build_on_same_quantizer(ray_local, t
                                  "embedding": kept.tolist()}), xq, 10)
     hits = sum(len({r[0] for r in e} & {r[0] for r in x}) for e, x in zip(extended, exact))
     assert hits / (10 * len(xq)) >= 0.95
+
+
+def test_manifest_own_size_and_mtime_are_used(ray_local, provisioned_weights, tmp_path):
+    photos, root, manifest_uri = str(tmp_path / "photos"), str(tmp_path / "root"), str(tmp_path / "m.parquet")
+    put_photos(photos, BASE)
+    from tests.helpers import sample_manifest
+
+    def manifest_with(sizes: list[int]) -> None:
+        m = sample_manifest(BASE, base=photos)
+        m = m.append_column("size", pa.array(sizes, pa.int64()))
+        m = m.append_column("mtime", pa.array([os.stat(f"{photos}/{n}").st_mtime_ns for n in BASE], pa.int64()))
+        storage.write_table(manifest_uri, m)
+
+    real = [os.path.getsize(f"{photos}/{n}") for n in BASE]
+    manifest_with(real)
+    rebuild(manifest_uri, root)
+    faces = rootmod.read_faces(root)
+    assert sorted(set(faces["source_size"].to_pylist())) == sorted(set(real))
+    assert rebuild(manifest_uri, root).outcome == "nothing-changed"
+    # the manifest says the first photo has another size now: believed, re-embedded, nothing read to decide
+    manifest_with([real[0] + 1, real[1]])
+    changed = rebuild(manifest_uri, root)
+    assert (changed.changed, changed.hashed, changed.embed["images"]) == (1, 0, 1)
+    assert_record_consistent(root)
