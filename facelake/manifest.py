@@ -17,12 +17,12 @@ import pyarrow.parquet as pq
 
 from facelake import storage
 from facelake.errors import ManifestError
-from facelake.schema import FACE_COLUMNS, MANIFEST_REQUIRED
+from facelake.schema import FACE_COLUMNS, MANIFEST_REQUIRED, SOURCE_STAT_SCHEMA
 
 # Columns facelake writes itself (faces, errors and dropped tables, and the embed workers'
 # internal row kind); a manifest may not use these names for carried columns.
 RESERVED = tuple(c for c in FACE_COLUMNS if c not in MANIFEST_REQUIRED) + (
-    "stage", "error_type", "message", "reason", "frame", "_kind")
+    "stage", "error_type", "message", "reason", "frame", "_kind", *SOURCE_STAT_SCHEMA.names)
 
 
 @dataclass(frozen=True)

@@ -205,3 +205,113 @@ def _kind(mode: int) -> str:
 def stage_of(err: BaseException) -> str:
     """The errors-table stage of a failed read: validate for refused uris, fetch otherwise."""
     return getattr(err, "stage", STAGE_FETCH) if isinstance(err, ReadRefused) else STAGE_FETCH
+
+
+# ------------------------------------------------------------------------------ stat without reading
+
+# An S3 folder holding at least this many of the photos asked about is listed (one LIST request
+# per 1,000 keys) instead of HEADing each (one request per photo): listing wins unless the folder
+# holds over 1,000x more objects than the manifest names there, which a folder of 64+ listed
+# photos rarely does; a folder with fewer is HEADed photo by photo (a LIST of a huge folder for
+# a handful of photos would be the larger cost).
+LIST_FROM = 64
+
+
+@dataclass(frozen=True)
+class SourceStat:
+    """What a photo's source looks like now, learnt without reading a byte of it."""
+
+    size: int
+    mtime_ns: int | None = None      # local files
+    etag: str | None = None          # S3 objects (quotes stripped)
+
+
+def source_stats(uris: list[str], limits: ReadLimits = ReadLimits(),
+                 options: storage.StorageOptions | None = None) -> list[SourceStat | None]:
+    """The size and mtime (local) or ETag (S3) of each photo, None where refused or missing.
+
+    The same door as ``read``: a uri outside ``limits.allowed_roots`` is neither statted nor listed,
+    and only regular files / objects count (a FIFO, device, folder or /proc file gives None).
+    Local files: one ``os.stat`` each (on Linux a folder listing costs one stat per entry too, so
+    statting the photos asked about is never more syscalls than listing their folders). S3: one
+    LIST per folder holding ``LIST_FROM`` or more of the photos (``ls(detail=True)``: 1,000 keys
+    per request, with size and ETag), one HEAD per photo otherwise.
+    """
+    out: list[SourceStat | None] = [None] * len(uris)
+    by_folder: dict[str, list[int]] = {}
+    folders: dict[str, str] = {}        # folder -> its resolved path (one realpath per folder)
+    bases = [normal(r).rstrip("/") for r in limits.allowed_roots]
+    for i, uri in enumerate(uris):
+        if storage.scheme_of(uri) == "s3":
+            if not limits.allowed_roots or within(uri, limits.allowed_roots):
+                by_folder.setdefault(normal(uri).rsplit("/", 1)[0], []).append(i)
+        else:
+            out[i] = _stat_local(uri, folders, bases)
+    for folder, members in by_folder.items():
+        fs, _ = storage.filesystem(folder + "/", options)
+        listed = None
+        if len(members) >= LIST_FROM and (not limits.allowed_roots or within(folder, limits.allowed_roots)):
+            try:
+                fs.invalidate_cache(folder[len("s3://"):])
+                listed = {e["name"]: e for e in fs.ls(folder[len("s3://"):], detail=True)}
+            except (FileNotFoundError, PermissionError, OSError):
+                listed = None
+        for i in members:
+            path = normal(uris[i])[len("s3://"):]
+            try:
+                entry = listed.get(path) if listed is not None else fs.info(path)
+            except (FileNotFoundError, PermissionError, OSError):
+                entry = None
+            if entry is not None and entry.get("type") == "file":
+                etag = entry.get("ETag") or entry.get("etag")
+                out[i] = SourceStat(size=int(entry.get("size") or 0), etag=str(etag).strip('"') if etag else None)
+    return out
+
+
+def within_each(uris: list[str], roots: tuple[str, ...]) -> list[bool]:
+    """``within(uri, roots)`` for many uris, resolving each folder once (what the rebuild's plan
+    checks for every photo of record)."""
+    folders: dict[str, str] = {}
+    bases = [normal(r).rstrip("/") for r in roots]
+    out = []
+    for uri in uris:
+        if storage.scheme_of(uri) == "s3":
+            out.append(within(uri, roots))
+        else:
+            path = _resolve_local(uri, folders)[0]
+            out.append(any(path == b or path.startswith(b + "/") for b in bases))
+    return out
+
+
+def _resolve_local(uri: str, folders: dict[str, str]) -> tuple[str, os.stat_result | None]:
+    """(``normal(uri)``, its lstat or stat) with one realpath per folder: the file itself costs
+    one lstat, a symlink is resolved in full; (path, None) when it does not exist."""
+    path = uri[len("file://"):] if uri.startswith("file://") else uri
+    if ".." in path.split("/"):
+        path = os.path.realpath(path)       # `..` after a symlinked folder: resolve it as realpath does
+    else:
+        folder, name = os.path.split(os.path.abspath(path))
+        real = folders.get(folder)
+        if real is None:
+            real = folders[folder] = os.path.realpath(folder)
+        path = os.path.join(real, name)
+    try:
+        info = os.lstat(path)
+        if stat.S_ISLNK(info.st_mode):
+            path = os.path.realpath(path)
+            info = os.stat(path)
+    except OSError:
+        return path, None
+    return path, info
+
+
+def _stat_local(uri: str, folders: dict[str, str], bases: list[str]) -> SourceStat | None:
+    """stat of one local photo, resolved as ``normal`` resolves it (symlinks and ``..``)."""
+    path, info = _resolve_local(uri, folders)
+    if info is None:
+        return None
+    if bases and not any(path == b or path.startswith(b + "/") for b in bases):
+        return None
+    if _pseudo(path) or not stat.S_ISREG(info.st_mode):
+        return None
+    return SourceStat(size=int(info.st_size), mtime_ns=int(info.st_mtime_ns))

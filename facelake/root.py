@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 
 from facelake import storage
 from facelake.errors import FacelakeError
+from facelake.schema import SOURCE_STAT_SCHEMA
 from facelake.storage import StorageOptions
 
 log = logging.getLogger(__name__)
@@ -153,22 +154,33 @@ def read_errors(root: str, columns: list[str] | None = None, version: TableVersi
 
 
 def record_ids(root: str, version: TableVersion | None, options: StorageOptions | None = None) -> pa.Table:
-    """One row per (part, image) of record: kind, part, image_id, content_sha256, uri."""
+    """One row per (part, image) of record: kind, part, image_id, content_sha256, uri and the
+    source stat of record (facelake.schema.SOURCE_STAT_SCHEMA; nulls for rows written before it)."""
     tables = []
     if version is not None:
         for kind in KINDS:
             for name in version.parts(kind):
-                t = _read_parts(root, kind, (name,), ["image_id", "content_sha256", "uri"], options)
+                fs, path = storage.filesystem(uri(root, kind, name), options)
+                with fs.open(path, "rb") as handle:
+                    present = pq.ParquetFile(handle).schema_arrow.names
+                stat_cols = [c for c in SOURCE_STAT_SCHEMA.names if c in present]
+                t = _read_parts(root, kind, (name,), ["image_id", "content_sha256", "uri", *stat_cols], options)
                 t = t.group_by(["image_id"], use_threads=False).aggregate(
-                    [("content_sha256", "first"), ("uri", "first")])
-                tables.append(pa.table({
+                    [(c, "first") for c in ("content_sha256", "uri", *stat_cols)])
+                columns = {
                     "kind": pa.array([kind] * t.num_rows, pa.string()),
                     "part": pa.array([name] * t.num_rows, pa.string()),
                     "image_id": t["image_id"].cast(pa.string()),
                     "content_sha256": t["content_sha256_first"].cast(pa.string()),
-                    "uri": t["uri_first"].cast(pa.string())}))
+                    "uri": t["uri_first"].cast(pa.string())}
+                for f in SOURCE_STAT_SCHEMA:
+                    columns[f.name] = (t[f"{f.name}_first"].cast(f.type) if f.name in stat_cols
+                                       else pa.nulls(t.num_rows, f.type))
+                tables.append(pa.table(columns))
     if not tables:
-        return pa.table({n: pa.array([], pa.string()) for n in ("kind", "part", "image_id", "content_sha256", "uri")})
+        empty = {n: pa.array([], pa.string()) for n in ("kind", "part", "image_id", "content_sha256", "uri")}
+        empty.update({f.name: pa.array([], f.type) for f in SOURCE_STAT_SCHEMA})
+        return pa.table(empty)
     return pa.concat_tables(tables)
 
 

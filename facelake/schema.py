@@ -50,6 +50,22 @@ ERRORS_SCHEMA = pa.schema([
     ("model", pa.string()),
 ])
 
+# ---- source stat of record (issue 13, item 5: nightly rebuild at O(change)) ----
+# `facelake rebuild` stores, on every faces and errors row of record, what the photo's source
+# looked like when it was embedded, so the next night finds changes from a listing (stat / S3
+# LIST or HEAD) instead of reading every photo's bytes. Local files: size and st_mtime_ns (etag
+# null); S3 objects: size and ETag (mtime null). Rows written before these columns existed have
+# no such columns (or nulls): their photo is hashed once and the columns are recorded then.
+SOURCE_STAT_SCHEMA = pa.schema([
+    ("source_size", pa.int64()),
+    ("source_mtime_ns", pa.int64()),
+    ("source_etag", pa.string()),
+])
+# A manifest may describe its objects itself (an S3 Inventory-style listing): with `size` and one of
+# `etag` / `mtime` (int ns or timestamp) among its columns, rebuild uses them and lists nothing.
+MANIFEST_STAT_COLUMNS = ("size", "etag", "mtime")
+# ---- end source stat ----
+
 # Stages and error types written to the errors table, so tests and reports name them once.
 STAGE_FETCH, STAGE_DECODE, STAGE_DETECT, STAGE_QUALITY, STAGE_EMBED, STAGE_VALIDATE = (
     "fetch", "decode", "detect", "quality", "embed", "validate")
@@ -83,7 +99,8 @@ ID_TABLE_SCHEMA = pa.schema([
 ])
 # Faces-table columns an id table does not keep: the vector lives in the shard, the model's
 # provenance in the version manifest, and landmarks/content hashes are not needed to review.
-ID_TABLE_DROPPED = ("embedding", "landmarks", "model", "detector", "weights_sha256", "content_sha256")
+ID_TABLE_DROPPED = ("embedding", "landmarks", "model", "detector", "weights_sha256", "content_sha256",
+                    *SOURCE_STAT_SCHEMA.names)
 
 
 def id_table_schema(faces: pa.Schema) -> pa.Schema:

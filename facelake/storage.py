@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import posixpath
+import shutil
 import uuid
 from dataclasses import dataclass
 from typing import Iterator
@@ -152,6 +153,27 @@ def write_bytes_atomic(uri: str, data: bytes, options: StorageOptions | None = N
         os.replace(tmp, path)
     else:
         fs.pipe_file(path, data)
+
+
+def link_or_copy(src: str, dst: str, options: StorageOptions | None = None) -> None:
+    """Make ``dst`` hold the bytes of ``src`` without passing them through this process.
+
+    Local: a hard link (no bytes copied; one more name for the same inode, which is safe because
+    facelake never rewrites a file in place: every write is a new file renamed over the name),
+    made under a temporary name and renamed, so ``dst`` appears whole; a copy where the file system
+    refuses links. S3: a server-side copy (CopyObject; the bytes stay in the object store)."""
+    fs, src_path = filesystem(src, options)
+    _, dst_path = filesystem(dst, options)
+    if scheme_of(src) == "file":
+        os.makedirs(os.path.dirname(dst_path), exist_ok=True)
+        tmp = f"{dst_path}.tmp-{uuid.uuid4().hex}"
+        try:
+            os.link(src_path, tmp)
+        except OSError:
+            shutil.copyfile(src_path, tmp)
+        os.replace(tmp, dst_path)
+    else:
+        fs.copy(src_path, dst_path)
 
 
 def write_bytes_new(uri: str, data: bytes, options: StorageOptions | None = None) -> None:

@@ -6,6 +6,10 @@
   names, listing, publishing, pruning. Tested by the crash and prune tests.
 - ``build``: ``train`` and ``build_version``: faces table -> trained quantizer -> shards added
   in parallel Ray tasks (GPU when present) -> manifest -> CURRENT. Tested end to end, on S3 too.
+- ``update``: ``update_version``: the next version from the live one at O(change): shards whose
+  part files of record are unchanged are kept (hard links / S3 server-side copies), shards that
+  held removed or erased faces are rebuilt, new faces go to delta shards, small shards merge by
+  tiers. Tested in tests/test_rebuild_incremental.py.
 - ``load``: ``open_version`` / ``load_shard`` / ``load_ids``, every byte checked against the
   manifest's sha256 before parsing; other model or dimension refused.
 - ``search``: ``search_shard``, ``merge_topk`` (faiss ResultHeap), the ``ShardSearcher`` Ray

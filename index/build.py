@@ -16,6 +16,9 @@ part files (row counts and schemas) and hands each task a list of (file, row ran
 Every shard is an IVF index over the same trained quantizer, so shards are interchangeable.
 Faces get faiss ids in input order: part files sorted by name, rows in file order (an image's
 faces are in one part). Erased faces leave gaps in the ids; id tables carry the ids explicitly.
+The manifest names each shard's ``sources`` (part file, row range, first faiss id) and the
+version's ``next_id``, so ``facelake.index.update`` can extend the version later, keeping the
+shards whose parts did not change (their ids stay; new faces are numbered from ``next_id``).
 """
 
 from __future__ import annotations
@@ -95,8 +98,13 @@ class Part:
 
     uri: str | None
     rows: int
-    first_row: int                      # global row number (= faiss id) of its first row
+    first_row: int                      # global row number (= faiss id in a full build) of its first row
     ref: object = None                  # ray.ObjectRef of an in-memory table
+
+    @property
+    def name(self) -> str | None:
+        """The file name: what a shard's ``sources`` name (parts of record are immutable)."""
+        return None if self.uri is None else self.uri.rstrip("/").rsplit("/", 1)[-1]
 
 
 def list_parts(faces: FacesInput, options: StorageOptions | None) -> tuple[list[Part], pa.Schema]:
@@ -190,14 +198,22 @@ def shard_bounds(n: int, shards: int | None, shard_size: int | None) -> list[tup
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
 
 
-def pieces(parts: list[Part], start: int, stop: int) -> list[tuple[int, int, int]]:
-    """(part number, part-local start, part-local stop) covering global rows [start, stop)."""
+def pieces(parts: list[Part], start: int, stop: int) -> list[tuple[int, int, int, int]]:
+    """(part number, part-local start, part-local stop, faiss id of the first row) covering global
+    rows [start, stop); in a full build a row's faiss id is its global row number."""
     out = []
     for number, part in enumerate(parts):
         lo, hi = max(start, part.first_row), min(stop, part.first_row + part.rows)
         if lo < hi:
-            out.append((number, lo - part.first_row, hi - part.first_row))
+            out.append((number, lo - part.first_row, hi - part.first_row, lo))
     return out
+
+
+def sources(parts: list[Part], shard_pieces: list[tuple[int, int, int, int]]) -> list[dict]:
+    """A shard's pieces as the manifest records them: part file name, row range, first faiss id.
+    ``facelake.index.update`` reuses a shard whose parts are all still in the table of record."""
+    return [{"part": parts[number].name, "part_rows": parts[number].rows, "start": start, "stop": stop,
+             "first_id": first} for number, start, stop, first in shard_pieces]
 
 
 # ------------------------------------------------------------------------------ tasks
@@ -253,7 +269,7 @@ class ShardJob:
     """What one shard task builds: its rows, where its files go, how."""
 
     shard_no: int
-    pieces: list[tuple[int, int, int]]
+    pieces: list[tuple[int, int, int, int]]     # (part number, start, stop, first faiss id), ids ascending
     uris: tuple[str, str, str]
     id_schema: pa.Schema
     model: str
@@ -272,9 +288,8 @@ def _shard_task(job: ShardJob, parts: list[Part], trained: np.ndarray, erased: p
     faiss.omp_set_num_threads(job.threads)
     wanted = list(job.id_schema.names[1:]) + ["embedding", "model", "weights_sha256"]
     tables = []
-    for number, start, stop in job.pieces:
+    for number, start, stop, first in job.pieces:
         table = _read_rows(parts[number], start, stop, wanted, options)
-        first = parts[number].first_row + start
         tables.append(table.append_column("faiss_id", pa.array(np.arange(first, first + table.num_rows))))
     table = pa.concat_tables(tables, promote_options="permissive") if tables else None
     _check_model(table, job.model, job.weights_sha256)
@@ -481,15 +496,10 @@ def build_version(faces: FacesInput, root: str, *, model: str, weights_sha256: s
     trained_ref = ray.put(trained)
     erased_list = pa.array([], pa.string()) if erased_ids is None else pc.unique(pa.array(erased_ids).cast(pa.string()))
     erased = ray.put(erased_list) if len(erased_list) else None
-    tasks = []
-    for shard_no, (start, stop) in enumerate(bounds):
-        job = ShardJob(shard_no=shard_no, pieces=pieces(parts, start, stop),
-                       uris=tuple(layout.file_uri(root, version, name) for name in layout.shard_files(shard_no)),
-                       id_schema=id_schema, model=model, weights_sha256=weights_sha256, params=params,
-                       use_gpu=use_gpu, threads=threads)
-        tasks.append(_shard_task.options(num_cpus=threads, **gpus).remote(job, parts, trained_ref, erased, tuning,
-                                                                          options))
-    results = ray.get(tasks)
+    groups = [pieces(parts, start, stop) for start, stop in bounds]
+    results = run_shards(groups, range(len(groups)), parts, root, version, trained_ref, erased, tuning,
+                         id_schema=id_schema, model=model, weights_sha256=weights_sha256, params=params,
+                         use_gpu=use_gpu, threads=threads, options=options)
     for result in results:
         files.update(result["files"])
     qids = ray.get(tuning)[1]
@@ -520,8 +530,10 @@ def build_version(faces: FacesInput, root: str, *, model: str, weights_sha256: s
         "shards": [{"shard": i, "first_id": a, "count": r["count"], "erased": r["erased"],
                     "resident_bytes": r["resident_bytes"],
                     "index_file": layout.shard_files(i)[0], "ids_file": layout.shard_files(i)[1],
-                    **({"vectors_file": layout.shard_files(i)[2]} if params.rerank else {})}
-                   for i, ((a, _), r) in enumerate(zip(bounds, results))],
+                    **({"vectors_file": layout.shard_files(i)[2]} if params.rerank else {}),
+                    "sources": sources(parts, group)}
+                   for i, ((a, _), r, group) in enumerate(zip(bounds, results, groups))],
+        "next_id": n,                                   # faiss ids of this version are below it
         "total": total,
         "erased_faces": sum(r["erased"] for r in results),
         "files": files,
@@ -542,6 +554,24 @@ def build_version(faces: FacesInput, root: str, *, model: str, weights_sha256: s
     layout.publish(root, version, manifest_sha, options)
     layout.prune(root, keep, options)
     return manifest
+
+
+def run_shards(groups: list[list[tuple[int, int, int, int]]], shard_numbers, parts: list[Part], root: str,
+               version: str, trained_ref, erased, tuning, *, id_schema: pa.Schema, model: str,
+               weights_sha256: str, params: IndexParams, use_gpu: bool, threads: int,
+               options: StorageOptions | None) -> list[dict]:
+    """Build shard ``shard_numbers[i]`` of ``version`` from the pieces ``groups[i]`` in parallel
+    Ray tasks (``_shard_task``); return each task's result (files, count, erased, tuning)."""
+    gpus = {"num_gpus": 1} if use_gpu else {}
+    tasks = []
+    for shard_no, group in zip(shard_numbers, groups):
+        job = ShardJob(shard_no=shard_no, pieces=group,
+                       uris=tuple(layout.file_uri(root, version, name) for name in layout.shard_files(shard_no)),
+                       id_schema=id_schema, model=model, weights_sha256=weights_sha256, params=params,
+                       use_gpu=use_gpu, threads=threads)
+        tasks.append(_shard_task.options(num_cpus=threads, **gpus).remote(job, parts, trained_ref, erased, tuning,
+                                                                          options))
+    return ray.get(tasks)
 
 
 def _run_hook(hooks: Hooks | None, name: str, version: str) -> None:

@@ -265,7 +265,7 @@ def _embed_manifest(config: CalibrateConfig, options, model: str, summary: Calib
 
 def _gallery_identities(handle, config: CalibrateConfig, faces: pa.Table, summary: CalibrateSummary,
                         options) -> np.ndarray | None:
-    """The identity of every gallery face in faiss id order (None when exclusion is impossible)."""
+    """The identity of every gallery face, indexed by faiss id (None when exclusion is impossible)."""
     from facelake.index.load import load_ids
 
     column = config.identity_column or DEFAULT_IDENTITY_COLUMN
@@ -276,7 +276,7 @@ def _gallery_identities(handle, config: CalibrateConfig, faces: pa.Table, summar
         summary.notes.append(f"probes carry no {column!r} column: no gallery face is excluded (every candidate "
                              f"counts as non-mated, the conservative reading)")
         return None
-    ids = load_ids(handle)
+    ids = load_ids(handle).sort_by("faiss_id")
     if column in ids.column_names:
         values = ids[column]
     else:
@@ -287,7 +287,12 @@ def _gallery_identities(handle, config: CalibrateConfig, faces: pa.Table, summar
                              f"false positive (conservative); make sure the probes are non-mated")
         return None
     summary.identity_column = column
-    return np.asarray(pc.cast(values, pa.string()).to_pylist(), dtype=object)
+    # indexed by faiss id, not by row: ids have gaps (erased faces; versions extended by rebuild keep
+    # the ids of unchanged shards and number new faces after the highest)
+    faiss_ids = ids["faiss_id"].to_numpy()
+    by_id = np.full(int(faiss_ids.max()) + 1 if len(faiss_ids) else 0, None, dtype=object)
+    by_id[faiss_ids] = np.asarray(pc.cast(values, pa.string()).to_pylist(), dtype=object)
+    return by_id
 
 
 def _identities_from_source(handle, ids: pa.Table, column: str, options) -> pa.ChunkedArray | None:

@@ -3,23 +3,35 @@
 One run, under ROOT's lock (facelake.lock):
 
 1. Plan. Compare the manifest with the images of record (faces and errors) and the erasure
-   list: ids not in record are new; ids in record whose (resolved) uri changed, or whose bytes
-   now hash (sha256) to something else than the content_sha256 of record, are changed; ids of
-   record not in the manifest are removed; erased ids are never embedded again and are purged
-   from record if still there. Change detection reads the bytes of every image already in
-   record once per run, in Ray tasks that only hash (no decoding); images of record that
-   cannot be read now keep their record (a transient read error must not drop faces) and are
-   counted as "unverified". An error of record without a hash (fetch failed) is retried when
-   the image becomes readable. `--full` re-embeds everything and retrains.
+   list: ids not in record are new; ids in record whose (resolved) uri changed are changed; ids
+   of record not in the manifest are removed; erased ids are never embedded again and are purged
+   from record if still there. Changes are found from the source stat, not the bytes: every row
+   of record stores what its photo looked like when embedded (facelake.schema.SOURCE_STAT_SCHEMA:
+   size and mtime for local files, size and ETag for S3), and the stat of now comes from the
+   manifest's own ``size`` / ``etag`` / ``mtime`` columns when it has them, else from
+   facelake.reader.source_stats (stat per file, S3 LIST per folder or HEAD per object) in Ray
+   tasks, whole folders per task (``stat_images``). Another size: changed. Same size and same
+   mtime / ETag: unchanged, never read. Same size, other mtime / ETag: its bytes alone are hashed
+   (sha256, no decoding); same hash: only the new stat is recorded ("restat": its rows are
+   rewritten, nothing is embedded). Rows without a stat (roots written before it; a fetch that
+   failed) are hashed once and then recorded. ``--verify-content`` hashes every photo of record
+   (the check before this existed). Images of record that cannot be statted or read now keep
+   their record (a transient error must not drop faces) and are counted as "unverified". An
+   error of record without a hash (fetch failed) is retried when the image becomes readable.
+   `--full` re-embeds everything and retrains.
 2. Embed the new and changed photos with facelake embed's ``run_embed`` into
    ROOT/staging/<run>/. A killed run's staging is reused by the next run (run_embed skips the
    image ids already there), so nothing is embedded twice.
 3. Write a new table version of record (facelake.root) and point ROOT/TABLE at it.
-4. Publish an index version with ``build_version`` from the faces of record, reusing the live
-   version's trained quantizer (``trained_from``) while it fits: the collection is within
-   [1/2, 2] x the size it was trained on, and the mean similarity of a sample of faces to their
-   nearest centroid has not dropped by more than 10% from its value at training time.
-   Otherwise (or with --full) it retrains. ROOT/TABLE records the index version built from
+4. Publish an index version of the faces of record, reusing the live version's trained
+   quantizer while it fits: the collection is within [1/2, 2] x the size it was trained on, and
+   the mean similarity of a sample of faces to their nearest centroid has not dropped by more
+   than 10% from its value at training time. Then the live version is extended
+   (facelake.index.update): shards whose part files of record are all still in the table are
+   kept (files hard-linked or copied server-side), shards that held removed, changed or erased
+   faces are rebuilt, new faces go to delta shards, small shards merge tier by tier. Otherwise
+   (or with --full, or a live version built before shards recorded their sources) it retrains and
+   builds every shard (``build_version``). ROOT/TABLE records the index version built from
    the table version just before CURRENT is written.
 
 A crash before 3 leaves the previous table and version live; between 3 and 4 the table of
@@ -46,6 +58,7 @@ from facelake import audit, manifest, reader, root as rootmod, storage
 from facelake.errors import ConfigError
 from facelake.lock import DEFAULT_TTL_S, RootLock
 from facelake.registry import get_model, weights_fingerprint
+from facelake.schema import SOURCE_STAT_SCHEMA
 from facelake.storage import StorageOptions
 
 log = logging.getLogger(__name__)
@@ -60,6 +73,10 @@ DRIFT_SAMPLE = 20_000
 # Images per hashing task: enough to amortise a task, few enough to spread over a cluster.
 HASH_CHUNK = 256
 HASH_CPUS = 0.25
+# Photos per stat task: a local stat costs microseconds, a listed S3 key far less than a HEAD,
+# so tasks are much larger than hashing tasks (whole folders are kept in one task, see
+# stat_images); a manifest of at most this many photos is statted in the driver, without tasks.
+STAT_CHUNK = 8192
 DEFAULT_KEEP = 3
 
 
@@ -81,6 +98,8 @@ class RebuildConfig:
     progress: bool = True
     allowed_roots: tuple[str, ...] = ()  # empty: the roots ROOT remembers (ROOT/ALLOWED_ROOTS)
     max_bytes: int = reader.DEFAULT_MAX_BYTES
+    verify_content: bool = False       # hash every photo of record (not only those the stat cannot clear)
+    shard_size: int | None = None      # faces per index shard (default facelake.index.build.DEFAULT_SHARD_SIZE)
 
     def validate(self):
         spec = get_model(self.model)
@@ -93,6 +112,8 @@ class RebuildConfig:
             raise ConfigError("--batch-size and --workers must be at least 1")
         if self.lock_ttl_s <= 0:
             raise ConfigError("lock TTL must be positive")
+        if self.shard_size is not None and self.shard_size < 1:
+            raise ConfigError(f"--shard-size must be at least 1, got {self.shard_size}")
         return spec
 
 
@@ -106,6 +127,8 @@ class RebuildSummary:
     removed: int = 0
     erased_skipped: int = 0
     unverified: int = 0
+    hashed: int = 0                    # photos whose bytes were read to decide (not every photo)
+    restat: int = 0                    # same bytes, new stat: recorded, not re-embedded
     to_embed: int = 0
     embed: dict | None = None          # run_embed's summary when something was embedded
     faces: int = 0
@@ -116,6 +139,7 @@ class RebuildSummary:
     previous_index_version: str | None = None
     retrained: bool = False
     retrain_reason: str | None = None
+    incremental: dict | None = None    # shards kept / built when the live version was extended
     seconds: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -128,7 +152,11 @@ class RebuildSummary:
 class Plan:
     manifest: pa.Table                 # the manifest, uris resolved
     to_embed: pa.Array                 # image ids to embed (new + changed)
-    drop: pa.Array                     # image ids to remove from record (removed + changed + erased)
+    drop: pa.Array                     # image ids to remove from record (removed + changed + erased + restat)
+    stats: pa.Table | None = None      # image_id + SOURCE_STAT_SCHEMA now, per manifest row not erased
+    restat: pa.Array = field(default_factory=lambda: pa.array([], pa.string()))  # same bytes, new stat:
+    # their rows of record are rewritten with the stat of now (dropped and added back, not re-embedded)
+    hashed: int = 0                    # photos whose bytes were read to decide
     new: int = 0
     changed: int = 0
     removed: int = 0
@@ -205,20 +233,120 @@ def effective_roots(config: RebuildConfig, options: StorageOptions) -> tuple[str
     return config.allowed_roots
 
 
+def _stat_chunk(uris: list[str], options: StorageOptions,
+                limits: reader.ReadLimits = reader.ReadLimits()) -> pa.Table:
+    stats = reader.source_stats(uris, limits, options)
+    return pa.table({"source_size": [s.size if s else None for s in stats],
+                     "source_mtime_ns": [s.mtime_ns if s else None for s in stats],
+                     "source_etag": [s.etag if s else None for s in stats]}, schema=SOURCE_STAT_SCHEMA)
+
+
+def stat_images(uris: list[str], options: StorageOptions,
+                limits: reader.ReadLimits = reader.ReadLimits()) -> pa.Table:
+    """The source stat (facelake.schema.SOURCE_STAT_SCHEMA, nulls where refused or missing) of
+    each photo, in ``uris`` order, without reading a byte of any, in parallel Ray tasks.
+
+    Photos are grouped by folder and whole folders are packed into tasks of about STAT_CHUNK
+    photos, so an S3 folder is listed by one task (facelake.reader.source_stats chooses LIST or
+    HEAD) and 1M-10M photos spread over the cluster's CPUs instead of one process's stat calls.
+    """
+    import ray
+
+    if not uris:
+        return SOURCE_STAT_SCHEMA.empty_table()
+    if len(uris) <= STAT_CHUNK:             # one task's worth: no task (nor worker start) at all
+        return _stat_chunk(uris, options, limits)
+    order = sorted(range(len(uris)), key=lambda i: uris[i])     # folders contiguous
+    chunks, current, folder = [], [], None
+    for i in order:
+        parent = uris[i].rsplit("/", 1)[0]
+        if len(current) >= STAT_CHUNK and parent != folder:
+            chunks.append(current)
+            current = []
+        current.append(i)
+        folder = parent
+    if current:
+        chunks.append(current)
+    task = ray.remote(num_cpus=HASH_CPUS)(_stat_chunk)
+    refs = [task.remote([uris[i] for i in chunk], options, limits) for chunk in chunks]
+    stacked = pa.concat_tables(ray.get(refs))
+    where = np.empty(len(uris), np.int64)
+    where[np.array([i for chunk in chunks for i in chunk], np.int64)] = np.arange(len(uris))
+    return stacked.take(pa.array(where))
+
+
+def _manifest_stats(table: pa.Table) -> pa.Table | None:
+    """The manifest's own size / etag / mtime columns as source stats, when it carries them."""
+    names = table.column_names
+    if "size" not in names or not ({"etag", "mtime"} & set(names)):
+        return None
+    try:
+        return _stats_from_columns(table, names)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+        raise ConfigError(f"the manifest's size / etag / mtime columns cannot be read as source stats ({err}): "
+                          f"give size as an integer, etag as a string and mtime as a timestamp or integer "
+                          f"nanoseconds, or rename those columns so that rebuild stats the photos itself") from err
+
+
+def _stats_from_columns(table: pa.Table, names: list[str]) -> pa.Table:
+    columns = {"source_size": table["size"].cast(pa.int64()),
+               "source_mtime_ns": pa.nulls(table.num_rows, pa.int64()),
+               "source_etag": pa.nulls(table.num_rows, pa.string())}
+    if "mtime" in names:
+        mtime = table["mtime"]
+        if pa.types.is_timestamp(mtime.type):
+            mtime = mtime.cast(pa.timestamp("ns", tz=mtime.type.tz)).cast(pa.int64())
+        columns["source_mtime_ns"] = mtime.cast(pa.int64())
+    if "etag" in names:
+        columns["source_etag"] = pc.utf8_trim(table["etag"].cast(pa.string()), '"')
+    return pa.table(columns, schema=SOURCE_STAT_SCHEMA)
+
+
+def with_stats(table: pa.Table | None, stats: pa.Table) -> pa.Table | None:
+    """``table`` (rows keyed by image_id) with the source stat columns of ``stats`` (image_id +
+    SOURCE_STAT_SCHEMA, one row per id) set, replacing any it had."""
+    if table is None:
+        return None
+    at = pc.index_in(table["image_id"].cast(pa.string()), value_set=stats["image_id"])
+    table = table.drop_columns([c for c in SOURCE_STAT_SCHEMA.names if c in table.column_names])
+    for f in SOURCE_STAT_SCHEMA:
+        table = table.append_column(f, stats[f.name].take(at))
+    return table
+
+
+def _stat_differs(table: pa.Table) -> pa.ChunkedArray:
+    """Per row: the mtime (local) or ETag (S3) of now differs from the one of record, or only one
+    side has it (the stat came from elsewhere: the bytes must decide)."""
+    out = None
+    for column in ("source_mtime_ns", "source_etag"):
+        now, before = table[column], table[f"rec_{column}"]
+        differs = pc.fill_null(pc.not_equal(now, before), False)
+        one_side = pc.not_equal(pc.is_null(now), pc.is_null(before))
+        part = pc.or_(differs, one_side)
+        out = part if out is None else pc.or_(out, part)
+    return out
+
+
 def plan(config: RebuildConfig, table: pa.Table, record: pa.Table, erased: pa.Array,
          options: StorageOptions) -> Plan:
-    """What to embed and what to drop (see the module docstring)."""
+    """What to embed, drop and re-stat (see the module docstring)."""
     ids = table["image_id"]
     is_erased = pc.is_in(ids, value_set=erased)
     wanted = table.filter(pc.invert(is_erased))
-    per_image = record.group_by(["image_id"], use_threads=False).aggregate(
-        [("content_sha256", "first"), ("uri", "first")])
+    limits = reader.ReadLimits(config.allowed_roots, config.max_bytes)
+    stats = _manifest_stats(wanted)
+    if stats is None:
+        stats = stat_images(wanted["uri"].to_pylist(), options, limits)
+    stats = pa.table([wanted["image_id"].combine_chunks().cast(pa.string()), *stats.columns],
+                     names=["image_id", *SOURCE_STAT_SCHEMA.names])
+    firsts = [("content_sha256", "first"), ("uri", "first")] + [(c, "first") for c in SOURCE_STAT_SCHEMA.names]
+    per_image = record.group_by(["image_id"], use_threads=False).aggregate(firsts)
     rec_ids = per_image["image_id"]
     gone = pc.invert(pc.is_in(rec_ids, value_set=ids))
     gone = pc.or_(gone, pc.is_in(rec_ids, value_set=erased))
     removed = rec_ids.filter(gone)
     result = Plan(manifest=table, to_embed=pa.array([], pa.string()), drop=removed.combine_chunks()
-                  if isinstance(removed, pa.ChunkedArray) else removed,
+                  if isinstance(removed, pa.ChunkedArray) else removed, stats=stats,
                   removed=len(removed), erased_skipped=int(pc.sum(is_erased).as_py() or 0))
     if config.full:
         result.to_embed = wanted["image_id"].combine_chunks()
@@ -228,30 +356,53 @@ def plan(config: RebuildConfig, table: pa.Table, record: pa.Table, erased: pa.Ar
         return result
     known = pc.is_in(wanted["image_id"], value_set=rec_ids)
     new_ids = wanted["image_id"].filter(pc.invert(known))
+    before_names = ["image_id", "rec_sha", "rec_uri", *(f"rec_{c}" for c in SOURCE_STAT_SCHEMA.names)]
     existing = wanted.filter(known).select(["image_id", "uri"]).join(
-        per_image.rename_columns(["image_id", "rec_sha", "rec_uri"]), "image_id")
+        per_image.rename_columns(before_names), "image_id").join(stats, "image_id")
     uri_changed = pc.fill_null(pc.not_equal(existing["uri"], existing["rec_uri"]), True)
     changed = existing["image_id"].filter(uri_changed).to_pylist()
     same_uri = existing.filter(pc.invert(uri_changed))
     if config.allowed_roots:
         # outside the roots now: never read; re-embedding records it as a validate error
-        inside = pa.array([reader.within(u, config.allowed_roots) for u in same_uri["uri"].to_pylist()], pa.bool_())
+        inside = pa.array(reader.within_each(same_uri["uri"].to_pylist(), config.allowed_roots), pa.bool_())
         changed += same_uri["image_id"].filter(pc.invert(inside)).to_pylist()
         same_uri = same_uri.filter(inside)
-    limits = reader.ReadLimits(config.allowed_roots, config.max_bytes)
-    hashes = hash_images(same_uri["uri"].to_pylist(), options, limits)
-    for image_id, now, before in zip(same_uri["image_id"].to_pylist(), hashes, same_uri["rec_sha"].to_pylist()):
-        if now is None:
-            if before is not None:
+    # Decide from the stat alone where it can: a different size is a change; the same size with
+    # the same mtime / ETag is no change. The bytes are read (hashed) only where the stat cannot
+    # tell (same size, other mtime / ETag: a touched or rewritten file), where the record has no
+    # stat yet (rows written before the columns: hashed once, then recorded), and with
+    # --verify-content (every photo, as before).
+    size, rec_size = same_uri["source_size"], same_uri["rec_source_size"]
+    missing = pc.is_null(size)                          # unreadable or refused now: keep the record
+    result.unverified += int(pc.sum(pc.and_(missing, pc.is_valid(same_uri["rec_sha"]))).as_py() or 0)
+    readable = same_uri.filter(pc.invert(missing))
+    size, rec_size = readable["source_size"], readable["rec_source_size"]
+    if config.verify_content:
+        hash_it = pa.array(np.ones(readable.num_rows, bool))
+        other_size = pa.array(np.zeros(readable.num_rows, bool))
+    else:
+        other_size = pc.fill_null(pc.not_equal(size, rec_size), False)
+        hash_it = pc.or_(pc.is_null(rec_size), pc.and_(pc.invert(other_size), _stat_differs(readable)))
+    changed += readable["image_id"].filter(other_size).to_pylist()
+    to_hash = readable.filter(hash_it).to_pylist()
+    restat = []
+    hashes = hash_images([r["uri"] for r in to_hash], options, limits)
+    result.hashed = len(to_hash)
+    for row, digest in zip(to_hash, hashes):
+        if digest is None:
+            if row["rec_sha"] is not None:
                 result.unverified += 1
-        elif now != before:
-            changed.append(image_id)
+        elif digest != row["rec_sha"]:
+            changed.append(row["image_id"])
+        elif any(row[c] != row[f"rec_{c}"] for c in SOURCE_STAT_SCHEMA.names):
+            restat.append(row["image_id"])              # same bytes: record the stat, embed nothing
     changed_arr = pa.array(changed, pa.string())
+    result.restat = pa.array(restat, pa.string())
     result.new, result.changed = len(new_ids), len(changed)
     result.to_embed = pa.concat_arrays([new_ids.combine_chunks().cast(pa.string())
                                         if isinstance(new_ids, pa.ChunkedArray) else new_ids.cast(pa.string()),
                                         changed_arr])
-    result.drop = pa.concat_arrays([result.drop.cast(pa.string()), changed_arr])
+    result.drop = pa.concat_arrays([result.drop.cast(pa.string()), changed_arr, result.restat])
     return result
 
 
@@ -291,18 +442,23 @@ def retrain_reason(n: int, quantizer: dict | None, live_manifest: dict | None, m
 
 
 def publish_index(root: str, version: rootmod.TableVersion | None, *, model: str, weights_sha256: str, keep: int,
-                  full: bool, lock: RootLock, options: StorageOptions, hooks: Hooks | None = None) -> dict:
+                  full: bool, lock: RootLock, options: StorageOptions, hooks: Hooks | None = None,
+                  shard_size: int | None = None) -> dict:
     """Publish an index version of the faces of record of table ``version``; returns what it did.
 
-    The shard tasks read the table's part files themselves (no face passes through this
-    process); erased ids are left out. Records the version in ROOT/TABLE just before CURRENT is
-    written. With no faces left, the index is withdrawn (ROOT/index removed) since an empty IVF
-    index cannot be built.
+    While the quantizer is reused, the live version's shards whose part files are all still in
+    the table are kept and only the others, and the new parts, are built
+    (facelake.index.update); on a retrain (or a live version that cannot be extended) every shard
+    is built. The shard tasks read the table's part files themselves (no face passes through
+    this process); erased ids are left out. Records the version in ROOT/TABLE just before CURRENT
+    is written. With no faces left, the index is withdrawn (ROOT/index removed) since an empty
+    IVF index cannot be built.
     """
     from facelake.index import layout
     from facelake.index.build import DEFAULT_SHARD_SIZE, NothingToIndex, build_version, sampled_similarity
     from facelake.index.erasure import check_publishable, drop_versions_holding, erased_ids_checked
     from facelake.index.load import open_version, read_verified
+    from facelake.index.update import NotIncremental, update_version
 
     hooks = hooks or {}
     pointer = rootmod.read_pointer(root, options) or {}
@@ -326,8 +482,7 @@ def publish_index(root: str, version: rootmod.TableVersion | None, *, model: str
         similarity = sampled_similarity(parts, read_verified(open_version(root, live, options=options),
                                                              layout.TRAINED), DRIFT_SAMPLE, options)
     reason = retrain_reason(n, quantizer, live_manifest, model, similarity, full)
-    old_shards = len(live_manifest["shards"]) if live_manifest else 1
-    shards = min(n, max(old_shards, math.ceil(n / DEFAULT_SHARD_SIZE)))
+    shards = min(n, math.ceil(n / (shard_size or DEFAULT_SHARD_SIZE)))
     pq_m = live_manifest.get("pq") if live_manifest else None
     if pq_m is not None and n < 256:
         pq_m = None
@@ -349,18 +504,34 @@ def publish_index(root: str, version: rootmod.TableVersion | None, *, model: str
         rootmod.write_pointer(root, {**(rootmod.read_pointer(root, options) or {}), "index_version": version_name,
                                      "quantizer": q}, options)
 
+    stage_hooks = {"before_manifest": before_manifest, "before_pointer": before_pointer}
+    source = f"faces of record, table version {version.name}"
+    built = None
+    if reason is None:
+        try:
+            built = update_version(parts, root, live=live, model=model, weights_sha256=weights_sha256, keep=keep,
+                                   shard_size=shard_size, erased_ids=erased, source=source, options=options,
+                                   hooks=stage_hooks)
+        except NotIncremental as why:
+            log.info("building every shard: %s", why)
+        except NothingToIndex:
+            return withdraw()
+    if built is not None:
+        drop_versions_holding(root, erased, built["version"], options)
+        return {"version": built["version"], "retrained": False, "reason": None, "factory": built["factory"],
+                "nlist": built["nlist"], "nprobe": built["nprobe"], "shards": len(built["shards"]),
+                "total": built["total"], "previous": live, "incremental": built["incremental"]}
     try:
         built = build_version(parts, root, model=model, weights_sha256=weights_sha256, shards=shards,
                               pq=pq_m if reason is not None else None, keep=keep,
                               trained_from=None if reason is not None else live, options=options,
-                              hooks={"before_manifest": before_manifest, "before_pointer": before_pointer},
-                              erased_ids=erased, source=f"faces of record, table version {version.name}")
+                              hooks=stage_hooks, erased_ids=erased, source=source)
     except NothingToIndex:
         return withdraw()
     drop_versions_holding(root, erased, built["version"], options)
     return {"version": built["version"], "retrained": reason is not None, "reason": reason,
             "factory": built["factory"], "nlist": built["nlist"], "nprobe": built["nprobe"],
-            "shards": len(built["shards"]), "total": built["total"], "previous": live}
+            "shards": len(built["shards"]), "total": built["total"], "previous": live, "incremental": None}
 
 
 # ---------------------------------------------------------------------------- the job
@@ -410,6 +581,7 @@ def _embed(config: RebuildConfig, spec, the_plan: Plan, run: str, options: Stora
     if not pc.any(pc.invert(pc.is_in(the_plan.to_embed, value_set=staged))).as_py():
         # a killed run already staged every photo: no embed job (and no model load) at all
         return None, _staged(out, "faces", the_plan.to_embed, options), _staged(out, "errors", the_plan.to_embed, options)
+    _stage_stats(out, the_plan.stats, the_plan.to_embed, options)
     sub = the_plan.manifest.filter(pc.is_in(the_plan.manifest["image_id"], value_set=the_plan.to_embed))
     sub_uri = storage.join(out, "manifest", "to-embed.parquet")
     manifest.write(sub, sub_uri, options)
@@ -424,6 +596,52 @@ def _embed(config: RebuildConfig, spec, the_plan: Plan, run: str, options: Stora
     faces = _staged(out, "faces", the_plan.to_embed, options)
     errors = _staged(out, "errors", the_plan.to_embed, options)
     return summary.to_dict(), faces, errors
+
+
+STAGED_STATS = "stats"
+
+
+def _stage_stats(out: str, stats: pa.Table, ids: pa.Array, options: StorageOptions) -> None:
+    """Keep the stat of the photos about to be embedded beside their staged faces: a killed run's
+    staged faces are recorded with the stat taken before their bytes were read, never a later one
+    (a photo changed between two runs then shows as changed next time instead of being missed)."""
+    sub = stats.filter(pc.is_in(stats["image_id"], value_set=ids))
+    storage.write_table(storage.join(out, STAGED_STATS, f"{rootmod.new_name()}.parquet"), sub, options)
+
+
+def _stats_of_record(root: str, run: str | None, stats: pa.Table, options: StorageOptions) -> pa.Table:
+    """The stat to record per image: the earliest staged with its faces, else the plan's."""
+    if stats is None:
+        return pa.table({"image_id": pa.array([], pa.string()), **{f.name: pa.array([], f.type)
+                                                                    for f in SOURCE_STAT_SCHEMA}})
+    tables = []
+    if run is not None:
+        for file_uri in sorted(storage.list_files(rootmod.uri(root, rootmod.STAGING, run, STAGED_STATS), ".parquet",
+                                                  options)):
+            tables.append(storage.read_table(file_uri, options=options).select(stats.column_names).cast(stats.schema))
+    if not tables:
+        return stats
+    staged = pa.concat_tables(tables)
+    table = pa.concat_tables([staged, stats])     # earliest first
+    first = pc.index_in(pc.unique(table["image_id"]), value_set=table["image_id"])
+    return table.take(first)
+
+
+def _restated(root: str, record: pa.Table, ids: pa.Array, kind: str, options: StorageOptions) -> pa.Table | None:
+    """The rows of record of ``ids`` (same bytes, new stat), read from the parts that hold them only."""
+    if not len(ids):
+        return None
+    holding = record.filter(pc.and_(pc.equal(record["kind"], kind), pc.is_in(record["image_id"], value_set=ids)))
+    tables = []
+    for part in pc.unique(holding["part"]).to_pylist():
+        table = storage.read_table(rootmod.uri(root, kind, part), options=options)
+        tables.append(table.filter(pc.is_in(table["image_id"], value_set=ids)))
+    return pa.concat_tables(tables, promote_options="permissive") if tables else None
+
+
+def _concat(*tables: pa.Table | None) -> pa.Table | None:
+    present = [t for t in tables if t is not None and t.num_rows]
+    return pa.concat_tables(present, promote_options="permissive") if present else None
 
 
 def _keep_runs(root: str, run: str, options: StorageOptions) -> None:
@@ -446,7 +664,8 @@ def run_rebuild(config: RebuildConfig, hooks: Hooks | None = None) -> RebuildSum
     options = StorageOptions.from_env(config.endpoint_url)
     table, info = _resolve_manifest(config.manifest, options)
     job = audit.Job(config.root, "rebuild", options, details={
-        "manifest": storage.redact(config.manifest), "manifest_fingerprint": info.fingerprint, "full": config.full})
+        "manifest": storage.redact(config.manifest), "manifest_fingerprint": info.fingerprint, "full": config.full,
+        "verify_content": config.verify_content})
     with job:
         summary = RebuildSummary(job_id=job.job_id, manifest_rows=info.rows)
         try:
@@ -482,8 +701,9 @@ def _rebuild(config: RebuildConfig, spec, table: pa.Table, summary: RebuildSumma
             t = time.monotonic()
             the_plan = plan(config, table, record, erased, options)
             summary.seconds["plan"] = round(time.monotonic() - t, 3)
-            for name in ("new", "changed", "removed", "erased_skipped", "unverified"):
+            for name in ("new", "changed", "removed", "erased_skipped", "unverified", "hashed"):
                 setattr(summary, name, getattr(the_plan, name))
+            summary.restat = len(the_plan.restat)
             summary.to_embed = len(the_plan.to_embed)
             if summary.unverified:
                 log.warning("%d image(s) of record could not be read to check for changes; their faces are kept",
@@ -516,8 +736,12 @@ def _rebuild(config: RebuildConfig, spec, table: pa.Table, summary: RebuildSumma
                     hooks["after_embed"](job_id)
                 lock.verify()
                 t = time.monotonic()
+                stats = _stats_of_record(config.root, run, the_plan.stats, options)
+                add = {kind: _concat(with_stats(staged, stats), with_stats(restated, stats))
+                       for kind, staged, restated in ((rootmod.FACES, faces, _restated(config.root, record, the_plan.restat, rootmod.FACES, options)),
+                                                      (rootmod.ERRORS, errors, _restated(config.root, record, the_plan.restat, rootmod.ERRORS, options)))}
                 version = rootmod.write_version(
-                    config.root, base, drop_ids=the_plan.drop, add={rootmod.FACES: faces, rootmod.ERRORS: errors},
+                    config.root, base, drop_ids=the_plan.drop, add=add,
                     model=spec.name, job_id=job_id, options=options,
                     hook=lambda name: _before_table_pointer(hooks, lock, name))
                 summary.seconds["table"] = round(time.monotonic() - t, 3)
@@ -526,10 +750,12 @@ def _rebuild(config: RebuildConfig, spec, table: pa.Table, summary: RebuildSumma
             t = time.monotonic()
             published = publish_index(config.root, version, model=spec.name,
                                       weights_sha256=weights_fingerprint(spec), keep=config.keep,
-                                      full=config.full, lock=lock, options=options, hooks=hooks)
+                                      full=config.full, lock=lock, options=options, hooks=hooks,
+                                      shard_size=config.shard_size)
             summary.seconds["index"] = round(time.monotonic() - t, 3)
             summary.index_version = published["version"]
             summary.retrained, summary.retrain_reason = published["retrained"], published["reason"]
+            summary.incremental = published.get("incremental")
             summary.table_version = version.name
             summary.faces, summary.errors = version.face_rows, version.error_rows
             summary.images = _images(config.root, version, options)
@@ -564,7 +790,8 @@ def print_summary(summary: RebuildSummary) -> None:
                    f"no new version; live version {summary.index_version}")
         return
     typer.echo(f"plan: {summary.new} new, {summary.changed} changed, {summary.removed} removed, "
-               f"{summary.erased_skipped} erased (never embedded), {summary.unverified} unverified")
+               f"{summary.erased_skipped} erased (never embedded), {summary.unverified} unverified; "
+               f"{summary.hashed} photo(s) read to decide, {summary.restat} touched but unchanged")
     if summary.embed:
         e = summary.embed
         typer.echo(f"embedded {e['images']} image(s): {e['faces']} face(s), {e['errors']} error(s) "
@@ -575,6 +802,10 @@ def print_summary(summary: RebuildSummary) -> None:
                f"table version {summary.table_version}")
     typer.echo(f"published index version {summary.index_version} (was {summary.previous_index_version}); "
                + (f"retrained: {summary.retrain_reason}" if summary.retrained else "reused the trained quantizer"))
+    if summary.incremental:
+        inc = summary.incremental
+        typer.echo(f"index shards: {len(inc['reused_shards'])} kept as they were, {len(inc['built_shards'])} built "
+                   f"({inc['built_faces']} face(s))")
     typer.echo("seconds: " + ", ".join(f"{k} {v}" for k, v in summary.seconds.items()))
 
 
@@ -590,9 +821,12 @@ def register(app: typer.Typer) -> None:
         weights_from: str = typer.Option(None, "--weights-from", help="folder or s3:// prefix with the weight files"),
         allow_root: list[str] = typer.Option([], "--allow-root", help="only read photos under this root (repeatable; ROOT remembers them for later rebuilds)"),
         max_bytes: int = typer.Option(reader.DEFAULT_MAX_BYTES, "--max-bytes", help="refuse photos larger than this many bytes (from stat / HEAD, before reading)"),
+        verify_content: bool = typer.Option(False, "--verify-content", help="read and hash every photo of record (default: only those whose size/mtime/ETag cannot clear them)"),
+        shard_size: int = typer.Option(None, "--shard-size", help="faces per index shard (default 1,000,000)"),
     ) -> None:
         """Embed new and changed photos, drop removed ones, publish a new index version."""
         summary = run_rebuild(RebuildConfig(manifest=manifest_uri, root=root, address=address, full=full,
                                             endpoint_url=endpoint_url, keep=keep, weights_from=weights_from,
-                                            allowed_roots=tuple(allow_root), max_bytes=max_bytes))
+                                            allowed_roots=tuple(allow_root), max_bytes=max_bytes,
+                                            verify_content=verify_content, shard_size=shard_size))
         print_summary(summary)

@@ -188,7 +188,8 @@ def test_erase_on_a_rebuild_root_stays_erased_and_a_deleted_list_is_refused(wher
     def found(k=10):
         handle = open_version(root)
         _, I = search_version(handle, probe, k)
-        ids = load_ids(handle)["image_id"].to_pylist()
+        table = load_ids(handle)     # faiss ids are not row numbers (gaps; versions extended by rebuild)
+        ids = dict(zip(table["faiss_id"].to_pylist(), table["image_id"].to_pylist()))
         return [ids[i] for i in I.ravel() if i >= 0]
 
     assert TARGET in found()

@@ -53,7 +53,8 @@ def write_manifest(uri: str, names: list[str], base: str) -> None:
 def found_image_ids(root: str, vectors: np.ndarray, k: int = 10) -> set[str]:
     handle = open_version(root)
     _, I = search_version(handle, vectors, k)
-    ids = load_ids(handle)["image_id"].to_pylist()
+    table = load_ids(handle)     # faiss ids are not row numbers (gaps; versions extended by rebuild)
+    ids = dict(zip(table["faiss_id"].to_pylist(), table["image_id"].to_pylist()))
     return {ids[i] for i in I.ravel() if i >= 0}
 
 
@@ -67,6 +68,8 @@ def assert_record_consistent(root: str) -> pa.Table:
     handle = open_version(root)
     assert handle.total == faces.num_rows
     assert sorted(load_ids(handle)["image_id"].to_pylist()) == sorted(faces["image_id"].to_pylist())
+    faiss_ids = load_ids(handle)["faiss_id"].to_pylist()
+    assert len(faiss_ids) == len(set(faiss_ids)), "a faiss id is used twice in the version"
     return faces
 
 
