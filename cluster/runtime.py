@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 # Environment that every worker needs and that is not secret.
 WORKER_ENV_KEYS = ("DEEPFACE_HOME", "DEEPFACE_BACKEND_ENGINE", "FACELAKE_WEIGHTS_FROM",
                    "FACELAKE_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
-                   "AWS_DEFAULT_REGION", "PYTHONPATH")
+                   "AWS_DEFAULT_REGION", "PYTHONPATH",
+                   "FACELAKE_FAULTS")   # facelake.faults.ENV: unset in production, a folder in tests
 
 
 @dataclass(frozen=True)

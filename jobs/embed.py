@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import typer
 
-from facelake import manifest, progress, reader, storage
+from facelake import faults, manifest, progress, reader, storage
 from facelake.errors import ConfigError
 from facelake.imaging import DEFAULT_MAX_PIXELS, content_sha256, decode_bgr
 from facelake.registry import MODELS, ModelSpec, get_model, weights_fingerprint
@@ -170,8 +170,7 @@ class EmbedWorker:
                  max_pixels: int, options: storage.StorageOptions, allowed_roots: tuple[str, ...],
                  base_dir: str, done_ids: "ray.ObjectRef | None", threads: int, carried: tuple[str, ...],
                  carried_schema: pa.Schema, out: str, run_id: str, batch_size: int, shard_rows: int,
-                 weights_sha256: str, turns: "ray.actor.ActorHandle | None" = None,
-                 limits: reader.ReadLimits | None = None) -> None:
+                 weights_sha256: str, limits: reader.ReadLimits | None = None) -> None:
         import ray
 
         from facelake.faces import FaceEngine, QualityFloor
@@ -192,12 +191,10 @@ class EmbedWorker:
         self.tables = {"faces": _with_carried(faces_schema(self.spec.dim), carried_schema),
                        "errors": _with_carried(ERRORS_SCHEMA, carried_schema), "dropped": DROPPED_SCHEMA}
         self.batch_size, self.shard_rows, self.weights_sha256 = batch_size, shard_rows, weights_sha256
-        self.turns = turns
 
     def __call__(self, chunk: pa.Table) -> pa.Table:
         """Embed one chunk of manifest rows, write its part files, return one row of counts."""
-        if self.turns is not None:
-            _wait_for_turn(self.turns)
+        faults.point("embed.chunk")
         token = _chunk_token(chunk["image_id"])  # before filtering: a retried chunk gets the same names
         if self.done_ids is not None and len(self.done_ids):
             chunk = chunk.filter(pc.invert(pc.is_in(chunk["image_id"], value_set=self.done_ids)))
@@ -348,38 +345,6 @@ COUNTS_SCHEMA = pa.schema([
 ])
 
 
-class Turns:
-    """Test hooks only (a Ray actor): how many more chunks the actors may start. The driver adds
-    one each time it has handled a counts row, so actors cannot run ahead of a driver whose hook
-    fails the job on purpose, and such a test stops at a known point."""
-
-    def __init__(self, turns: int) -> None:
-        self.turns = turns
-
-    def take(self) -> bool:
-        if self.turns <= 0:
-            return False
-        self.turns -= 1
-        return True
-
-    def give(self) -> None:
-        self.turns += 1
-
-
-# Longest an actor waits for a turn: Ray Data may bundle several chunks into one task, whose
-# counts reach the driver together at its end, so a chunk waiting on the one before it in the
-# same task must go on by itself.
-TURN_WAIT_S = 5.0
-
-
-def _wait_for_turn(turns: "ray.actor.ActorHandle") -> None:
-    import ray
-
-    deadline = time.monotonic() + TURN_WAIT_S
-    while not ray.get(turns.take.remote()) and time.monotonic() < deadline:
-        time.sleep(0.02)
-
-
 def part_name(run_id: str, token: str, index: int) -> str:
     """File name of one part: the run, the chunk it came from, its place in that chunk."""
     return f"part-{run_id}-{token}-{index:03d}.parquet"
@@ -445,18 +410,16 @@ class EmbedPlan:
 
     dataset: "ray.data.Dataset | None"
     summary: EmbedSummary
-    turns: "ray.actor.ActorHandle | None" = None  # stepped runs only (test hooks): see Turns
 
 
-def embed_dataset(config: EmbedConfig, *, stepped: bool = False) -> EmbedPlan:
+def embed_dataset(config: EmbedConfig) -> EmbedPlan:
     """Validate and plan one run: the Dataset the driver iterates and the run's summary.
 
     Executing the Dataset embeds the manifest's images not yet in OUT: each actor call takes a
     chunk of at most ``chunk_images`` rows, writes that chunk's faces, errors and dropped part
     files itself and yields one row of counts (COUNTS_SCHEMA), so nothing that grows with the
     faces reaches the driver. The Dataset is None when OUT already holds every image: then no
-    Ray is started and no model loaded. ``stepped`` (test hooks) makes the actors wait for the
-    driver between chunks (see Turns).
+    Ray is started and no model loaded.
     """
     import ray
 
@@ -484,7 +447,6 @@ def embed_dataset(config: EmbedConfig, *, stepped: bool = False) -> EmbedPlan:
     # never starts. The V1 reader honours num_cpus=READ_CPUS and splits files into blocks.
     context.use_datasource_v2 = False
     arrow_fs, _ = storage.arrow_filesystem(info.files[0], options)
-    turns = ray.remote(num_cpus=0)(Turns).remote(workers) if stepped else None
     # A small job is cut into smaller chunks so that every actor gets some (about 4 each).
     chunk = min(config.chunk_images, max(1, math.ceil(info.rows / (workers * 4))))
     # Manifest reads are light; they must still get scheduled when the model actors hold
@@ -504,24 +466,22 @@ def embed_dataset(config: EmbedConfig, *, stepped: bool = False) -> EmbedPlan:
             done_ids=ray.put(done) if len(done) else None,
             threads=1, carried=info.carried, carried_schema=carried_schema,
             out=config.out, run_id=run_id, batch_size=config.batch_size, shard_rows=config.shard_rows,
-            weights_sha256=weights_fingerprint(spec), turns=turns, limits=config.limits))
-    return EmbedPlan(dataset, summary, turns)
+            weights_sha256=weights_fingerprint(spec), limits=config.limits))
+    return EmbedPlan(dataset, summary)
 
 
-def run_embed(config: EmbedConfig, *, hooks: dict | None = None) -> EmbedSummary:
+def run_embed(config: EmbedConfig) -> EmbedSummary:
     """Embed every image of a manifest not yet in OUT; return the run's summary.
 
-    ``hooks["after_block"]``, when given, is called with the summary so far each time counts
-    arrive (the parts they count are already written); tests fail there on purpose, so the run
-    is stepped: the actors start a chunk only when the driver has handled the counts before it.
+    Fault points (facelake.faults): "embed.chunk" in the actors before each chunk, "embed.counts"
+    in the driver each time counts arrive (the parts they count are already written).
     """
     import ray
 
     from facelake.cluster import runtime
 
     started_here = not ray.is_initialized()
-    after_block = (hooks or {}).get("after_block")
-    plan = embed_dataset(config, stepped=after_block is not None)
+    plan = embed_dataset(config)
     summary = plan.summary
     if plan.dataset is None:
         return summary
@@ -535,17 +495,14 @@ def run_embed(config: EmbedConfig, *, hooks: dict | None = None) -> EmbedSummary
                 add_counts(summary, counts)  # the one place where the workers' counts arrive
                 bar.advance(images=summary.images - before[0], faces=summary.faces - before[1],
                             errors=summary.errors - before[2])
-                if after_block is not None:
-                    after_block(summary)
-                    for _ in range(counts.num_rows):
-                        plan.turns.give.remote()
+                faults.point("embed.counts", summary)
     finally:
         batches.close()  # on a failure, stop the actors now: no part lands after run_embed has returned
     summary.seconds = round(time.monotonic() - started, 3)
     options = storage.StorageOptions.from_env(config.endpoint_url)
     storage.write_bytes_atomic(storage.join(outputs(config.out)["_runs"], f"{summary.run_id}.json"),
                                json.dumps(summary.to_dict(), indent=2).encode(), options)
-    runtime.shutdown_if_local(started_here and config.address is None and hooks is None)
+    runtime.shutdown_if_local(started_here and config.address is None)
     return summary
 
 

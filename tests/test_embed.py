@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 import s3fs
 
-from facelake import storage
+from facelake import faults, storage
 from facelake.errors import ConfigError, ManifestError
 from facelake.jobs.embed import EmbedConfig, outputs, run_embed
 from facelake.schema import NO_FACE
@@ -96,15 +96,11 @@ def test_killed_run_resumes_without_duplicates(tmp_path, ray_local, provisioned_
     storage.write_table(manifest_uri, sample_manifest(names))
     out = str(tmp_path / "out")
 
-    class Crash(RuntimeError):
-        pass
-
-    def crash_after_first_block(summary):
-        raise Crash("killed on purpose")
-
-    with pytest.raises(Crash):
-        run_embed(EmbedConfig(manifest=manifest_uri, out=out, batch_size=2, progress=False),
-                  hooks={"after_block": crash_after_first_block})
+    # the one actor dies before its second chunk (the job's own code path; one actor: nothing
+    # runs beside it), so the first chunk's parts are all that was written
+    with faults.armed("embed.chunk", after=1), pytest.raises(Exception) as killed:
+        run_embed(EmbedConfig(manifest=manifest_uri, out=out, batch_size=2, workers=1, progress=False))
+    assert faults.injected(killed.value), killed.value
     partial, _ = _tables(out)
     assert 0 < len(set(partial["image_id"].to_pylist())) < len(names)
 
