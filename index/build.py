@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 import ray
 
 import facelake
-from facelake import storage
+from facelake import faults, storage
 from facelake.errors import ConfigError
 from facelake.index import layout
 from facelake.index.params import TARGET_RECALL, TUNING_QUERIES, IndexParams, choose_params, nprobe_ladder
@@ -540,6 +540,7 @@ def build_version(faces: FacesInput, root: str, *, model: str, weights_sha256: s
 
 
 def _run_hook(hooks: Hooks | None, name: str, version: str) -> None:
+    faults.point(f"index.{name}", version)
     if hooks and name in hooks:
         hooks[name](version)
 

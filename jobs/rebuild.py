@@ -35,14 +35,13 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Mapping
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import typer
 
-from facelake import audit, manifest, reader, root as rootmod, storage
+from facelake import audit, faults, manifest, reader, root as rootmod, storage
 from facelake.errors import ConfigError
 from facelake.lock import DEFAULT_TTL_S, RootLock
 from facelake.registry import get_model, weights_fingerprint
@@ -50,9 +49,6 @@ from facelake.storage import StorageOptions
 
 log = logging.getLogger(__name__)
 
-HOOK_NAMES = ("locked", "during_embed", "after_embed", "before_table_pointer", "before_manifest",
-              "before_pointer")
-Hooks = Mapping[str, Callable[..., None]]
 # Retrain bounds (see the module docstring).
 RETRAIN_GROWTH = 2.0
 RETRAIN_DRIFT = 0.10
@@ -291,7 +287,7 @@ def retrain_reason(n: int, quantizer: dict | None, live_manifest: dict | None, m
 
 
 def publish_index(root: str, version: rootmod.TableVersion | None, *, model: str, weights_sha256: str, keep: int,
-                  full: bool, lock: RootLock, options: StorageOptions, hooks: Hooks | None = None) -> dict:
+                  full: bool, lock: RootLock, options: StorageOptions) -> dict:
     """Publish an index version of the faces of record of table ``version``; returns what it did.
 
     The shard tasks read the table's part files themselves (no face passes through this
@@ -304,7 +300,6 @@ def publish_index(root: str, version: rootmod.TableVersion | None, *, model: str
     from facelake.index.erasure import check_publishable, drop_versions_holding, erased_ids_checked
     from facelake.index.load import open_version, read_verified
 
-    hooks = hooks or {}
     pointer = rootmod.read_pointer(root, options) or {}
     erased = erased_ids_checked(root, options)   # refuses a tampered erasure list
     parts = [rootmod.uri(root, rootmod.FACES, p) for p in version.faces] if version is not None else []
@@ -332,13 +327,7 @@ def publish_index(root: str, version: rootmod.TableVersion | None, *, model: str
     if pq_m is not None and n < 256:
         pq_m = None
 
-    def before_manifest(version_name: str) -> None:
-        if "before_manifest" in hooks:
-            hooks["before_manifest"](version_name)
-
     def before_pointer(version_name: str) -> None:
-        if "before_pointer" in hooks:
-            hooks["before_pointer"](version_name)
         lock.verify()
         check_publishable(root, version_name, erased, options)
         q = quantizer
@@ -353,7 +342,7 @@ def publish_index(root: str, version: rootmod.TableVersion | None, *, model: str
         built = build_version(parts, root, model=model, weights_sha256=weights_sha256, shards=shards,
                               pq=pq_m if reason is not None else None, keep=keep,
                               trained_from=None if reason is not None else live, options=options,
-                              hooks={"before_manifest": before_manifest, "before_pointer": before_pointer},
+                              hooks={"before_pointer": before_pointer},
                               erased_ids=erased, source=f"faces of record, table version {version.name}")
     except NothingToIndex:
         return withdraw()
@@ -399,8 +388,8 @@ def _staged(out: str, kind: str, ids: pa.Array, options: StorageOptions) -> pa.T
     return table.filter(pc.is_in(table["image_id"], value_set=ids))
 
 
-def _embed(config: RebuildConfig, spec, the_plan: Plan, run: str, options: StorageOptions,
-           hooks: Hooks) -> tuple[dict | None, pa.Table | None, pa.Table | None]:
+def _embed(config: RebuildConfig, spec, the_plan: Plan, run: str,
+           options: StorageOptions) -> tuple[dict | None, pa.Table | None, pa.Table | None]:
     from facelake.jobs.embed import EmbedConfig, run_embed
 
     from facelake.jobs.embed import done_image_ids
@@ -413,14 +402,11 @@ def _embed(config: RebuildConfig, spec, the_plan: Plan, run: str, options: Stora
     sub = the_plan.manifest.filter(pc.is_in(the_plan.manifest["image_id"], value_set=the_plan.to_embed))
     sub_uri = storage.join(out, "manifest", "to-embed.parquet")
     manifest.write(sub, sub_uri, options)
-    embed_hooks = None
-    if "during_embed" in hooks:
-        embed_hooks = {"after_block": hooks["during_embed"]}
     summary = run_embed(EmbedConfig(manifest=sub_uri, out=out, model=spec.name, address=config.address,
                                     batch_size=config.batch_size, endpoint_url=config.endpoint_url,
                                     weights_from=config.weights_from, workers=config.workers,
                                     allowed_roots=config.allowed_roots, max_bytes=config.max_bytes,
-                                    progress=config.progress), hooks=embed_hooks)
+                                    progress=config.progress))
     faces = _staged(out, "faces", the_plan.to_embed, options)
     errors = _staged(out, "errors", the_plan.to_embed, options)
     return summary.to_dict(), faces, errors
@@ -433,16 +419,12 @@ def _keep_runs(root: str, run: str, options: StorageOptions) -> None:
         storage.write_bytes_atomic(rootmod.uri(root, rootmod.RUNS, name), storage.read_bytes(file_uri, options), options)
 
 
-def run_rebuild(config: RebuildConfig, hooks: Hooks | None = None) -> RebuildSummary:
+def run_rebuild(config: RebuildConfig) -> RebuildSummary:
     """Bring ROOT up to date with the manifest (see the module docstring); return what it did.
 
     Audited like every job (facelake.audit.Job): "started" before the lock is taken, then
     succeeded / failed / interrupted with the summary."""
     spec = config.validate()
-    hooks = dict(hooks or {})
-    unknown = set(hooks) - set(HOOK_NAMES)
-    if unknown:
-        raise ConfigError(f"unknown hook(s) {sorted(unknown)}; known: {HOOK_NAMES}")
     options = StorageOptions.from_env(config.endpoint_url)
     table, info = _resolve_manifest(config.manifest, options)
     job = audit.Job(config.root, "rebuild", options, details={
@@ -450,12 +432,12 @@ def run_rebuild(config: RebuildConfig, hooks: Hooks | None = None) -> RebuildSum
     with job:
         summary = RebuildSummary(job_id=job.job_id, manifest_rows=info.rows)
         try:
-            return _rebuild(config, spec, table, summary, hooks, options)
+            return _rebuild(config, spec, table, summary, options)
         finally:
             job.details.update({k: v for k, v in summary.to_dict().items() if k != "job_id"})
 
 
-def _rebuild(config: RebuildConfig, spec, table: pa.Table, summary: RebuildSummary, hooks: dict,
+def _rebuild(config: RebuildConfig, spec, table: pa.Table, summary: RebuildSummary,
              options: StorageOptions) -> RebuildSummary:
     import ray
 
@@ -467,8 +449,7 @@ def _rebuild(config: RebuildConfig, spec, table: pa.Table, summary: RebuildSumma
     started_ray = False
     with RootLock(config.root, job_id, ttl_s=config.lock_ttl_s, options=options) as lock:
         try:
-            if "locked" in hooks:
-                hooks["locked"](job_id)
+            faults.point("rebuild.locked", job_id)
             config = dataclasses.replace(config, allowed_roots=effective_roots(config, options))
             rootmod.collect_garbage(config.root, options)
             base = rootmod.current(config.root, options)
@@ -510,23 +491,22 @@ def _rebuild(config: RebuildConfig, spec, table: pa.Table, summary: RebuildSumma
                 if len(the_plan.to_embed):
                     run = _staging_run(config.root, options, spec.name)
                     t = time.monotonic()
-                    summary.embed, faces, errors = _embed(config, spec, the_plan, run, options, hooks)
+                    summary.embed, faces, errors = _embed(config, spec, the_plan, run, options)
                     summary.seconds["embed"] = round(time.monotonic() - t, 3)
-                if "after_embed" in hooks:
-                    hooks["after_embed"](job_id)
+                faults.point("rebuild.after_embed", job_id)
                 lock.verify()
                 t = time.monotonic()
                 version = rootmod.write_version(
                     config.root, base, drop_ids=the_plan.drop, add={rootmod.FACES: faces, rootmod.ERRORS: errors},
                     model=spec.name, job_id=job_id, options=options,
-                    hook=lambda name: _before_table_pointer(hooks, lock, name))
+                    hook=lambda name: _before_table_pointer(lock, name))
                 summary.seconds["table"] = round(time.monotonic() - t, 3)
                 if run is not None:
                     _keep_runs(config.root, run, options)
             t = time.monotonic()
             published = publish_index(config.root, version, model=spec.name,
                                       weights_sha256=weights_fingerprint(spec), keep=config.keep,
-                                      full=config.full, lock=lock, options=options, hooks=hooks)
+                                      full=config.full, lock=lock, options=options)
             summary.seconds["index"] = round(time.monotonic() - t, 3)
             summary.index_version = published["version"]
             summary.retrained, summary.retrain_reason = published["retrained"], published["reason"]
@@ -543,12 +523,11 @@ def _rebuild(config: RebuildConfig, spec, table: pa.Table, summary: RebuildSumma
             raise
         finally:
             summary.seconds["total"] = round(time.monotonic() - clock, 3)
-            runtime.shutdown_if_local(started_ray and config.address is None and not hooks)
+            runtime.shutdown_if_local(started_ray and config.address is None)
 
 
-def _before_table_pointer(hooks: Hooks, lock: RootLock, name: str) -> None:
-    if "before_table_pointer" in hooks:
-        hooks["before_table_pointer"](name)
+def _before_table_pointer(lock: RootLock, name: str) -> None:
+    faults.point("rebuild.before_table_pointer", name)
     lock.verify()
 
 

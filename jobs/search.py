@@ -50,7 +50,7 @@ import math
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Literal, Mapping
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -58,7 +58,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import typer
 
-from facelake import audit, calibration, progress, storage
+from facelake import audit, calibration, faults, progress, storage
 from facelake.errors import ConfigError, FacelakeError, IndexVersionError
 from facelake.reader import DEFAULT_MAX_BYTES
 from facelake.registry import get_model, weights_fingerprint
@@ -86,8 +86,6 @@ SEARCH_WORKERS = 2
 WORKER_CPUS = 0.25
 READ_CPUS = 0.25
 METADATA_KEY = b"facelake.search"
-HOOK_NAMES = ("after_batch",)
-Hooks = Mapping[str, Callable[["SearchSummary"], None]]
 
 
 @dataclass(frozen=True)
@@ -198,16 +196,13 @@ def outputs(out: str) -> dict[str, str]:
 
 # ------------------------------------------------------------------------------ the job
 
-def run_search(config: SearchConfig, *, hooks: Hooks | None = None) -> SearchSummary:
+def run_search(config: SearchConfig) -> SearchSummary:
     """Search every probe face against ROOT's live index version; write RESULTS; audit the job.
 
-    ``hooks`` maps "after_batch" to a callable given the summary so far (tests fail there on
-    purpose). Raises FacelakeError subclasses for problems the user can fix.
+    Fault point (facelake.faults): "search.after_batch", given the summary so far. Raises
+    FacelakeError subclasses for problems the user can fix.
     """
     config.validate()
-    unknown = set(hooks or {}) - set(HOOK_NAMES)
-    if unknown:
-        raise ConfigError(f"unknown hook(s) {sorted(unknown)}; known: {HOOK_NAMES}")
     options = storage.StorageOptions.from_env(config.endpoint_url)
     summary = SearchSummary(job_id=audit.new_job_id("search"), mode=config.mode)
     started = time.monotonic()
@@ -215,7 +210,7 @@ def run_search(config: SearchConfig, *, hooks: Hooks | None = None) -> SearchSum
     with audit.Job(config.root, "search", options, job_id=summary.job_id,
                    details=_audit_record(config, summary)) as job:
         try:
-            _search(config, options, summary, hooks)
+            _search(config, options, summary)
             return summary
         except BaseException as err:
             _remove_partial_results(config.out, summary.job_id, options)
@@ -250,8 +245,7 @@ def _remove_partial_results(out: str, job_id: str, options: storage.StorageOptio
             storage.remove(uri, options=options)
 
 
-def _search(config: SearchConfig, options: storage.StorageOptions, summary: SearchSummary,
-            hooks: Hooks | None) -> None:
+def _search(config: SearchConfig, options: storage.StorageOptions, summary: SearchSummary) -> None:
     from facelake.index.load import open_version
 
     layout = outputs(config.out)
@@ -302,7 +296,7 @@ def _search(config: SearchConfig, options: storage.StorageOptions, summary: Sear
                 counts = _ray_batches(config, dataset, names, batch_spec, actors)
             else:
                 counts = _local_batches(config, probes, batch_spec, options)
-            _tally(counts, config, summary, hooks)
+            _tally(counts, config, summary)
         storage.write_bytes_atomic(layout["summary"], json.dumps(
             {**summary.to_dict(), "purpose": config.purpose}, indent=2, default=str).encode(), options)
     finally:
@@ -311,7 +305,7 @@ def _search(config: SearchConfig, options: storage.StorageOptions, summary: Sear
         runtime.shutdown_if_local(started_here and config.address is None)
 
 
-def _tally(counts, config: SearchConfig, summary: SearchSummary, hooks: Hooks | None) -> None:
+def _tally(counts, config: SearchConfig, summary: SearchSummary) -> None:
     """Add up the per-batch counts the search workers return (the driver sees nothing else)."""
     started = time.monotonic()
     with progress.tracker(summary.probe_faces, "search", config.progress, unit="probe faces") as bar:
@@ -321,8 +315,7 @@ def _tally(counts, config: SearchConfig, summary: SearchSummary, hooks: Hooks | 
             summary.no_candidate_faces += row["no_candidate"]
             summary.search_seconds = round(time.monotonic() - started, 3)
             bar.advance(row["faces"])
-            if hooks and "after_batch" in hooks:
-                hooks["after_batch"](summary)
+            faults.point("search.after_batch", summary)
 
 
 
