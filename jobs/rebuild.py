@@ -354,8 +354,9 @@ def publish_index(root: str, version: rootmod.TableVersion | None, *, model: str
 
 # ---------------------------------------------------------------------------- the job
 
-def _staging_run(root: str, options: StorageOptions, model: str) -> str:
-    """Reuse the newest staging run made for this model (a killed rebuild's work); drop others."""
+def _staging_run(root: str, options: StorageOptions, model: str, fingerprint: str) -> str:
+    """Reuse the newest staging run made with this embed fingerprint (a killed rebuild's work, same
+    model, weights, quality floor and read limits: facelake.schema.OutputFingerprint); drop others."""
     runs = rootmod.staging_runs(root, options)
     chosen = None
     for run in reversed(runs):
@@ -363,14 +364,15 @@ def _staging_run(root: str, options: StorageOptions, model: str) -> str:
             meta = json.loads(storage.read_bytes(rootmod.uri(root, rootmod.STAGING, run, "staging.json"), options))
         except (FileNotFoundError, ValueError):
             meta = {}
-        if chosen is None and meta.get("model") == model:
+        if chosen is None and meta.get("fingerprint") == fingerprint:
             chosen = run
         elif run != chosen:
             rootmod.remove_staging(root, run, options)
     if chosen is None:
         chosen = rootmod.new_name()
         storage.write_bytes_atomic(rootmod.uri(root, rootmod.STAGING, chosen, "staging.json"),
-                                   json.dumps({"model": model, "created_at": rootmod.utc_now()}).encode(), options)
+                                   json.dumps({"model": model, "fingerprint": fingerprint,
+                                               "created_at": rootmod.utc_now()}).encode(), options)
     return chosen
 
 
@@ -390,7 +392,7 @@ def _staged(out: str, kind: str, ids: pa.Array, options: StorageOptions) -> pa.T
 
 def _embed(config: RebuildConfig, spec, the_plan: Plan, run: str,
            options: StorageOptions) -> tuple[dict | None, pa.Table | None, pa.Table | None]:
-    from facelake.jobs.embed import EmbedConfig, run_embed
+    from facelake.jobs.embed import run_embed
 
     from facelake.jobs.embed import done_image_ids
 
@@ -402,14 +404,20 @@ def _embed(config: RebuildConfig, spec, the_plan: Plan, run: str,
     sub = the_plan.manifest.filter(pc.is_in(the_plan.manifest["image_id"], value_set=the_plan.to_embed))
     sub_uri = storage.join(out, "manifest", "to-embed.parquet")
     manifest.write(sub, sub_uri, options)
-    summary = run_embed(EmbedConfig(manifest=sub_uri, out=out, model=spec.name, address=config.address,
-                                    batch_size=config.batch_size, endpoint_url=config.endpoint_url,
-                                    weights_from=config.weights_from, workers=config.workers,
-                                    allowed_roots=config.allowed_roots, max_bytes=config.max_bytes,
-                                    progress=config.progress))
+    summary = run_embed(_embed_config(config, spec, sub_uri, out))
     faces = _staged(out, "faces", the_plan.to_embed, options)
     errors = _staged(out, "errors", the_plan.to_embed, options)
     return summary.to_dict(), faces, errors
+
+
+def _embed_config(config: RebuildConfig, spec, manifest_uri: str, out: str):
+    """The embed job a rebuild runs into its staging folder (its fingerprint keys the staging run)."""
+    from facelake.jobs.embed import EmbedConfig
+
+    return EmbedConfig(manifest=manifest_uri, out=out, model=spec.name, address=config.address,
+                       batch_size=config.batch_size, endpoint_url=config.endpoint_url,
+                       weights_from=config.weights_from, workers=config.workers,
+                       allowed_roots=config.allowed_roots, max_bytes=config.max_bytes, progress=config.progress)
 
 
 def _keep_runs(root: str, run: str, options: StorageOptions) -> None:
@@ -489,7 +497,8 @@ def _rebuild(config: RebuildConfig, spec, table: pa.Table, summary: RebuildSumma
                 faces = errors = None
                 run = None
                 if len(the_plan.to_embed):
-                    run = _staging_run(config.root, options, spec.name)
+                    run = _staging_run(config.root, options, spec.name,
+                                       _embed_config(config, spec, "", "").fingerprint().digest)
                     t = time.monotonic()
                     summary.embed, faces, errors = _embed(config, spec, the_plan, run, options)
                     summary.seconds["embed"] = round(time.monotonic() - t, 3)
