@@ -39,6 +39,7 @@ from facelake import audit, reader, storage
 from facelake.errors import ConfigError
 from facelake.imaging import DEFAULT_MAX_PIXELS, decode_bgr
 from facelake.reader import ReadLimits
+from facelake.schema import RESULT_METADATA_KEY
 from facelake.storage import StorageOptions
 
 if TYPE_CHECKING:  # pandas and matplotlib are optional extras, imported when used
@@ -53,7 +54,7 @@ PATH_ENVS = {"root": "FACELAKE_ROOT", "results": "FACELAKE_RESULTS", "archive": 
 DEFAULT_DEMO_OUT = REPO / "demo-out"
 # The demo's manifest (samples/manifest.parquet) holds uris relative to its own folder.
 DEMO_PHOTOS = REPO / "samples"
-SEARCH_METADATA_KEY = b"facelake.search"  # = facelake.jobs.search.METADATA_KEY (not imported: no Ray here)
+SEARCH_METADATA_KEY = RESULT_METADATA_KEY   # the results' metadata, as facelake search writes it
 
 # Crops: the face plus this share of its width/height on each side, so hair and jaw show.
 DEFAULT_MARGIN = 0.2

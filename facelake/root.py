@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 
 from facelake import storage
 from facelake.errors import FacelakeError
+from facelake.schema import ERASURE_SCHEMA
 from facelake.storage import StorageOptions
 
 log = logging.getLogger(__name__)
@@ -45,12 +46,6 @@ KINDS = (FACES, ERRORS)
 PART_ROWS = 100_000
 # Parts below PART_ROWS/4 rows (one per small nightly increment) are merged once this many pile up.
 COMPACT_AT = 16
-
-ERASURE_SCHEMA = pa.schema([
-    ("image_id", pa.string()), ("reason", pa.string()), ("user", pa.string()), ("claimed_user", pa.string()),
-    ("erased_at", pa.string()), ("job_id", pa.string()),
-    ("faces", pa.int64()), ("error_rows", pa.int64()),   # what the root held of the id when it was erased
-])
 
 
 def uri(root: str, *parts: str) -> str:

@@ -40,7 +40,7 @@ from facelake import faults, storage
 from facelake.errors import ConfigError
 from facelake.index import layout
 from facelake.index.params import TARGET_RECALL, TUNING_QUERIES, IndexParams, choose_params, nprobe_ladder
-from facelake.schema import id_table_schema
+from facelake.schema import id_table_schema, index_manifest
 from facelake.storage import StorageOptions
 
 log = logging.getLogger(__name__)
@@ -494,8 +494,7 @@ def build_version(faces: FacesInput, root: str, *, model: str, weights_sha256: s
     if total == 0:
         raise NothingToIndex("no faces left to index: every face is erased or the faces table is empty")
 
-    manifest = {
-        "format": 2,
+    manifest = index_manifest({
         "version": version,
         "model": model,
         "weights_sha256": weights_sha256,
@@ -530,7 +529,7 @@ def build_version(faces: FacesInput, root: str, *, model: str, weights_sha256: s
         "erased_ids_sha256": layout.sha256("\0".join(sorted(erased_list.to_pylist())).encode()),
         "build": {"gpu": bool(use_gpu), "train_seconds": trained_seconds,
                   "seconds": round(time.perf_counter() - started, 3)},
-    }
+    })
     _run_hook(hooks, "before_manifest", version)
     manifest_sha = layout.write_manifest(root, version, manifest, options)
     _run_hook(hooks, "before_pointer", version)

@@ -62,7 +62,8 @@ from facelake import audit, calibration, faults, progress, storage
 from facelake.errors import ConfigError, FacelakeError, IndexVersionError
 from facelake.reader import DEFAULT_MAX_BYTES
 from facelake.registry import get_model, weights_fingerprint
-from facelake.schema import ERRORS_SCHEMA, FACE_COLUMNS, ID_TABLE_SCHEMA, RESULT_COLUMNS, carried_columns
+from facelake.schema import (ERRORS_SCHEMA, FACE_COLUMNS, ID_TABLE_SCHEMA, RESULT_COLUMNS, RESULT_METADATA_FIELDS,
+                             RESULT_METADATA_KEY, carried_columns)
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ SEARCH_WORKERS = 2
 # and must still get scheduled when the shard actors hold every CPU.
 WORKER_CPUS = 0.25
 READ_CPUS = 0.25
-METADATA_KEY = b"facelake.search"
+METADATA_KEY = RESULT_METADATA_KEY
 
 
 @dataclass(frozen=True)
@@ -702,10 +703,7 @@ def result_table(spec: BatchSpec, probes: pa.Table, D: np.ndarray, I: np.ndarray
 
 
 def _metadata(summary: SearchSummary) -> dict:
-    s = summary
-    return {"job_id": s.job_id, "mode": s.mode, "index_version": s.index_version, "model": s.model,
-            "gallery_size": s.gallery_size, "threshold": s.threshold, "threshold_how": s.threshold_how,
-            "calibration": s.calibration}
+    return {name: getattr(summary, name) for name in RESULT_METADATA_FIELDS}
 
 
 
