@@ -335,7 +335,7 @@ class Job:
             ...                              # job.details.update(...) as the job learns things
 
     Entering writes the started record; if that fails the job is refused (AuditError) before
-    it does anything. SIGTERM in the main thread raises JobInterrupted; it, KeyboardInterrupt
+    it does anything. A job that ends without error is "succeeded", or ``job.end_status`` ("skipped"). SIGTERM in the main thread raises JobInterrupted; it, KeyboardInterrupt
     (SIGINT) and SystemExit end as "interrupted", other exceptions as "failed" with the error.
     """
 
@@ -346,6 +346,7 @@ class Job:
         self.details: dict = dict(details or {})
         self.started_at = utc_now()
         self.status: str | None = None
+        self.end_status = "succeeded"   # a job that finds nothing to do sets "skipped"
         self._previous_handler = None
 
     def __enter__(self) -> "Job":
@@ -365,7 +366,7 @@ class Job:
             signal.signal(signal.SIGTERM, self._previous_handler)
         error = None
         if exc is None:
-            self.status = "succeeded"
+            self.status = self.end_status
         elif isinstance(exc, (JobInterrupted, KeyboardInterrupt, SystemExit)):
             self.status, error = "interrupted", f"{type(exc).__name__}: {exc}"
         else:
