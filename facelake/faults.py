@@ -14,7 +14,9 @@ shutdown). A test arms a point for the duration of a ``with`` block:
   Ray workers inherit the test process's environment (tests/conftest.py sets it before Ray
   starts). Hits are counted across processes (a file lock), so "the worker dies before its
   second chunk" is exact. Every later hit failing is what a dead process does: nothing after
-  the fault point runs again.
+  the fault point runs again. A worker's fault fails the Ray Data job like any worker error; Ray
+  keeps that run's actors while the error's traceback is alive, so a test that goes on using
+  the cluster drops the error first (tests/helpers.py ``fails_at_armed_fault``).
 
 ``POINTS`` names every point and where it sits; arming an unknown name is refused, so a point
 renamed in the code cannot leave a test arming nothing. Tested in tests/test_faults.py and by

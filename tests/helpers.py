@@ -59,3 +59,22 @@ def greyscale_jpeg(name: str = "img3.jpg") -> bytes:
 def corrupt_jpeg(name: str = "img4.jpg") -> bytes:
     data = (SAMPLE_DIR / name).read_bytes()
     return data[:200] + bytes(np.random.RandomState(0).randint(0, 256, 300, dtype=np.uint8))
+
+
+def fails_at_armed_fault(call) -> None:
+    """Run ``call``, which an armed worker fault (facelake.faults) must fail, and drop its error.
+
+    Ray Data keeps a failed run's actors (and the CPUs they hold) while the error's traceback is
+    alive; a test that goes on using the cluster must not keep it (pytest.raises would)."""
+    import gc
+
+    from facelake import faults
+
+    try:
+        call()
+    except Exception as err:   # Ray wraps the worker's FaultInjected in its own error types
+        injected, message = faults.injected(err), f"{type(err).__name__}: {err}"[:1000]
+    else:
+        raise AssertionError("the armed fault did not fail the job")
+    gc.collect()
+    assert injected, message

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pyarrow as pa
 import pytest
 import s3fs
@@ -10,8 +12,8 @@ from facelake import faults, storage
 from facelake.errors import ConfigError, ManifestError
 from facelake.jobs.embed import EmbedConfig, outputs, run_embed
 from facelake.schema import NO_FACE, OutputFingerprint
-from tests.helpers import (SAMPLE_DIR, corrupt_jpeg, faceless_jpeg, greyscale_jpeg, png_with_alpha,
-                           sample_manifest)
+from tests.helpers import (SAMPLE_DIR, corrupt_jpeg, faceless_jpeg, fails_at_armed_fault, greyscale_jpeg,
+                           png_with_alpha, sample_manifest)
 
 
 def _tables(out: str) -> tuple[pa.Table, pa.Table]:
@@ -98,9 +100,14 @@ def test_killed_run_resumes_without_duplicates(tmp_path, ray_local, provisioned_
 
     # the one actor dies before its second chunk (the job's own code path; one actor: nothing
     # runs beside it), so the first chunk's parts are all that was written
-    with faults.armed("embed.chunk", after=1), pytest.raises(Exception) as killed:
-        run_embed(EmbedConfig(manifest=manifest_uri, out=out, batch_size=2, workers=1, progress=False))
-    assert faults.injected(killed.value), killed.value
+    with faults.armed("embed.chunk", after=1):
+        fails_at_armed_fault(lambda: run_embed(EmbedConfig(manifest=manifest_uri, out=out, batch_size=2, workers=1,
+                                                           progress=False)))
+    # the failed run's actors are gone once its error is dropped: the cluster is free for the next job
+    deadline = time.monotonic() + 60
+    while ray_local.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray_local.available_resources().get("CPU", 0) == 2, "a failed run's actors still hold CPUs"
     partial, _ = _tables(out)
     assert 0 < len(set(partial["image_id"].to_pylist())) < len(names)
 
