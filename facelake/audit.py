@@ -38,6 +38,7 @@ from typing import Any
 from facelake import storage
 from facelake.errors import FacelakeError
 from facelake.schema import AuditRecord
+from facelake.storage import sha256, utc_now  # noqa: F401  (audit.utc_now / audit.sha256: the one definitions)
 
 log = logging.getLogger(__name__)
 
@@ -102,16 +103,6 @@ def _ray_job() -> tuple[str | None, str | None]:
     return metadata.get("job_submission_id"), metadata.get(SUBMITTER_TAG)
 
 
-def utc_now() -> str:
-    """UTC time to the millisecond, so that records of one second still sort in order."""
-    now = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 # ------------------------------------------------------------------------------ keyed id hashes
 
 def _key(root: str, options: storage.StorageOptions | None) -> bytes:
@@ -146,29 +137,7 @@ def id_hmac(root: str, ids: list[str], options: storage.StorageOptions | None = 
 
 # ------------------------------------------------------------------------------ the chain
 
-def create_new(uri: str, data: bytes, options: storage.StorageOptions | None) -> None:
-    """Create ``uri`` whole, failing with FileExistsError if it exists (S3: If-None-Match)."""
-    fs, path = storage.filesystem(uri, options)
-    if storage.scheme_of(uri) == "file":
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        try:
-            os.link(tmp, path)  # atomic, fails if the name exists
-        finally:
-            os.unlink(tmp)
-        return
-    try:
-        fs.pipe_file(path, data, mode="create")
-    except FileExistsError:
-        raise
-    except OSError as err:  # 412 Precondition Failed comes back as an OSError
-        if "PreconditionFailed" in str(err) or "412" in str(err):
-            raise FileExistsError(storage.redact(uri)) from err
-        raise
+create_new = storage.write_bytes_new   # write-if-absent (one definition, in facelake.storage)
 
 
 def record_uri(root: str, seq: int) -> str:

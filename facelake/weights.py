@@ -35,8 +35,7 @@ def weights_dir() -> Path:
     return Path(home) / ".deepface" / "weights"
 
 
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+sha256_bytes = storage.sha256
 
 
 def sha256_file(path: Path) -> str:

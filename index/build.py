@@ -108,9 +108,7 @@ def list_parts(faces: FacesInput, options: StorageOptions | None) -> tuple[list[
                           f"pass the folder it wrote")
     parts, schemas, first = [], [], 0
     for uri in sorted(uris) if not isinstance(faces, list) else uris:
-        fs, path = storage.filesystem(uri, options)
-        with fs.open(path, "rb") as handle:
-            meta = pq.ParquetFile(handle)
+        with storage.open_parquet(uri, options) as meta:
             rows, schema = meta.metadata.num_rows, meta.schema_arrow
         parts.append(Part(uri=uri, rows=rows, first_row=first))
         schemas.append(schema)
@@ -137,9 +135,7 @@ def _read_rows(part: Part, start: int, stop: int, columns: list[str] | None,
         table = ray.get(part.ref)
         return table.slice(start, stop - start).select([c for c in columns or table.column_names
                                                         if c in table.column_names])
-    fs, path = storage.filesystem(part.uri, options)
-    with fs.open(path, "rb") as handle:
-        reader = pq.ParquetFile(handle)
+    with storage.open_parquet(part.uri, options) as reader:
         groups, first, offset = [], None, 0
         for g in range(reader.metadata.num_row_groups):
             n = reader.metadata.row_group(g).num_rows

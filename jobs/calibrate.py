@@ -38,7 +38,6 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import typer
 
 from facelake import audit, calibration, storage
@@ -193,9 +192,8 @@ def _is_faces_table(uri: str, options) -> bool:
     if not files:
         raise ConfigError(f"no non-mated probes at {storage.redact(uri)}: give a Parquet manifest of images "
                           f"(image_id, uri) of people not in the gallery, or a faces table `facelake embed` wrote")
-    fs, path = storage.filesystem(files[0], options)
-    with fs.open(path, "rb") as handle:
-        return "embedding" in pq.read_schema(handle).names
+    with storage.open_parquet(files[0], options) as parquet:
+        return "embedding" in parquet.schema_arrow.names
 
 
 def _probe_faces(config: CalibrateConfig, options, model: str, summary: CalibrateSummary) -> pa.Table:

@@ -162,15 +162,6 @@ class EmbedSummary:
 
 # ---------------------------------------------------------------------------- worker side
 
-def resolve_uri(uri: str, base_dir: str, allowed_roots: tuple[str, ...]) -> str:
-    """Make a manifest uri absolute (relative to the manifest's folder) and check its roots."""
-    return reader.resolve(uri, base_dir, allowed_roots)
-
-
-def _normal(uri: str) -> str:
-    return reader.normal(uri)
-
-
 class EmbedWorker:
     """A Ray Data actor: one loaded model; embeds a chunk of manifest rows per call, writes the
     chunk's faces, errors and dropped part files itself and returns one row of counts."""
@@ -273,7 +264,7 @@ class EmbedWorker:
 
     def _one_image(self, row: dict, out: dict, crops: list, face_rows: list) -> None:
         try:
-            uri = resolve_uri(row["uri"], self.base_dir, self.allowed_roots)
+            uri = reader.resolve(row["uri"], self.base_dir, self.allowed_roots)
         except Exception as err:
             return self._error(out, row, STAGE_VALIDATE, type(err).__name__, str(err))
         try:
@@ -461,7 +452,7 @@ def embed_dataset(config: EmbedConfig) -> EmbedPlan:
     use_gpu = resources.gpus >= 1 and _onnx_has_cuda()
     workers = config.workers or (int(resources.gpus) if use_gpu else max(1, int(resources.cpus)))
     summary.workers, summary.device = workers, "gpu" if use_gpu else "cpu"
-    base_dir = manifest_dir(config.manifest, options)
+    base_dir = manifest.base_dir(config.manifest, options)
     carried_schema = pa.schema([info.schema.field(c) for c in info.carried])
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False    # facelake.progress counts images, faces and errors instead
@@ -559,13 +550,6 @@ def _stamp(table: pa.Table, spec: ModelSpec, wsha: str) -> pa.Table:
     return (table.append_column("model", pa.array([spec.name] * n, pa.string()))
                  .append_column("detector", pa.array([spec.detector] * n, pa.string()))
                  .append_column("weights_sha256", pa.array([wsha] * n, pa.string())))
-
-
-def manifest_dir(uri: str, options: storage.StorageOptions | None = None) -> str:
-    """The folder a manifest's relative uris resolve against (the manifest file's folder)."""
-    fs, path = storage.filesystem(uri, options)
-    folder = path if fs.isdir(path) else os.path.dirname(path)
-    return ("s3://" + folder) if storage.scheme_of(uri) == "s3" else folder
 
 
 def _onnx_has_cuda() -> bool:

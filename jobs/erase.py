@@ -35,7 +35,6 @@ from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import typer
 
 from facelake import audit, faults, root as rootmod, storage
@@ -334,11 +333,7 @@ def _purge_part(part: str, columns: tuple[str, ...], erased: pa.Array, options: 
             keep = pc.invert(hit) if keep is None else pc.and_(keep, pc.invert(hit))
     if keep is None or pc.all(keep).as_py():
         return False
-    import io
-
-    sink = io.BytesIO()
-    pq.write_table(table.filter(keep), sink, compression="zstd")  # schema metadata (threshold...) kept
-    storage.write_bytes_atomic(part, sink.getvalue(), options)
+    storage.write_table(part, table.filter(keep), options)   # schema metadata (threshold...) kept
     return True
 
 

@@ -133,11 +133,9 @@ class Plan:
 
 
 def _resolve_manifest(uri: str, options: StorageOptions) -> tuple[pa.Table, manifest.ManifestInfo]:
-    from facelake.jobs.embed import manifest_dir
-
     info = manifest.validate(uri, options)
     table = storage.read_table(uri, options=options)
-    base = manifest_dir(uri)
+    base = manifest.base_dir(uri, options)
     resolved = []
     for value in table["uri"].to_pylist():
         try:
@@ -382,10 +380,7 @@ def _staged(out: str, kind: str, ids: pa.Array, options: StorageOptions) -> pa.T
         return None
     tables = []
     for file_uri in storage.list_files(folder, ".parquet", options):
-        fs, path = storage.filesystem(file_uri, options)
-        import pyarrow.parquet as pq
-        with fs.open(path, "rb") as handle:
-            tables.append(pq.read_table(handle))
+        tables.append(storage.read_file(file_uri, options=options))
     table = pa.concat_tables(tables, promote_options="permissive")
     return table.filter(pc.is_in(table["image_id"], value_set=ids))
 

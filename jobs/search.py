@@ -55,7 +55,6 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import typer
 
 from facelake import audit, calibration, faults, progress, storage
@@ -483,9 +482,7 @@ def _file_sha256(uri: str, options) -> str:
 
 
 def _read_file(uri: str, columns: list[str] | None, options) -> pa.Table:
-    fs, path = storage.filesystem(uri, options)
-    with fs.open(path, "rb") as handle:
-        return pq.read_table(handle, columns=columns)
+    return storage.read_file(uri, columns, options)
 
 
 def _manifest_probes(config, options, model, summary) -> ProbeSource:
@@ -534,9 +531,8 @@ def _claim_probe_folder(work: str, fingerprint: str, options) -> None:
 
 
 def _rows_of(uri: str, options) -> int:
-    fs, path = storage.filesystem(uri, options)
-    with fs.open(path, "rb") as handle:
-        return pq.ParquetFile(handle).metadata.num_rows
+    with storage.open_parquet(uri, options) as parquet:
+        return parquet.metadata.num_rows
 
 
 def _copy_errors(files: list[str], folder: str, summary: SearchSummary, options) -> None:
@@ -557,9 +553,8 @@ def _schema_of(uri: str, options) -> pa.Schema:
     files = storage.list_files(uri, ".parquet", options)
     if not files:
         raise FileNotFoundError(f"no Parquet files at {storage.redact(uri)}")
-    fs, path = storage.filesystem(files[0], options)
-    with fs.open(path, "rb") as handle:
-        return pq.read_schema(handle)
+    with storage.open_parquet(files[0], options) as parquet:
+        return parquet.schema_arrow
 
 
 # ------------------------------------------------------------------------------ searching
@@ -750,15 +745,16 @@ DEMO_PROBES = 5   # one photo each of the first identities of the sample
 def demo_search(manifest_uri: str, root: str, out: str, *, top_k: int = 3) -> dict:
     """`facelake demo`'s last step: one photo per identity of the sample searched against the
     sample index; prints the top candidates per probe and returns what was made."""
-    from facelake.jobs.embed import manifest_dir, resolve_uri
+    from facelake.manifest import base_dir
+    from facelake.reader import resolve
 
     table = storage.read_table(manifest_uri)
-    base = manifest_dir(manifest_uri)
+    base = base_dir(manifest_uri)
     picks: dict[str, dict] = {}
     for row in sorted(table.to_pylist(), key=lambda r: r["image_id"]):
         identity = row.get("identity")
         if identity and identity not in picks and len(picks) < DEMO_PROBES:
-            picks[identity] = {**row, "uri": resolve_uri(row["uri"], base, ())}
+            picks[identity] = {**row, "uri": resolve(row["uri"], base)}
     probes_uri = storage.join(out, "probes", "manifest.parquet")
     storage.write_table(probes_uri, pa.Table.from_pylist(list(picks.values()), schema=table.schema))
     summary = run_search(SearchConfig(probes=probes_uri, root=root, out=out, top_k=top_k,
