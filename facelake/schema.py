@@ -1,6 +1,9 @@
-"""The one definition of every table facelake reads or writes.
+"""The one definition of every table and record format facelake reads or writes.
 
-Data flows one way: manifest -> faces (+ errors) -> index version -> results (+ errors).
+Data flows one way: manifest -> faces (+ errors, dropped) -> index version -> results (+ errors).
+Here: the tables' schemas (faces, errors, dropped, embed counts, results and their metadata, id
+tables, the erasure list), embed output fingerprints, the index version manifest's keys, and
+the typed audit record with its one status.
 """
 
 from __future__ import annotations
@@ -43,8 +46,8 @@ def faces_schema(dim: int) -> pa.Schema:
 ERRORS_SCHEMA = pa.schema([
     ("image_id", pa.string()),
     ("uri", pa.string()),
-    ("stage", pa.string()),        # fetch | decode | detect | quality | embed
-    ("error_type", pa.string()),   # e.g. FileNotFoundError, DecodeError, NoFace, FaceTooSmall
+    ("stage", pa.string()),        # validate | fetch | decode | detect | quality | embed (STAGE_*)
+    ("error_type", pa.string()),   # e.g. OutsideRoots, TooManyBytes, DecodeError, NoFace, NoUsableFace
     ("message", pa.string()),
     ("content_sha256", pa.string()),
     ("model", pa.string()),

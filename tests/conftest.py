@@ -16,7 +16,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = REPO / "samples" / "faces"
-SHARED_FACES = REPO.parent / "shared" / "faces"
 
 # Set before anything imports deepface or starts Ray, so workers inherit them.
 _DEEPFACE_HOME = tempfile.mkdtemp(prefix="facelake-test-deepface-")
