@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 from PIL import Image
 
 import facelake
-from facelake import audit, reader, storage
+from facelake import audit, reader, samples, storage
 from facelake.errors import ConfigError
 from facelake.imaging import DEFAULT_MAX_PIXELS, decode_bgr
 from facelake.reader import ReadLimits
@@ -52,8 +52,8 @@ DEMO_OUT_ENV = "FACELAKE_DEMO_OUT"
 PATH_ENVS = {"root": "FACELAKE_ROOT", "results": "FACELAKE_RESULTS", "archive": "FACELAKE_ARCHIVE",
              "photos": "FACELAKE_PHOTOS", "report": "FACELAKE_EVAL_REPORT"}
 DEFAULT_DEMO_OUT = REPO / "demo-out"
-# The demo's manifest (samples/manifest.parquet) holds uris relative to its own folder.
-DEMO_PHOTOS = REPO / "samples"
+# The demo's manifest (facelake.samples.MANIFEST) holds uris relative to its own folder.
+DEMO_PHOTOS = samples.FOLDER
 SEARCH_METADATA_KEY = RESULT_METADATA_KEY   # the results' metadata, as facelake search writes it
 
 # Crops: the face plus this share of its width/height on each side, so hair and jaw show.
