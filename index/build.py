@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 import ray
 
 import facelake
-from facelake import faults, storage
+from facelake import device, faults, storage
 from facelake.errors import ConfigError
 from facelake.index import layout
 from facelake.index.params import TARGET_RECALL, TUNING_QUERIES, IndexParams, choose_params, nprobe_ladder
@@ -58,9 +58,7 @@ FacesInput = pa.Table | str | list
 
 def gpu_available() -> bool:
     """True when faiss was built with GPU support and the connected Ray cluster has a GPU."""
-    if not hasattr(faiss, "StandardGpuResources"):
-        return False
-    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1
+    return device.faiss_on_gpu()
 
 
 def train(xb_sample: np.ndarray, params: IndexParams, use_gpu: bool = False) -> faiss.Index:
@@ -443,7 +441,7 @@ def build_version(faces: FacesInput, root: str, *, model: str, weights_sha256: s
         trained, old = _reuse_trained(root, trained_from, model, dim, nlist, pq, options)
         nlist, pq, rerank = old["nlist"], old["pq"] or 0, old.get("rerank", 0)
     params = choose_params(n, dim, nlist=nlist, pq=pq, nprobe=nprobe, rerank=rerank)
-    if use_gpu and not hasattr(faiss, "StandardGpuResources"):
+    if use_gpu and not device.faiss_gpu():
         raise ConfigError("use_gpu=True but this faiss has no GPU support: install faiss-gpu-cu12 "
                           "(make install-gpu) or leave use_gpu unset")
     use_gpu = gpu_available() if use_gpu is None else use_gpu

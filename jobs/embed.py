@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import typer
 
-from facelake import faults, manifest, progress, reader, storage
+from facelake import device, faults, manifest, progress, reader, storage
 from facelake.errors import ConfigError
 from facelake.imaging import DEFAULT_MAX_PIXELS, content_sha256, decode_bgr
 from facelake.registry import MODELS, ModelSpec, get_model, weights_fingerprint
@@ -449,7 +449,7 @@ def embed_dataset(config: EmbedConfig) -> EmbedPlan:
     if len(done) and not _remaining(config.manifest, done, options):
         return EmbedPlan(None, summary)  # every image is already in OUT: start no Ray, load no model
     resources = runtime.connect(config.address)
-    use_gpu = resources.gpus >= 1 and _onnx_has_cuda()
+    use_gpu = device.embed_on_gpu(resources.gpus)
     workers = config.workers or (int(resources.gpus) if use_gpu else max(1, int(resources.cpus)))
     summary.workers, summary.device = workers, "gpu" if use_gpu else "cpu"
     base_dir = manifest.base_dir(config.manifest, options)
@@ -550,14 +550,6 @@ def _stamp(table: pa.Table, spec: ModelSpec, wsha: str) -> pa.Table:
     return (table.append_column("model", pa.array([spec.name] * n, pa.string()))
                  .append_column("detector", pa.array([spec.detector] * n, pa.string()))
                  .append_column("weights_sha256", pa.array([wsha] * n, pa.string())))
-
-
-def _onnx_has_cuda() -> bool:
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return False
-    return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
 def print_summary(summary: EmbedSummary) -> None:
