@@ -116,7 +116,7 @@ def _key(root: str, options: storage.StorageOptions | None) -> bytes:
         pass
     key = secrets.token_hex(32).encode()
     try:
-        create_new(uri, key, options)
+        storage.write_bytes_new(uri, key, options)
         if storage.scheme_of(uri) == "file":
             os.chmod(storage.filesystem(uri, options)[1], 0o600)
     except FileExistsError:  # another job made it first
@@ -136,9 +136,6 @@ def id_hmac(root: str, ids: list[str], options: storage.StorageOptions | None = 
 
 
 # ------------------------------------------------------------------------------ the chain
-
-create_new = storage.write_bytes_new   # write-if-absent (one definition, in facelake.storage)
-
 
 def record_uri(root: str, seq: int) -> str:
     return storage.join(audit_dir(root), f"{seq:0{SEQ_DIGITS}d}.json")
@@ -166,7 +163,7 @@ def append(root: str, record: AuditRecord, options: storage.StorageOptions | Non
         prev = sha256(storage.read_bytes(chain[last], options)) if last else None
         linked = dataclasses.replace(record, seq=last + 1, prev_sha256=prev, recorded_at=utc_now())
         try:
-            create_new(record_uri(root, last + 1), linked.to_json(), options)
+            storage.write_bytes_new(record_uri(root, last + 1), linked.to_json(), options)
             return linked
         except FileExistsError as err:
             if not storage.exists(record_uri(root, last + 1), options):  # not a race: the path is blocked

@@ -361,7 +361,7 @@ def append_erasure(root: str, counts: dict[str, tuple[int, int]], *, reason: str
             {"seq": seq, "prev_sha256": (head or {}).get("sha256"), "job_id": job_id}).encode()})
         data = storage.parquet_bytes(table)
         try:
-            audit.create_new(uri(root, ERASURES, f"{seq:010d}.parquet"), data, options)
+            storage.write_bytes_new(uri(root, ERASURES, f"{seq:010d}.parquet"), data, options)
         except FileExistsError:
             continue
         new_head = {"seq": seq, "sha256": storage.sha256(data)}
