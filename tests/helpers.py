@@ -67,6 +67,8 @@ def fails_at_armed_fault(call) -> None:
     Ray Data keeps a failed run's actors (and the CPUs they hold) while the error's traceback is
     alive; a test that goes on using the cluster must not keep it (pytest.raises would)."""
     import gc
+    import sys
+    import time
 
     from facelake import faults
 
@@ -78,3 +80,9 @@ def fails_at_armed_fault(call) -> None:
         raise AssertionError("the armed fault did not fail the job")
     gc.collect()
     assert injected, message
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():   # a failed run's actors must not starve the next job
+        total, deadline = ray.cluster_resources().get("CPU", 0), time.monotonic() + 60
+        while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert ray.available_resources().get("CPU", 0) == total, "a failed run's actors still hold CPUs"
