@@ -61,7 +61,7 @@ def corrupt_jpeg(name: str = "img4.jpg") -> bytes:
     return data[:200] + bytes(np.random.RandomState(0).randint(0, 256, 300, dtype=np.uint8))
 
 
-def fails_at_armed_fault(call) -> None:
+def fails_at_armed_fault(call, *, free_cpus: bool = True) -> None:
     """Run ``call``, which an armed worker fault (facelake.faults) must fail, and drop its error.
 
     Ray Data keeps a failed run's actors (and the CPUs they hold) while the error's traceback is
@@ -81,7 +81,7 @@ def fails_at_armed_fault(call) -> None:
     gc.collect()
     assert injected, message
     ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():   # a failed run's actors must not starve the next job
+    if free_cpus and ray is not None and ray.is_initialized():   # a failed run's actors must not starve the next job
         total, deadline = ray.cluster_resources().get("CPU", 0), time.monotonic() + 60
         while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
             time.sleep(0.2)
