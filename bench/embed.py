@@ -59,7 +59,7 @@ def side_facelake(photos: list[Path], workers: int | None, model: str | None = N
     import pyarrow as pa
     import ray
 
-    from facelake import manifest
+    from facelake import faults, manifest
     from facelake.cluster import runtime
     from facelake.inference import resolve_runtime
     from facelake.jobs.embed import EmbedConfig, run_embed
@@ -76,8 +76,9 @@ def side_facelake(photos: list[Path], workers: int | None, model: str | None = N
         started = time.perf_counter()
         runtime.connect(None)
         ray_start = time.perf_counter() - started
-        summary = run_embed(EmbedConfig(manifest=uri, out=os.path.join(work, "out"), progress=False,
-                                        workers=workers, model=model), hooks={"after_block": after_block})
+        with faults.armed("embed.counts", after_block):   # an observer: it raises nothing
+            summary = run_embed(EmbedConfig(manifest=uri, out=os.path.join(work, "out"), progress=False,
+                                            workers=workers, model=model))
         ray.shutdown()
     return {"images": summary.images, "faces": summary.faces, "errors": summary.errors,
             "ray_start_s": ray_start, "first_result_s": stamps[0][0] - started if stamps else None,

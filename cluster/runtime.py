@@ -1,10 +1,10 @@
 """Start or join Ray, and describe the resources a job may plan with.
 
-Without an address facelake starts a local Ray (the embedded default) without its dashboard and
-with no fixed port (its dashboard agent's HTTP port is chosen by the OS instead of Ray's 52365, so
-a `ray start --head` on the same machine still gets its own); ``auto``, ``ray://host:port`` or
-``host:port`` join an existing cluster. Storage
-credentials are never put in the runtime environment: workers use the AWS credential chain.
+Without an address facelake starts a local Ray without its dashboard and with no fixed port (its
+dashboard agent's HTTP port is chosen by the OS instead of Ray's 52365, so a `ray start --head` on
+the same machine still gets its own); ``auto``, ``ray://host:port`` or ``host:port`` join an
+existing cluster, and inside a Ray job RAY_ADDRESS names it. Storage credentials are never put in
+the runtime environment: workers use the AWS credential chain.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 # Environment that every worker needs and that is not secret.
 WORKER_ENV_KEYS = ("DEEPFACE_HOME", "DEEPFACE_BACKEND_ENGINE", "FACELAKE_WEIGHTS_FROM",
                    "FACELAKE_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
-                   "AWS_DEFAULT_REGION", "PYTHONPATH")
+                   "AWS_DEFAULT_REGION", "PYTHONPATH",
+                   "FACELAKE_FAULTS")   # facelake.faults.ENV: unset in production, a folder in tests
 
 
 @dataclass(frozen=True)

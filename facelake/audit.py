@@ -38,6 +38,7 @@ from typing import Any
 from facelake import storage
 from facelake.errors import FacelakeError
 from facelake.schema import AuditRecord
+from facelake.storage import sha256, utc_now  # noqa: F401  (audit.utc_now / audit.sha256: the one definitions)
 
 log = logging.getLogger(__name__)
 
@@ -102,16 +103,6 @@ def _ray_job() -> tuple[str | None, str | None]:
     return metadata.get("job_submission_id"), metadata.get(SUBMITTER_TAG)
 
 
-def utc_now() -> str:
-    """UTC time to the millisecond, so that records of one second still sort in order."""
-    now = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 # ------------------------------------------------------------------------------ keyed id hashes
 
 def _key(root: str, options: storage.StorageOptions | None) -> bytes:
@@ -125,7 +116,7 @@ def _key(root: str, options: storage.StorageOptions | None) -> bytes:
         pass
     key = secrets.token_hex(32).encode()
     try:
-        create_new(uri, key, options)
+        storage.write_bytes_new(uri, key, options)
         if storage.scheme_of(uri) == "file":
             os.chmod(storage.filesystem(uri, options)[1], 0o600)
     except FileExistsError:  # another job made it first
@@ -145,31 +136,6 @@ def id_hmac(root: str, ids: list[str], options: storage.StorageOptions | None = 
 
 
 # ------------------------------------------------------------------------------ the chain
-
-def create_new(uri: str, data: bytes, options: storage.StorageOptions | None) -> None:
-    """Create ``uri`` whole, failing with FileExistsError if it exists (S3: If-None-Match)."""
-    fs, path = storage.filesystem(uri, options)
-    if storage.scheme_of(uri) == "file":
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        try:
-            os.link(tmp, path)  # atomic, fails if the name exists
-        finally:
-            os.unlink(tmp)
-        return
-    try:
-        fs.pipe_file(path, data, mode="create")
-    except FileExistsError:
-        raise
-    except OSError as err:  # 412 Precondition Failed comes back as an OSError
-        if "PreconditionFailed" in str(err) or "412" in str(err):
-            raise FileExistsError(storage.redact(uri)) from err
-        raise
-
 
 def record_uri(root: str, seq: int) -> str:
     return storage.join(audit_dir(root), f"{seq:0{SEQ_DIGITS}d}.json")
@@ -197,7 +163,7 @@ def append(root: str, record: AuditRecord, options: storage.StorageOptions | Non
         prev = sha256(storage.read_bytes(chain[last], options)) if last else None
         linked = dataclasses.replace(record, seq=last + 1, prev_sha256=prev, recorded_at=utc_now())
         try:
-            create_new(record_uri(root, last + 1), linked.to_json(), options)
+            storage.write_bytes_new(record_uri(root, last + 1), linked.to_json(), options)
             return linked
         except FileExistsError as err:
             if not storage.exists(record_uri(root, last + 1), options):  # not a race: the path is blocked
@@ -335,7 +301,7 @@ class Job:
             ...                              # job.details.update(...) as the job learns things
 
     Entering writes the started record; if that fails the job is refused (AuditError) before
-    it does anything. SIGTERM in the main thread raises JobInterrupted; it, KeyboardInterrupt
+    it does anything. A job that ends without error is "succeeded", or ``job.end_status`` ("skipped"). SIGTERM in the main thread raises JobInterrupted; it, KeyboardInterrupt
     (SIGINT) and SystemExit end as "interrupted", other exceptions as "failed" with the error.
     """
 
@@ -346,6 +312,7 @@ class Job:
         self.details: dict = dict(details or {})
         self.started_at = utc_now()
         self.status: str | None = None
+        self.end_status = "succeeded"   # a job that finds nothing to do sets "skipped"
         self._previous_handler = None
 
     def __enter__(self) -> "Job":
@@ -365,7 +332,7 @@ class Job:
             signal.signal(signal.SIGTERM, self._previous_handler)
         error = None
         if exc is None:
-            self.status = "succeeded"
+            self.status = self.end_status
         elif isinstance(exc, (JobInterrupted, KeyboardInterrupt, SystemExit)):
             self.status, error = "interrupted", f"{type(exc).__name__}: {exc}"
         else:

@@ -10,12 +10,13 @@ are named in the error with the package that opens them.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from facelake import storage
 
 # 50 Mpx covers 8K photos and large scans; bombs claim far more. Config can change it.
 DEFAULT_MAX_PIXELS = 50_000_000
@@ -56,7 +57,7 @@ _PLUGIN_FORMATS = (
 
 def content_sha256(data: bytes) -> str:
     """Content hash of an image's bytes (the resume and change-detection key)."""
-    return hashlib.sha256(data).hexdigest()
+    return storage.sha256(data)
 
 
 def _unsupported(data: bytes, err: Exception) -> DecodeError:

@@ -63,11 +63,9 @@ def cuda_visible() -> bool:
             return False
     elif os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
         return False
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return False
-    return "CUDAExecutionProvider" in ort.get_available_providers()
+    from facelake.device import onnx_cuda
+
+    return onnx_cuda()
 
 
 def _ray_actor_gpus() -> list | None:

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from facelake import storage
 from facelake.errors import ManifestError
@@ -56,10 +55,8 @@ def validate(uri: str, options: storage.StorageOptions | None = None,
     schema = None
     expected_rows = 0
     for file_uri in files:
-        fs, path = storage.filesystem(file_uri, options)
         try:
-            with fs.open(path, "rb") as handle:
-                parquet = pq.ParquetFile(handle)
+            with storage.open_parquet(file_uri, options) as parquet:
                 file_schema = parquet.schema_arrow
                 expected_rows += parquet.metadata.num_rows
         except Exception as err:
@@ -171,6 +168,16 @@ def _refuse_duplicates(uri: str, options: storage.StorageOptions | None, clashin
     dupes = [image_id for image_id, count in counts.items() if count > 1]
     if dupes:
         raise ManifestError(f"image_id must be unique: {len(dupes)} duplicated, e.g. {sorted(dupes)[:5]}")
+
+
+def base_dir(uri: str, options: storage.StorageOptions | None = None) -> str:
+    """The folder a manifest's relative uris resolve against (the manifest file's folder, or the
+    manifest folder itself); ``facelake.reader.resolve`` makes each uri absolute against it."""
+    import os
+
+    fs, path = storage.filesystem(uri, options)
+    folder = path if fs.isdir(path) else os.path.dirname(path)
+    return ("s3://" + folder) if storage.scheme_of(uri) == "s3" else folder
 
 
 def write(table: pa.Table, uri: str, options: storage.StorageOptions | None = None) -> None:

@@ -8,10 +8,11 @@
 
 Tables come back as pandas DataFrames (pandas is in the ``notebooks`` and ``test`` extras);
 ``read_results`` keeps the search job's metadata (threshold, how it was chosen, mode, index
-version) in ``DataFrame.attrs["search"]``. Photos are read through ``facelake.storage`` (local,
-file:// or s3://) and decoded by ``facelake.imaging.decode_bgr``, so a bbox, which is in the pixels
-of the EXIF-upright image, crops the same face the embed job saw. Manifest uris may be relative
-to the manifest's folder: pass that folder as ``base_dir``.
+version) in ``DataFrame.attrs["search"]``. Photos are read through ``facelake.reader`` (the one
+door: allowed roots, regular files, size and time limits; local, file:// or s3://) and decoded by
+``facelake.imaging.decode_bgr``, so a bbox, which is in the pixels of the EXIF-upright image,
+crops the same face the embed job saw. Manifest uris may be relative to the manifest's folder:
+pass that folder as ``base_dir`` (``facelake.reader.resolve`` makes them absolute).
 
 The review grid is a candidate list for a person to check, never an identification: every
 panel shows similarity, the estimated false-match rate (95% upper bound from the calibration)
@@ -31,14 +32,14 @@ from typing import TYPE_CHECKING, Any, Iterable
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from PIL import Image
 
 import facelake
-from facelake import audit, reader, storage
+from facelake import audit, reader, samples, storage
 from facelake.errors import ConfigError
 from facelake.imaging import DEFAULT_MAX_PIXELS, decode_bgr
 from facelake.reader import ReadLimits
+from facelake.schema import RESULT_METADATA_KEY
 from facelake.storage import StorageOptions
 
 if TYPE_CHECKING:  # pandas and matplotlib are optional extras, imported when used
@@ -51,9 +52,9 @@ DEMO_OUT_ENV = "FACELAKE_DEMO_OUT"
 PATH_ENVS = {"root": "FACELAKE_ROOT", "results": "FACELAKE_RESULTS", "archive": "FACELAKE_ARCHIVE",
              "photos": "FACELAKE_PHOTOS", "report": "FACELAKE_EVAL_REPORT"}
 DEFAULT_DEMO_OUT = REPO / "demo-out"
-# The demo's manifest (samples/manifest.parquet) holds uris relative to its own folder.
-DEMO_PHOTOS = REPO / "samples"
-SEARCH_METADATA_KEY = b"facelake.search"  # = facelake.jobs.search.METADATA_KEY (not imported: no Ray here)
+# The demo's manifest (facelake.samples.MANIFEST) holds uris relative to its own folder.
+DEMO_PHOTOS = samples.FOLDER
+SEARCH_METADATA_KEY = RESULT_METADATA_KEY   # the results' metadata, as facelake search writes it
 
 # Crops: the face plus this share of its width/height on each side, so hair and jaw show.
 DEFAULT_MARGIN = 0.2
@@ -162,10 +163,6 @@ class Root:
         return table[first + [c for c in table.columns if c not in first]]
 
 
-def open_root(uri: str, options: StorageOptions | None = None) -> Root:
-    return Root(uri, options)
-
-
 # ------------------------------------------------------------------------------ results
 
 def _parquet_files(uri: str, options: StorageOptions | None) -> list[str]:
@@ -177,9 +174,8 @@ def search_metadata(results_dir: str, options: StorageOptions | None = None) -> 
     files = _parquet_files(_results_folder(results_dir, options), options)
     if not files:
         return {}
-    fs, path = storage.filesystem(files[0], options)
-    with fs.open(path, "rb") as handle:
-        meta = pq.read_schema(handle).metadata or {}
+    with storage.open_parquet(files[0], options) as parquet:
+        meta = parquet.schema_arrow.metadata or {}
     return json.loads(meta[SEARCH_METADATA_KEY]) if SEARCH_METADATA_KEY in meta else {}
 
 
@@ -362,13 +358,6 @@ def read_report(report_dir: str, options: StorageOptions | None = None) -> dict[
             "plots": plots}
 
 
-def calibration_table(calibration) -> "pd.DataFrame":
-    """A calibration's rows: threshold, impostor pairs at or above, FMR, its 95% upper bound, FNMR."""
-    return _pandas().DataFrame({
-        "threshold": calibration.thresholds, "impostors_above": calibration.impostor_above,
-        "fmr": calibration.fmr, "fmr_upper95": calibration.fmr_upper, "fnmr": calibration.fnmr})
-
-
 def plot_calibration(calibration, *, threshold: float | None = None) -> "Figure":
     """FMR (measured and 95% upper bound) and FNMR against the similarity threshold."""
     from matplotlib.figure import Figure
@@ -399,12 +388,11 @@ def plot_calibration(calibration, *, threshold: float | None = None) -> "Figure"
 def resolve_uri(uri: str, base_dir: str | None = None) -> str:
     """A photo's uri as stored in a manifest, made absolute against ``base_dir`` when relative."""
     storage.check_uri(uri)
-    if storage.scheme_of(uri) == "file" and not uri.startswith("file://") and not os.path.isabs(uri):
-        if base_dir is None:
-            raise ConfigError(f"photo uri {uri!r} is relative to its manifest's folder: pass base_dir= that "
-                              f"folder (for the demo: {DEMO_PHOTOS})")
-        return storage.join(base_dir, uri)
-    return uri
+    if base_dir is None and storage.scheme_of(uri) == "file" and not uri.startswith("file://") \
+            and not os.path.isabs(uri):
+        raise ConfigError(f"photo uri {uri!r} is relative to its manifest's folder: pass base_dir= that "
+                          f"folder (for the demo: {DEMO_PHOTOS})")
+    return reader.resolve(uri, base_dir or "")
 
 
 def load_photo(uri: str, base_dir: str | None = None, *, max_pixels: int = DEFAULT_MAX_PIXELS,

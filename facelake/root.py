@@ -19,13 +19,10 @@ never by listing ROOT/faces: between a crash and the next job the folder may hol
 
 from __future__ import annotations
 
-import datetime as dt
-import hashlib
 import io
 import json
 import logging
 import re
-import secrets
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -34,7 +31,7 @@ import pyarrow.parquet as pq
 
 from facelake import storage
 from facelake.errors import FacelakeError
-from facelake.schema import SOURCE_STAT_SCHEMA
+from facelake.schema import ERASURE_SCHEMA, SOURCE_STAT_SCHEMA
 from facelake.storage import StorageOptions
 
 log = logging.getLogger(__name__)
@@ -47,25 +44,13 @@ PART_ROWS = 100_000
 # Parts below PART_ROWS/4 rows (one per small nightly increment) are merged once this many pile up.
 COMPACT_AT = 16
 
-ERASURE_SCHEMA = pa.schema([
-    ("image_id", pa.string()), ("reason", pa.string()), ("user", pa.string()), ("claimed_user", pa.string()),
-    ("erased_at", pa.string()), ("job_id", pa.string()),
-    ("faces", pa.int64()), ("error_rows", pa.int64()),   # what the root held of the id when it was erased
-])
-
 
 def uri(root: str, *parts: str) -> str:
     return storage.join(root, *parts)
 
 
-def new_name() -> str:
-    """Sortable unique name for table versions and staging runs."""
-    now = dt.datetime.now(dt.timezone.utc)
-    return f"{now.strftime('%Y%m%dT%H%M%S')}.{now.microsecond // 1000:03d}Z-{secrets.token_hex(3)}"
-
-
-def utc_now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+new_name = storage.new_name   # names of table versions and staging runs
+utc_now = storage.utc_now
 
 
 # ---------------------------------------------------------------------------- table versions
@@ -125,10 +110,7 @@ def _read_parts(root: str, kind: str, names: tuple[str, ...], columns: list[str]
                 options: StorageOptions | None) -> pa.Table | None:
     tables = []
     for name in names:
-        fs, path = storage.filesystem(uri(root, kind, name), options)
-        with fs.open(path, "rb") as handle:
-            table = pq.read_table(handle, columns=columns)
-        tables.append(table)
+        tables.append(storage.read_file(uri(root, kind, name), columns, options))
     if not tables:
         return None
     return pa.concat_tables(tables, promote_options="permissive")
@@ -211,9 +193,7 @@ def write_version(root: str, base: TableVersion | None, *, drop_ids: pa.Array, a
 
         kept: list[tuple[str, int]] = []
         for part in (base.parts(kind) if base else ()):
-            fs, path = storage.filesystem(uri(root, kind, part), options)
-            with fs.open(path, "rb") as handle:
-                ids = pq.read_table(handle, columns=["image_id"])["image_id"]
+            ids = storage.read_file(uri(root, kind, part), ["image_id"], options)["image_id"]
             if len(drop) and pc.any(pc.is_in(ids, value_set=drop)).as_py():
                 table = _read_parts(root, kind, (part,), None, options)
                 table = table.filter(pc.invert(pc.is_in(table["image_id"], value_set=drop)))
@@ -343,7 +323,7 @@ def erasure_log(root: str, options: StorageOptions | None = None) -> tuple[pa.Ta
         if meta.get("seq") != seq or meta.get("prev_sha256") != prev:
             raise ErasureListError(f"erasure list entry {seq} does not follow entry {seq - 1} (altered or "
                                    f"replaced): {fix}")
-        prev = hashlib.sha256(data).hexdigest()
+        prev = storage.sha256(data)
         head = {"seq": seq, "sha256": prev}
         tables.append(table.cast(ERASURE_SCHEMA).replace_schema_metadata(None))
     anchor = _anchor(root, options)
@@ -352,7 +332,7 @@ def erasure_log(root: str, options: StorageOptions | None = None) -> tuple[pa.Ta
         if at > (head or {}).get("seq", 0):
             raise ErasureListError(f"the audit log records {at} erasure list entries but ROOT/erasures holds "
                                    f"{len(files)}: entries were deleted; {fix}")
-        if at and hashlib.sha256(storage.read_bytes(files[at], options)).hexdigest() != anchor.get("sha256"):
+        if at and storage.sha256(storage.read_bytes(files[at], options)) != anchor.get("sha256"):
             raise ErasureListError(f"erasure list entry {at} differs from what the audit log recorded: {fix}")
     table = pa.concat_tables(tables) if tables else ERASURE_SCHEMA.empty_table()
     return table, head
@@ -390,14 +370,12 @@ def append_erasure(root: str, counts: dict[str, tuple[int, int]], *, reason: str
             "error_rows": [counts[i][1] for i in ids]}, schema=ERASURE_SCHEMA)
         table = table.replace_schema_metadata({ERASURE_META: json.dumps(
             {"seq": seq, "prev_sha256": (head or {}).get("sha256"), "job_id": job_id}).encode()})
-        sink = io.BytesIO()
-        pq.write_table(table, sink, compression="zstd")
-        data = sink.getvalue()
+        data = storage.parquet_bytes(table)
         try:
-            audit.create_new(uri(root, ERASURES, f"{seq:010d}.parquet"), data, options)
+            storage.write_bytes_new(uri(root, ERASURES, f"{seq:010d}.parquet"), data, options)
         except FileExistsError:
             continue
-        new_head = {"seq": seq, "sha256": hashlib.sha256(data).hexdigest()}
+        new_head = {"seq": seq, "sha256": storage.sha256(data)}
         audit.write_record(root, {"job_id": f"{job_id}-list", "kind": ERASURE_ANCHOR_KIND, "erase_job": job_id,
                                   "head": new_head, "ids_count": len(ids)}, options)
         return new_head

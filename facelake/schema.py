@@ -1,6 +1,9 @@
-"""The one definition of every table facelake reads or writes.
+"""The one definition of every table and record format facelake reads or writes.
 
-Data flows one way: manifest -> faces (+ errors) -> index version -> results (+ errors).
+Data flows one way: manifest -> faces (+ errors, dropped) -> index version -> results (+ errors).
+Here: the tables' schemas (faces, errors, dropped, embed counts, results and their metadata, id
+tables, the erasure list), embed output fingerprints, the index version manifest's keys, and
+the typed audit record with its one status.
 """
 
 from __future__ import annotations
@@ -43,8 +46,8 @@ def faces_schema(dim: int) -> pa.Schema:
 ERRORS_SCHEMA = pa.schema([
     ("image_id", pa.string()),
     ("uri", pa.string()),
-    ("stage", pa.string()),        # fetch | decode | detect | quality | embed
-    ("error_type", pa.string()),   # e.g. FileNotFoundError, DecodeError, NoFace, FaceTooSmall
+    ("stage", pa.string()),        # validate | fetch | decode | detect | quality | embed (STAGE_*)
+    ("error_type", pa.string()),   # e.g. OutsideRoots, TooManyBytes, DecodeError, NoFace, NoUsableFace
     ("message", pa.string()),
     ("content_sha256", pa.string()),
     ("model", pa.string()),
@@ -103,6 +106,50 @@ ID_TABLE_DROPPED = ("embedding", "landmarks", "model", "detector", "weights_sha2
                     *SOURCE_STAT_SCHEMA.names)
 
 
+# Search results: every result file's Parquet schema metadata holds, under this key, a JSON object
+# with these fields (facelake.jobs.search writes it, facelake.review reads it).
+RESULT_METADATA_KEY = b"facelake.search"
+RESULT_METADATA_FIELDS = ("job_id", "mode", "index_version", "model", "gallery_size", "threshold",
+                          "threshold_how", "calibration")
+
+# The erasure list of record (ROOT/erasures/<seq>.parquet, facelake.root): one row per erased id.
+ERASURE_SCHEMA = pa.schema([
+    ("image_id", pa.string()), ("reason", pa.string()), ("user", pa.string()), ("claimed_user", pa.string()),
+    ("erased_at", pa.string()), ("job_id", pa.string()),
+    ("faces", pa.int64()), ("error_rows", pa.int64()),   # what the root held of the id when it was erased
+])
+
+# Embed: faces below the quality floor (OUT/dropped/), with the reason.
+DROPPED_SCHEMA = pa.schema([
+    ("image_id", pa.string()), ("bbox", BBOX), ("det_score", pa.float32()),
+    ("reason", pa.string()), ("model", pa.string()),
+])
+
+# What an embed actor call returns to the driver: counts only, never face rows or embeddings.
+EMBED_COUNTS_SCHEMA = pa.schema([
+    ("images", pa.int64()), ("images_with_faces", pa.int64()), ("faces", pa.int64()),
+    ("errors", pa.int64()), ("dropped", pa.int64()),
+    ("error_types", pa.string()),  # JSON object: error type -> rows
+    ("parts", pa.int64()),         # part files written by the call
+])
+
+
+def embed_outcome_schema(dim: int, carried: pa.Schema) -> pa.Schema:
+    """Inside an embed actor: face, error and dropped rows of a batch together, told apart by _kind."""
+    faces = faces_schema(dim)
+    fields = [pa.field("_kind", pa.string())]
+    fields += [faces.field(n) for n in ("image_id", "face_index", "uri", "bbox", "landmarks",
+                                        "det_score", "embedding", "content_sha256")]
+    fields += [pa.field("stage", pa.string()), pa.field("error_type", pa.string()),
+               pa.field("message", pa.string())]
+    return pa.schema(fields + list(carried))
+
+
+def with_carried(schema: pa.Schema, carried: pa.Schema) -> pa.Schema:
+    """``schema`` followed by the manifest's carried columns it does not already have."""
+    return pa.schema(list(schema) + [f for f in carried if f.name not in schema.names])
+
+
 def id_table_schema(faces: pa.Schema) -> pa.Schema:
     """The id table schema of a version built from faces of schema ``faces``."""
     extra = [f for f in faces if f.name not in ID_TABLE_SCHEMA.names and f.name not in ID_TABLE_DROPPED]
@@ -112,6 +159,41 @@ def id_table_schema(faces: pa.Schema) -> pa.Schema:
 def carried_columns(schema: pa.Schema, own: tuple[str, ...] = FACE_COLUMNS) -> list[str]:
     """Manifest columns that are not facelake's own and are carried through."""
     return [name for name in schema.names if name not in own]
+
+
+# ------------------------------------------------------------------------------ index version manifest
+
+# ROOT/index/<version>/manifest.json (facelake.index.build writes it, facelake.index.load reads it).
+INDEX_FORMAT = 2   # 2: id tables as memory-mappable Arrow IPC files, tuned nprobe
+# What a reader needs; a manifest without them is refused as malformed.
+INDEX_MANIFEST_REQUIRED = ("version", "model", "dim", "metric", "nlist", "nprobe", "shards", "total", "files")
+# Every key a version manifest of INDEX_FORMAT holds (besides "format").
+INDEX_MANIFEST_KEYS = INDEX_MANIFEST_REQUIRED + (
+    "weights_sha256", "factory", "pq", "rerank", "nprobe_how", "tuning", "train_size", "columns",
+    "erased_faces", "source", "created_at", "facelake_version", "faiss_version", "trained_from",
+    "erased_ids_count", "erased_ids_sha256", "build")
+
+
+def index_manifest(values: dict) -> dict:
+    """A version manifest of INDEX_FORMAT from ``values``, which must hold exactly INDEX_MANIFEST_KEYS."""
+    missing = [k for k in INDEX_MANIFEST_KEYS if k not in values]
+    unknown = sorted(set(values) - set(INDEX_MANIFEST_KEYS))
+    if missing or unknown:
+        raise ValueError(f"index manifest: missing {missing}, unknown {unknown} (facelake.schema.INDEX_MANIFEST_KEYS)")
+    return {"format": INDEX_FORMAT, **values}
+
+
+def index_manifest_problems(manifest: dict, version: str) -> list[str]:
+    """What makes a stored version manifest unreadable by this facelake ([] when nothing)."""
+    problems = []
+    if int(manifest.get("format", 1)) < INDEX_FORMAT:
+        problems.append(f"old layout format {manifest.get('format', 1)} (id tables in Parquet)")
+    missing = [k for k in INDEX_MANIFEST_REQUIRED if k not in manifest]
+    if missing:
+        problems.append(f"missing {missing}")
+    elif manifest["version"] != version:
+        problems.append(f"names version {manifest['version']!r}")
+    return problems
 
 
 # ------------------------------------------------------------------------------ audit records
@@ -172,3 +254,56 @@ class AuditRecord:
         """The flat dict readers use: details first, then the common fields (``user`` = os_user)."""
         common = {k: v for k, v in asdict(self).items() if k != "details"}
         return {**self.details, **common, "user": self.os_user}
+
+
+# ------------------------------------------------------------------------------ output fingerprints
+
+FINGERPRINT_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class OutputFingerprint:
+    """What produced an embed output folder (OUT/_fingerprint.json, written before its first part).
+
+    Every option that changes which rows an image gets, or their values: the model, its detector
+    and weights, the quality floor, and the read limits (an image refused by one run's limits is
+    an error row another run would have embedded). Options that only change speed or file layout
+    (workers, batch size, chunk and part sizes, the recognizer runtime within its tolerance) are
+    not part of it. A rerun into the same folder must carry an equal fingerprint.
+    """
+
+    model: str
+    detector: str
+    weights_sha256: str
+    dim: int
+    min_face: int
+    min_score: float
+    max_pixels: int
+    max_bytes: int
+    allowed_roots: tuple[str, ...]
+    format: int = FINGERPRINT_FORMAT
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=2, sort_keys=True).encode()
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the canonical JSON: a short key for the whole fingerprint."""
+        import hashlib
+
+        return hashlib.sha256(self.to_json()).hexdigest()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "OutputFingerprint":
+        """Parse a stored fingerprint; raises ValueError naming what is wrong."""
+        raw = json.loads(data)
+        names = {f.name for f in fields(cls)}
+        if not isinstance(raw, dict) or set(raw) != names:
+            raise ValueError(f"not an output fingerprint (keys {sorted(raw) if isinstance(raw, dict) else raw!r}, "
+                             f"expected {sorted(names)})")
+        return cls(**{**raw, "allowed_roots": tuple(raw["allowed_roots"])})
+
+    def differences(self, other: "OutputFingerprint") -> list[str]:
+        """'name: mine vs other' for every field that differs."""
+        mine, theirs = asdict(self), asdict(other)
+        return [f"{k}: {mine[k]!r} vs {theirs[k]!r}" for k in mine if mine[k] != theirs[k]]

@@ -1,5 +1,10 @@
 """Storage paths: local folders (the embedded default), file:// and s3:// through fsspec.
 
+The one place for: opening a URI (``filesystem``), atomic and write-if-absent writes, the one
+Parquet part writer (``write_table``) and readers (``read_table`` for a folder, ``read_file``
+and ``open_parquet`` for one file), and the names, times and hashes stored objects carry
+(``new_name``, ``utc_now``, ``sha256``).
+
 Credentials are never taken as options: s3fs reads them from the AWS credential chain
 (environment, ~/.aws, instance or pod roles) on whichever node opens the path, so nothing
 secret is pickled into Ray tasks or written to logs. Only the endpoint and region travel.
@@ -7,10 +12,15 @@ secret is pickled into Ray tasks or written to logs. Only the endpoint and regio
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
+import hashlib
 import io
 import os
 import posixpath
+import secrets
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Iterator
@@ -177,18 +187,30 @@ def link_or_copy(src: str, dst: str, options: StorageOptions | None = None) -> N
 
 
 def write_bytes_new(uri: str, data: bytes, options: StorageOptions | None = None) -> None:
-    """Create an object that must not exist yet (append-only logs); refuse to overwrite."""
+    """Create ``uri`` whole, failing with FileExistsError if it exists: write-if-absent for
+    append-only logs and claims (local: a hard link of a complete temporary file, which fails if
+    the name exists; S3: a conditional PUT, If-None-Match)."""
     fs, path = filesystem(uri, options)
     if scheme_of(uri) == "file":
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "xb") as handle:
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        try:
+            os.link(tmp, path)  # atomic, fails if the name exists
+        finally:
+            os.unlink(tmp)
         return
-    if fs.exists(path):
-        raise FileExistsError(f"{redact(uri)} already exists; append-only objects are never rewritten")
-    fs.pipe_file(path, data)
+    try:
+        fs.pipe_file(path, data, mode="create")
+    except FileExistsError:
+        raise
+    except OSError as err:  # 412 Precondition Failed comes back as an OSError
+        if "PreconditionFailed" in str(err) or "412" in str(err):
+            raise FileExistsError(redact(uri)) from err
+        raise
 
 
 def list_files(uri: str, suffix: str = "", options: StorageOptions | None = None) -> list[str]:
@@ -209,11 +231,16 @@ def remove(uri: str, recursive: bool = False, options: StorageOptions | None = N
         fs.rm(path, recursive=recursive)
 
 
-def write_table(uri: str, table: pa.Table, options: StorageOptions | None = None) -> None:
-    """Write one Parquet file atomically (temporary object, then rename / single PUT)."""
+def parquet_bytes(table: pa.Table) -> bytes:
+    """A table as the bytes of one Parquet part file (zstd; the schema's metadata kept)."""
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="zstd")
-    write_bytes_atomic(uri, sink.getvalue(), options)
+    return sink.getvalue()
+
+
+def write_table(uri: str, table: pa.Table, options: StorageOptions | None = None) -> None:
+    """Write one Parquet part file atomically (temporary object, then rename / single PUT)."""
+    write_bytes_atomic(uri, parquet_bytes(table), options)
 
 
 def read_table(uri: str, columns: list[str] | None = None, options: StorageOptions | None = None) -> pa.Table:
@@ -234,7 +261,38 @@ def iter_batches(uri: str, columns: list[str] | None = None, batch_size: int = 6
     if not files:
         raise FileNotFoundError(f"no Parquet files at {redact(uri)}")
     for file_uri in files:
-        fs, path = filesystem(file_uri, options)
-        with fs.open(path, "rb") as handle:
-            reader = pq.ParquetFile(handle)
-            yield from reader.iter_batches(batch_size=batch_size, columns=columns)
+        with open_parquet(file_uri, options) as parquet:
+            yield from parquet.iter_batches(batch_size=batch_size, columns=columns)
+
+
+def read_file(uri: str, columns: list[str] | None = None, options: StorageOptions | None = None) -> pa.Table:
+    """Read one Parquet file (an object, not a folder) into a table."""
+    with open_parquet(uri, options) as parquet:
+        return parquet.read(columns=columns)
+
+
+@contextlib.contextmanager
+def open_parquet(uri: str, options: StorageOptions | None = None) -> Iterator[pq.ParquetFile]:
+    """One Parquet file, opened for its footer (row counts, schema) or row groups."""
+    fs, path = filesystem(uri, options)
+    with fs.open(path, "rb") as handle:
+        yield pq.ParquetFile(handle)
+
+
+# ------------------------------------------------------------------------------ names, times, hashes
+
+def sha256(data: bytes) -> str:
+    """Hex sha256 of bytes: content hashes, checksums of stored files, hash chains."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def utc_now() -> str:
+    """UTC time to the millisecond (ISO 8601, Z), so that records of one second still sort in order."""
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
+
+
+def new_name() -> str:
+    """A sortable, unique name for stored runs and versions, e.g. 20261125T120000.123Z-1a2b3c."""
+    now = dt.datetime.now(dt.timezone.utc)
+    return f"{now.strftime('%Y%m%dT%H%M%S')}.{now.microsecond // 1000:03d}Z-{secrets.token_hex(3)}"

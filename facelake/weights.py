@@ -35,10 +35,6 @@ def weights_dir() -> Path:
     return Path(home) / ".deepface" / "weights"
 
 
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -76,14 +72,14 @@ def _from_folder(weight: WeightFile, folder_uri: str) -> tuple[bytes, bool] | No
 def _finish(weight: WeightFile, data: bytes, is_final: bool, origin: str) -> bytes:
     """Check a source against the registry and apply the registered rewrite."""
     if not is_final:
-        got = sha256_bytes(data)
+        got = storage.sha256(data)
         if got != weight.source_sha256:
             raise WeightsError(
                 f"{origin} holds a {os.path.basename(weight.package_path)} with sha256 {got[:12]}..., "
                 f"registry expects {weight.source_sha256[:12]}...: {_install_hint(weight)}")
         if weight.rewrite:
             data = getattr(onnx_rewrite, weight.rewrite)(data)
-    got = sha256_bytes(data)
+    got = storage.sha256(data)
     if got != weight.sha256:
         raise WeightsError(
             f"{weight.file_name} from {origin} has sha256 {got[:12]}..., registry expects "

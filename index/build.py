@@ -35,15 +35,14 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 
 import facelake
-from facelake import storage
+from facelake import device, faults, storage
 from facelake.errors import ConfigError
 from facelake.index import layout
 from facelake.index.params import TARGET_RECALL, TUNING_QUERIES, IndexParams, choose_params, nprobe_ladder
-from facelake.schema import id_table_schema
+from facelake.schema import id_table_schema, index_manifest
 from facelake.storage import StorageOptions
 
 log = logging.getLogger(__name__)
@@ -61,9 +60,7 @@ FacesInput = pa.Table | str | list
 
 def gpu_available() -> bool:
     """True when faiss was built with GPU support and the connected Ray cluster has a GPU."""
-    if not hasattr(faiss, "StandardGpuResources"):
-        return False
-    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1
+    return device.faiss_on_gpu()
 
 
 def train(xb_sample: np.ndarray, params: IndexParams, use_gpu: bool = False) -> faiss.Index:
@@ -117,9 +114,7 @@ def list_parts(faces: FacesInput, options: StorageOptions | None) -> tuple[list[
                           f"pass the folder it wrote")
     parts, schemas, first = [], [], 0
     for uri in sorted(uris) if not isinstance(faces, list) else uris:
-        fs, path = storage.filesystem(uri, options)
-        with fs.open(path, "rb") as handle:
-            meta = pq.ParquetFile(handle)
+        with storage.open_parquet(uri, options) as meta:
             rows, schema = meta.metadata.num_rows, meta.schema_arrow
         parts.append(Part(uri=uri, rows=rows, first_row=first))
         schemas.append(schema)
@@ -146,9 +141,7 @@ def _read_rows(part: Part, start: int, stop: int, columns: list[str] | None,
         table = ray.get(part.ref)
         return table.slice(start, stop - start).select([c for c in columns or table.column_names
                                                         if c in table.column_names])
-    fs, path = storage.filesystem(part.uri, options)
-    with fs.open(path, "rb") as handle:
-        reader = pq.ParquetFile(handle)
+    with storage.open_parquet(part.uri, options) as reader:
         groups, first, offset = [], None, 0
         for g in range(reader.metadata.num_row_groups):
             n = reader.metadata.row_group(g).num_rows
@@ -467,7 +460,7 @@ def build_version(faces: FacesInput, root: str, *, model: str, weights_sha256: s
         raise ConfigError(f"--trained-from {trained_from} holds a {old.get('factory')} quantizer, this facelake "
                           f"builds {params.factory}: build without --trained-from (`facelake rebuild --full` "
                           f"retrains)")
-    if use_gpu and not hasattr(faiss, "StandardGpuResources"):
+    if use_gpu and not device.faiss_gpu():
         raise ConfigError("use_gpu=True but this faiss has no GPU support: install faiss-gpu-cu12 "
                           "(make install-gpu) or leave use_gpu unset")
     use_gpu = gpu_available() if use_gpu is None else use_gpu
@@ -509,8 +502,7 @@ def build_version(faces: FacesInput, root: str, *, model: str, weights_sha256: s
     if total == 0:
         raise NothingToIndex("no faces left to index: every face is erased or the faces table is empty")
 
-    manifest = {
-        "format": 2,
+    manifest = index_manifest({
         "version": version,
         "model": model,
         "weights_sha256": weights_sha256,
@@ -547,7 +539,7 @@ def build_version(faces: FacesInput, root: str, *, model: str, weights_sha256: s
         "erased_ids_sha256": layout.sha256("\0".join(sorted(erased_list.to_pylist())).encode()),
         "build": {"gpu": bool(use_gpu), "train_seconds": trained_seconds,
                   "seconds": round(time.perf_counter() - started, 3)},
-    }
+    })
     _run_hook(hooks, "before_manifest", version)
     manifest_sha = layout.write_manifest(root, version, manifest, options)
     _run_hook(hooks, "before_pointer", version)
@@ -575,6 +567,7 @@ def run_shards(groups: list[list[tuple[int, int, int, int]]], shard_numbers, par
 
 
 def _run_hook(hooks: Hooks | None, name: str, version: str) -> None:
+    faults.point(f"index.{name}", version)
     if hooks and name in hooks:
         hooks[name](version)
 

@@ -18,7 +18,6 @@ crashed build leaves the previous version live. Version names sort by creation t
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import logging
 import secrets
@@ -72,9 +71,7 @@ def new_version_name(root: str | None = None, options: StorageOptions | None = N
     return name
 
 
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
+sha256 = storage.sha256   # checksums of a version's files (one definition, in facelake.storage)
 
 def write_manifest(root: str, version: str, manifest: dict, options: StorageOptions | None = None) -> str:
     """Write manifest.json (the version is then complete); return its sha256."""

@@ -19,11 +19,10 @@ import pyarrow as pa
 from facelake import storage
 from facelake.errors import IndexVersionError
 from facelake.index import layout
+from facelake.schema import index_manifest_problems
 from facelake.storage import StorageOptions
 
-MANIFEST_KEYS = ("version", "model", "dim", "metric", "nlist", "nprobe", "shards", "total", "files")
 HASH_CHUNK = 8 << 20
-LAYOUT_FORMAT = 2               # id tables as memory-mappable Arrow IPC files, tuned nprobe
 
 
 @dataclass(frozen=True)
@@ -79,14 +78,10 @@ def open_version(root: str, version: str | None = None, *, expect_model: str | N
                                     f"`facelake index FACES --root {storage.redact(root)}`")
         version, expect_sha = pointer["version"], pointer.get("manifest_sha256")
     manifest = layout.read_manifest(root, version, options, expect_sha256=expect_sha)
-    if int(manifest.get("format", 1)) < LAYOUT_FORMAT:
-        raise IndexVersionError(f"index version {version} uses the old layout format {manifest.get('format', 1)} "
-                                f"(id tables in Parquet): publish a new version with `facelake index` or "
-                                f"`facelake rebuild --full`")
-    missing = [key for key in MANIFEST_KEYS if key not in manifest]
-    if missing or manifest["version"] != version:
-        raise IndexVersionError(f"manifest of index version {version} is malformed (missing {missing}): "
-                                f"rebuild with `facelake index`")
+    problems = index_manifest_problems(manifest, version)
+    if problems:
+        raise IndexVersionError(f"index version {version} cannot be read by this facelake ({'; '.join(problems)}): "
+                                f"publish a new version with `facelake index` or `facelake rebuild --full`")
     if expect_model is not None and manifest["model"] != expect_model:
         raise IndexVersionError(
             f"index version {version} was built with model {manifest['model']!r} but the probes use "

@@ -204,8 +204,9 @@ def start_searchers(handle: VersionHandle, *, use_gpu: bool | None = None, num_c
         share = SEARCHER_CPU_SHARE * ray.cluster_resources().get("CPU", 1) / max(1, handle.shard_count)
         num_cpus = min(1.0, max(0.01, share))
     if use_gpu is None:   # faiss GPU has no fast-scan PQ: compressed shards are searched on CPUs
-        use_gpu = (hasattr(faiss, "StandardGpuResources") and ray.cluster_resources().get("GPU", 0) >= 1
-                   and not handle.manifest.get("pq"))
+        from facelake.device import faiss_on_gpu
+
+        use_gpu = faiss_on_gpu() and not handle.manifest.get("pq")
     if threads is None:   # Ray caps OpenMP at an actor's num_cpus (1 here): give faiss the node's share
         nodes = [n["Resources"].get("CPU", 1) for n in ray.nodes() if n.get("Alive")] or [1]
         per_node = -(-handle.shard_count // len(nodes))

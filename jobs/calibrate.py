@@ -38,7 +38,6 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import typer
 
 from facelake import audit, calibration, storage
@@ -129,18 +128,18 @@ def run_calibrate(config: CalibrateConfig) -> CalibrateSummary:
     config.validate()
     options = storage.StorageOptions.from_env(config.endpoint_url)
     summary = CalibrateSummary(job_id=audit.new_job_id("calibrate"))
-    started_at, started = audit.utc_now(), time.monotonic()
-    status, error = "failed", None
-    try:
-        _calibrate(config, options, summary)
-        status = "skipped" if summary.skipped else "succeeded"
-        return summary
-    except BaseException as err:
-        error = f"{type(err).__name__}: {storage.redact(str(err))}"[:2000]
-        raise
-    finally:
-        summary.seconds = round(time.monotonic() - started, 3)
-        audit.write_record(config.root, _audit_record(config, summary, started_at, status, error), options)
+    started = time.monotonic()
+    # audited like every job on a root: "started" first, then one end record with the one status
+    with audit.Job(config.root, "calibrate", options, job_id=summary.job_id,
+                   details=_audit_record(config, summary)) as job:
+        try:
+            _calibrate(config, options, summary)
+            if summary.skipped:
+                job.end_status = "skipped"
+            return summary
+        finally:
+            summary.seconds = round(time.monotonic() - started, 3)
+            job.details.update(_audit_record(config, summary))
 
 
 def _calibrate(config: CalibrateConfig, options, summary: CalibrateSummary) -> None:
@@ -193,9 +192,8 @@ def _is_faces_table(uri: str, options) -> bool:
     if not files:
         raise ConfigError(f"no non-mated probes at {storage.redact(uri)}: give a Parquet manifest of images "
                           f"(image_id, uri) of people not in the gallery, or a faces table `facelake embed` wrote")
-    fs, path = storage.filesystem(files[0], options)
-    with fs.open(path, "rb") as handle:
-        return "embedding" in pq.read_schema(handle).names
+    with storage.open_parquet(files[0], options) as parquet:
+        return "embedding" in parquet.schema_arrow.names
 
 
 def _probe_faces(config: CalibrateConfig, options, model: str, summary: CalibrateSummary) -> pa.Table:
@@ -367,11 +365,11 @@ def _nonmated_max(D: np.ndarray, I: np.ndarray, same: np.ndarray | None, summary
 
 # ------------------------------------------------------------------------------ audit and CLI
 
-def _audit_record(config: CalibrateConfig, summary: CalibrateSummary, started_at: str, status: str,
-                  error: str | None) -> dict:
-    """The audit record: why, against which version, with what probes and outcome. No secrets."""
+def _audit_record(config: CalibrateConfig, summary: CalibrateSummary) -> dict:
+    """The audit record's details (facelake.audit.Job adds job id, status, who and when): why,
+    against which version, with what probes and outcome. No secrets."""
     return {
-        "job_id": summary.job_id, "kind": "calibrate", "purpose": (config.purpose or "").strip(),
+        "purpose": (config.purpose or "").strip(),
         "index_version": summary.index_version, "model": summary.model, "gallery_size": summary.gallery_size,
         "calibration_file": summary.calibration_file, "skipped": summary.skipped,
         "parameters": {"top_k": config.top_k, "nprobe": config.nprobe, "identity_column": config.identity_column,
@@ -380,9 +378,7 @@ def _audit_record(config: CalibrateConfig, summary: CalibrateSummary, started_at
         "counts": {"images": summary.probe_images, "images_without_face": summary.probe_errors,
                    "searches": summary.searches, "excluded_same_identity": summary.excluded_same_identity,
                    "saturated": summary.saturated},
-        "certified": summary.certified, "notes": summary.notes,
-        "started_at": started_at, "ended_at": audit.utc_now(), "seconds": summary.seconds,
-        "status": status, "error": error,
+        "certified": summary.certified, "notes": summary.notes, "seconds": summary.seconds,
     }
 
 

@@ -1,6 +1,7 @@
 """`facelake demo`: the whole flow on the bundled sample, with a local Ray and local storage.
 
-manifest (samples/manifest.parquet) -> faces table -> index version -> search results table.
+manifest (``facelake.samples.MANIFEST``: samples/ in a checkout, installed with the package) ->
+faces table -> index version -> search results table.
 """
 
 from __future__ import annotations
@@ -11,11 +12,9 @@ from pathlib import Path
 
 import typer
 
-import facelake
 from facelake import progress, storage
 from facelake.errors import ConfigError
-
-SAMPLE_MANIFEST = Path(facelake.__file__).resolve().parents[1] / "samples" / "manifest.parquet"
+from facelake.samples import MANIFEST as SAMPLE_MANIFEST
 
 
 DEMO_STEPS = ("demo: embed the sample photos", "demo: build the index", "demo: search sample probes")
@@ -35,7 +34,8 @@ def run_demo(out: str, manifest_uri: str | None = None, fresh: bool = True) -> d
 
     manifest_uri = manifest_uri or str(SAMPLE_MANIFEST)
     if not storage.exists(manifest_uri):
-        raise ConfigError(f"sample manifest {manifest_uri} not found: run from a facelake checkout or pass --manifest")
+        raise ConfigError(f"sample manifest {manifest_uri} not found: reinstall facelake (the sample ships "
+                          f"inside it, as facelake.samples) or pass --manifest")
     if fresh and storage.scheme_of(out) == "file" and Path(out).exists():
         shutil.rmtree(out)
     archive, root, results = (storage.join(out, p) for p in ("archive", "root", "results"))

@@ -10,6 +10,11 @@ own Parquet part files, each atomically (temporary name then rename; one PUT on 
     OUT/errors/part-<run>-<chunk>-<n>.parquet   one row per image that failed or held no usable face
     OUT/dropped/part-<run>-<chunk>-<n>.parquet  faces below the quality floor, with the reason
     OUT/_runs/<run>.json                        the run's summary, written last by the driver
+    OUT/_fingerprint.json                       what produces this folder (schema.OutputFingerprint)
+
+OUT's fingerprint (model, detector, weights sha256, quality floor, read limits) is written before
+the first part; a rerun with other such options is refused before any work, naming the fix (a new
+--out, or --overwrite to delete OUT's tables first), so one folder never mixes faces of two setups.
 
 The driver receives one row of counts per chunk, never face rows. Every manifest row ends in
 exactly one of faces or errors. An image's rows always land in one part file, so a run killed
@@ -24,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 import uuid
 from collections import Counter
@@ -35,12 +39,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import typer
 
-from facelake import manifest, progress, reader, storage
+from facelake import device, faults, manifest, progress, reader, storage
 from facelake.errors import ConfigError
 from facelake.imaging import DEFAULT_MAX_PIXELS, content_sha256, decode_bgr
 from facelake.registry import MODELS, ModelSpec, get_model, weights_fingerprint
-from facelake.schema import (ERRORS_SCHEMA, NO_FACE, NO_USABLE_FACE, STAGE_DECODE, STAGE_DETECT,
-                             STAGE_EMBED, STAGE_FETCH, STAGE_QUALITY, STAGE_VALIDATE, faces_schema)
+from facelake.schema import (DROPPED_SCHEMA, EMBED_COUNTS_SCHEMA, ERRORS_SCHEMA, NO_FACE, NO_USABLE_FACE,
+                             STAGE_DECODE, STAGE_DETECT, STAGE_EMBED, STAGE_FETCH, STAGE_QUALITY, STAGE_VALIDATE,
+                             OutputFingerprint, embed_outcome_schema, faces_schema, with_carried)
 
 if TYPE_CHECKING:
     import ray
@@ -66,12 +71,6 @@ DEFAULT_SHARD_ROWS = 100_000
 ACTOR_CPUS = 0.5
 READ_CPUS = 0.25
 
-DROPPED_SCHEMA = pa.schema([
-    ("image_id", pa.string()), ("bbox", pa.list_(pa.int32(), 4)), ("det_score", pa.float32()),
-    ("reason", pa.string()), ("model", pa.string()),
-])
-
-
 @dataclass(frozen=True)
 class EmbedConfig:
     """Options of one embed run; ``validate`` checks them before storage or Ray is touched."""
@@ -94,6 +93,7 @@ class EmbedConfig:
     chunk_images: int = DEFAULT_CHUNK_IMAGES
     workers: int | None = None
     progress: bool = True
+    overwrite: bool = False   # delete OUT's tables first (when they were made with other options)
 
     def validate(self) -> ModelSpec:
         spec = get_model(self.model)
@@ -120,6 +120,14 @@ class EmbedConfig:
     def limits(self) -> reader.ReadLimits:
         """What the workers may read (roots, bytes, time)."""
         return reader.ReadLimits(self.allowed_roots, self.max_bytes, self.read_timeout_s)
+
+    def fingerprint(self) -> OutputFingerprint:
+        """What this run's options make of an image (see schema.OutputFingerprint)."""
+        spec = get_model(self.model)
+        return OutputFingerprint(
+            model=spec.name, detector=spec.detector, weights_sha256=weights_fingerprint(spec), dim=spec.dim,
+            min_face=self.min_face, min_score=float(self.min_score), max_pixels=self.max_pixels,
+            max_bytes=self.max_bytes, allowed_roots=tuple(sorted(reader.normal(r) for r in self.allowed_roots)))
 
 
 @dataclass
@@ -153,15 +161,6 @@ class EmbedSummary:
 
 # ---------------------------------------------------------------------------- worker side
 
-def resolve_uri(uri: str, base_dir: str, allowed_roots: tuple[str, ...]) -> str:
-    """Make a manifest uri absolute (relative to the manifest's folder) and check its roots."""
-    return reader.resolve(uri, base_dir, allowed_roots)
-
-
-def _normal(uri: str) -> str:
-    return reader.normal(uri)
-
-
 class EmbedWorker:
     """A Ray Data actor: one loaded model; embeds a chunk of manifest rows per call, writes the
     chunk's faces, errors and dropped part files itself and returns one row of counts."""
@@ -170,8 +169,7 @@ class EmbedWorker:
                  max_pixels: int, options: storage.StorageOptions, allowed_roots: tuple[str, ...],
                  base_dir: str, done_ids: "ray.ObjectRef | None", threads: int, carried: tuple[str, ...],
                  carried_schema: pa.Schema, out: str, run_id: str, batch_size: int, shard_rows: int,
-                 weights_sha256: str, turns: "ray.actor.ActorHandle | None" = None,
-                 limits: reader.ReadLimits | None = None) -> None:
+                 weights_sha256: str, limits: reader.ReadLimits | None = None) -> None:
         import ray
 
         from facelake.faces import FaceEngine, QualityFloor
@@ -187,17 +185,15 @@ class EmbedWorker:
         # the ids already in OUT travel once through the object store, not pickled per actor
         self.done_ids = ray.get(done_ids) if done_ids is not None else None
         self.carried = carried
-        self.schema = outcome_schema(self.spec.dim, carried_schema)
+        self.schema = embed_outcome_schema(self.spec.dim, carried_schema)
         self.layout, self.run_id = outputs(out), run_id
-        self.tables = {"faces": _with_carried(faces_schema(self.spec.dim), carried_schema),
-                       "errors": _with_carried(ERRORS_SCHEMA, carried_schema), "dropped": DROPPED_SCHEMA}
+        self.tables = {"faces": with_carried(faces_schema(self.spec.dim), carried_schema),
+                       "errors": with_carried(ERRORS_SCHEMA, carried_schema), "dropped": DROPPED_SCHEMA}
         self.batch_size, self.shard_rows, self.weights_sha256 = batch_size, shard_rows, weights_sha256
-        self.turns = turns
 
     def __call__(self, chunk: pa.Table) -> pa.Table:
         """Embed one chunk of manifest rows, write its part files, return one row of counts."""
-        if self.turns is not None:
-            _wait_for_turn(self.turns)
+        faults.point("embed.chunk")
         token = _chunk_token(chunk["image_id"])  # before filtering: a retried chunk gets the same names
         if self.done_ids is not None and len(self.done_ids):
             chunk = chunk.filter(pc.invert(pc.is_in(chunk["image_id"], value_set=self.done_ids)))
@@ -225,7 +221,7 @@ class EmbedWorker:
             "faces": [faces.num_rows], "errors": [errors.num_rows], "dropped": [dropped.num_rows],
             "error_types": [json.dumps(dict(Counter(errors["error_type"].to_pylist())), sort_keys=True)],
             "parts": [written],
-        }, schema=COUNTS_SCHEMA)
+        }, schema=EMBED_COUNTS_SCHEMA)
 
     def _embed_batch(self, batch: pa.Table) -> pa.Table:
         """One model call's worth of images -> face, error and dropped rows told apart by _kind."""
@@ -267,7 +263,7 @@ class EmbedWorker:
 
     def _one_image(self, row: dict, out: dict, crops: list, face_rows: list) -> None:
         try:
-            uri = resolve_uri(row["uri"], self.base_dir, self.allowed_roots)
+            uri = reader.resolve(row["uri"], self.base_dir, self.allowed_roots)
         except Exception as err:
             return self._error(out, row, STAGE_VALIDATE, type(err).__name__, str(err))
         try:
@@ -327,59 +323,6 @@ def _one_error_per_image(table: pa.Table) -> pa.Table:
     return table.take(pa.array(keep, pa.int64()))
 
 
-def outcome_schema(dim: int, carried_schema: pa.Schema) -> pa.Schema:
-    """Schema of what workers return: face, error and dropped rows together, told apart by _kind."""
-    faces = faces_schema(dim)
-    fields = [pa.field("_kind", pa.string())]
-    fields += [faces.field(n) for n in ("image_id", "face_index", "uri", "bbox", "landmarks",
-                                        "det_score", "embedding", "content_sha256")]
-    fields += [pa.field("stage", pa.string()), pa.field("error_type", pa.string()),
-               pa.field("message", pa.string())]
-    fields += list(carried_schema)
-    return pa.schema(fields)
-
-
-# What an actor call returns to the driver: counts only, never face rows or embeddings.
-COUNTS_SCHEMA = pa.schema([
-    ("images", pa.int64()), ("images_with_faces", pa.int64()), ("faces", pa.int64()),
-    ("errors", pa.int64()), ("dropped", pa.int64()),
-    ("error_types", pa.string()),  # JSON object: error type -> rows
-    ("parts", pa.int64()),         # part files written by the call
-])
-
-
-class Turns:
-    """Test hooks only (a Ray actor): how many more chunks the actors may start. The driver adds
-    one each time it has handled a counts row, so actors cannot run ahead of a driver whose hook
-    fails the job on purpose, and such a test stops at a known point."""
-
-    def __init__(self, turns: int) -> None:
-        self.turns = turns
-
-    def take(self) -> bool:
-        if self.turns <= 0:
-            return False
-        self.turns -= 1
-        return True
-
-    def give(self) -> None:
-        self.turns += 1
-
-
-# Longest an actor waits for a turn: Ray Data may bundle several chunks into one task, whose
-# counts reach the driver together at its end, so a chunk waiting on the one before it in the
-# same task must go on by itself.
-TURN_WAIT_S = 5.0
-
-
-def _wait_for_turn(turns: "ray.actor.ActorHandle") -> None:
-    import ray
-
-    deadline = time.monotonic() + TURN_WAIT_S
-    while not ray.get(turns.take.remote()) and time.monotonic() < deadline:
-        time.sleep(0.02)
-
-
 def part_name(run_id: str, token: str, index: int) -> str:
     """File name of one part: the run, the chunk it came from, its place in that chunk."""
     return f"part-{run_id}-{token}-{index:03d}.parquet"
@@ -418,7 +361,41 @@ def _split_at_images(table: pa.Table, max_rows: int) -> list[pa.Table]:
 
 def outputs(out: str) -> dict[str, str]:
     """The output layout of an embed run under OUT (one source of truth)."""
-    return {name: storage.join(out, name) for name in ("faces", "errors", "dropped", "_runs")}
+    layout = {name: storage.join(out, name) for name in ("faces", "errors", "dropped", "_runs")}
+    layout["fingerprint"] = storage.join(out, "_fingerprint.json")
+    return layout
+
+
+def claim_output(out: str, fingerprint: OutputFingerprint, options: storage.StorageOptions | None = None,
+                 *, overwrite: bool = False) -> None:
+    """Make sure OUT holds only what ``fingerprint`` produces: write it into a new OUT, accept an
+    equal one, refuse anything else (before any work) naming the fix. ``overwrite`` deletes OUT's
+    tables, summaries and fingerprint first."""
+    layout = outputs(out)
+    tables = ("faces", "errors", "dropped", "_runs")
+    if overwrite:
+        for name in tables:
+            storage.remove(layout[name], recursive=True, options=options)
+        storage.remove(layout["fingerprint"], options=options)
+    fix = (f"write this run to a new --out, or pass --overwrite to delete the faces, errors and dropped "
+           f"tables under {storage.redact(out)} first")
+    if not storage.exists(layout["fingerprint"], options):
+        if any(storage.list_files(layout[name], ".parquet", options) for name in tables[:3]):
+            raise ConfigError(f"{storage.redact(out)} holds embed output without a fingerprint (written before "
+                              f"facelake recorded the options that made it), so a rerun could mix two setups: {fix}")
+        try:
+            storage.write_bytes_new(layout["fingerprint"], fingerprint.to_json(), options)
+            return
+        except FileExistsError:   # another run claimed it first: compare with what it wrote
+            pass
+    try:
+        held = OutputFingerprint.from_json(storage.read_bytes(layout["fingerprint"], options))
+    except ValueError as err:
+        raise ConfigError(f"{storage.redact(layout['fingerprint'])} is not a readable fingerprint ({err}): {fix}") from err
+    different = held.differences(fingerprint)
+    if different:
+        raise ConfigError(f"{storage.redact(out)} holds faces made with other options ("
+                          + "; ".join(f"{d} (OUT vs this run)" for d in different) + f"); rerunning would mix them: {fix}")
 
 
 def done_image_ids(out: str, spec: ModelSpec, options: storage.StorageOptions | None = None) -> pa.Array:
@@ -445,18 +422,16 @@ class EmbedPlan:
 
     dataset: "ray.data.Dataset | None"
     summary: EmbedSummary
-    turns: "ray.actor.ActorHandle | None" = None  # stepped runs only (test hooks): see Turns
 
 
-def embed_dataset(config: EmbedConfig, *, stepped: bool = False) -> EmbedPlan:
+def embed_dataset(config: EmbedConfig) -> EmbedPlan:
     """Validate and plan one run: the Dataset the driver iterates and the run's summary.
 
     Executing the Dataset embeds the manifest's images not yet in OUT: each actor call takes a
     chunk of at most ``chunk_images`` rows, writes that chunk's faces, errors and dropped part
-    files itself and yields one row of counts (COUNTS_SCHEMA), so nothing that grows with the
+    files itself and yields one row of counts (EMBED_COUNTS_SCHEMA), so nothing that grows with the
     faces reaches the driver. The Dataset is None when OUT already holds every image: then no
-    Ray is started and no model loaded. ``stepped`` (test hooks) makes the actors wait for the
-    driver between chunks (see Turns).
+    Ray is started and no model loaded.
     """
     import ray
 
@@ -465,6 +440,7 @@ def embed_dataset(config: EmbedConfig, *, stepped: bool = False) -> EmbedPlan:
     spec = config.validate()
     options = storage.StorageOptions.from_env(config.endpoint_url)
     info = manifest.validate(config.manifest, options)
+    claim_output(config.out, config.fingerprint(), options, overwrite=config.overwrite)
     done = done_image_ids(config.out, spec, options)
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     summary = EmbedSummary(run_id=run_id, model=spec.name, manifest_rows=info.rows,
@@ -472,10 +448,10 @@ def embed_dataset(config: EmbedConfig, *, stepped: bool = False) -> EmbedPlan:
     if len(done) and not _remaining(config.manifest, done, options):
         return EmbedPlan(None, summary)  # every image is already in OUT: start no Ray, load no model
     resources = runtime.connect(config.address)
-    use_gpu = resources.gpus >= 1 and _onnx_has_cuda()
+    use_gpu = device.embed_on_gpu(resources.gpus)
     workers = config.workers or (int(resources.gpus) if use_gpu else max(1, int(resources.cpus)))
     summary.workers, summary.device = workers, "gpu" if use_gpu else "cpu"
-    base_dir = manifest_dir(config.manifest, options)
+    base_dir = manifest.base_dir(config.manifest, options)
     carried_schema = pa.schema([info.schema.field(c) for c in info.carried])
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False    # facelake.progress counts images, faces and errors instead
@@ -484,7 +460,6 @@ def embed_dataset(config: EmbedConfig, *, stepped: bool = False) -> EmbedPlan:
     # never starts. The V1 reader honours num_cpus=READ_CPUS and splits files into blocks.
     context.use_datasource_v2 = False
     arrow_fs, _ = storage.arrow_filesystem(info.files[0], options)
-    turns = ray.remote(num_cpus=0)(Turns).remote(workers) if stepped else None
     # A small job is cut into smaller chunks so that every actor gets some (about 4 each).
     chunk = min(config.chunk_images, max(1, math.ceil(info.rows / (workers * 4))))
     # Manifest reads are light; they must still get scheduled when the model actors hold
@@ -504,24 +479,22 @@ def embed_dataset(config: EmbedConfig, *, stepped: bool = False) -> EmbedPlan:
             done_ids=ray.put(done) if len(done) else None,
             threads=1, carried=info.carried, carried_schema=carried_schema,
             out=config.out, run_id=run_id, batch_size=config.batch_size, shard_rows=config.shard_rows,
-            weights_sha256=weights_fingerprint(spec), turns=turns, limits=config.limits))
-    return EmbedPlan(dataset, summary, turns)
+            weights_sha256=weights_fingerprint(spec), limits=config.limits))
+    return EmbedPlan(dataset, summary)
 
 
-def run_embed(config: EmbedConfig, *, hooks: dict | None = None) -> EmbedSummary:
+def run_embed(config: EmbedConfig) -> EmbedSummary:
     """Embed every image of a manifest not yet in OUT; return the run's summary.
 
-    ``hooks["after_block"]``, when given, is called with the summary so far each time counts
-    arrive (the parts they count are already written); tests fail there on purpose, so the run
-    is stepped: the actors start a chunk only when the driver has handled the counts before it.
+    Fault points (facelake.faults): "embed.chunk" in the actors before each chunk, "embed.counts"
+    in the driver each time counts arrive (the parts they count are already written).
     """
     import ray
 
     from facelake.cluster import runtime
 
     started_here = not ray.is_initialized()
-    after_block = (hooks or {}).get("after_block")
-    plan = embed_dataset(config, stepped=after_block is not None)
+    plan = embed_dataset(config)
     summary = plan.summary
     if plan.dataset is None:
         return summary
@@ -535,22 +508,19 @@ def run_embed(config: EmbedConfig, *, hooks: dict | None = None) -> EmbedSummary
                 add_counts(summary, counts)  # the one place where the workers' counts arrive
                 bar.advance(images=summary.images - before[0], faces=summary.faces - before[1],
                             errors=summary.errors - before[2])
-                if after_block is not None:
-                    after_block(summary)
-                    for _ in range(counts.num_rows):
-                        plan.turns.give.remote()
+                faults.point("embed.counts", summary)
     finally:
         batches.close()  # on a failure, stop the actors now: no part lands after run_embed has returned
     summary.seconds = round(time.monotonic() - started, 3)
     options = storage.StorageOptions.from_env(config.endpoint_url)
     storage.write_bytes_atomic(storage.join(outputs(config.out)["_runs"], f"{summary.run_id}.json"),
                                json.dumps(summary.to_dict(), indent=2).encode(), options)
-    runtime.shutdown_if_local(started_here and config.address is None and hooks is None)
+    runtime.shutdown_if_local(started_here and config.address is None)
     return summary
 
 
 def add_counts(summary: EmbedSummary, counts: pa.Table) -> None:
-    """Add rows of COUNTS_SCHEMA (what actor calls return) to a run's summary."""
+    """Add rows of EMBED_COUNTS_SCHEMA (what actor calls return) to a run's summary."""
     def total(column: str) -> int:
         return pc.sum(counts[column]).as_py() or 0
 
@@ -579,25 +549,6 @@ def _stamp(table: pa.Table, spec: ModelSpec, wsha: str) -> pa.Table:
     return (table.append_column("model", pa.array([spec.name] * n, pa.string()))
                  .append_column("detector", pa.array([spec.detector] * n, pa.string()))
                  .append_column("weights_sha256", pa.array([wsha] * n, pa.string())))
-
-
-def _with_carried(schema: pa.Schema, carried: pa.Schema) -> pa.Schema:
-    return pa.schema(list(schema) + [f for f in carried if f.name not in schema.names])
-
-
-def manifest_dir(uri: str, options: storage.StorageOptions | None = None) -> str:
-    """The folder a manifest's relative uris resolve against (the manifest file's folder)."""
-    fs, path = storage.filesystem(uri, options)
-    folder = path if fs.isdir(path) else os.path.dirname(path)
-    return ("s3://" + folder) if storage.scheme_of(uri) == "s3" else folder
-
-
-def _onnx_has_cuda() -> bool:
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return False
-    return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
 def print_summary(summary: EmbedSummary) -> None:
@@ -629,11 +580,14 @@ def register(app: typer.Typer) -> None:
         shard_rows: int = typer.Option(DEFAULT_SHARD_ROWS, help="faces per output Parquet file"),
         chunk_images: int = typer.Option(DEFAULT_CHUNK_IMAGES, help="images per actor call; each call writes its own part files"),
         workers: int = typer.Option(None, help="model actors (default: one per CPU, or per GPU)"),
+        overwrite: bool = typer.Option(False, "--overwrite", help="delete OUT's faces, errors and dropped tables first "
+                                       "(needed when they were made with other options)"),
     ) -> None:
         """Detect and embed every face of a manifest's images into a faces table."""
         summary = run_embed(EmbedConfig(
             manifest=manifest_uri, out=out, model=model, detector=detector, address=address,
             batch_size=batch_size, min_face=min_face, min_score=min_score, max_pixels=max_pixels,
             endpoint_url=endpoint_url, weights_from=weights_from, allowed_roots=tuple(allow_root),
-            max_bytes=max_bytes, shard_rows=shard_rows, chunk_images=chunk_images, workers=workers))
+            max_bytes=max_bytes, shard_rows=shard_rows, chunk_images=chunk_images, workers=workers,
+            overwrite=overwrite))
         print_summary(summary)

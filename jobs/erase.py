@@ -35,10 +35,9 @@ from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import typer
 
-from facelake import audit, root as rootmod, storage
+from facelake import audit, faults, root as rootmod, storage
 from facelake.errors import ConfigError, FacelakeError
 from facelake.lock import DEFAULT_TTL_S, RootLock
 from facelake.manifest import MAX_ID_CHARS, id_rule_violation
@@ -47,7 +46,6 @@ from facelake.storage import StorageOptions
 
 log = logging.getLogger(__name__)
 
-HOOK_NAMES = ("after_erasure_list", "before_table_pointer", "before_manifest", "before_pointer")
 # Exit code of the CLI when some ids were not found (the others were erased).
 EXIT_NOT_FOUND = 1
 
@@ -142,7 +140,7 @@ def _holdings(root: str, ids: list[str], base, index_ids: pa.Table | None,
 
 
 def _publish_from_source(root: str, live: str, erased: pa.Array, keep: int, lock: RootLock,
-                         options: StorageOptions, hooks: dict) -> str | None:
+                         options: StorageOptions) -> str | None:
     """A root made by `facelake index`: rebuild the live version from its faces table minus ``erased``."""
     from facelake.index import layout
     from facelake.index.build import build_version
@@ -167,16 +165,13 @@ def _publish_from_source(root: str, live: str, erased: pa.Array, keep: int, lock
         return None
 
     def before_pointer(version: str) -> None:
-        if "before_pointer" in hooks:
-            hooks["before_pointer"](version)
         lock.verify()
         check_publishable(root, version, erased, options)
 
     built = build_version(source, root, model=manifest["model"], weights_sha256=manifest["weights_sha256"],
                           shards=min(left, len(manifest["shards"])), trained_from=live if left >= manifest["nlist"]
                           else None, keep=keep, options=options, erased_ids=erased,
-                          hooks={"before_manifest": hooks.get("before_manifest", lambda v: None),
-                                 "before_pointer": before_pointer})
+                          hooks={"before_pointer": before_pointer})
     return built["version"]
 
 
@@ -197,17 +192,13 @@ def _report(summary: EraseSummary, ids: list[str], listed: pa.Table, holdings: d
     summary.images_with_faces = sum(1 for v in summary.per_id.values() if v["faces"])
 
 
-def run_erase(config: EraseConfig, hooks: dict | None = None) -> EraseSummary:
+def run_erase(config: EraseConfig) -> EraseSummary:
     """Erase photos (see the module docstring); returns what was removed, per id, and the new version.
 
     Ids the root does not hold are listed in ``summary.not_found`` (not an exception: the others
     were erased); the CLI exits 1 naming them.
     """
     config.validate()
-    hooks = dict(hooks or {})
-    unknown = set(hooks) - set(HOOK_NAMES)
-    if unknown:
-        raise ConfigError(f"unknown hook(s) {sorted(unknown)}; known: {HOOK_NAMES}")
     options = StorageOptions.from_env(config.endpoint_url)
     ids = sorted(set(config.ids))
     hmacs = dict(zip(ids, audit.id_hmac(config.root, ids, options)))
@@ -216,7 +207,7 @@ def run_erase(config: EraseConfig, hooks: dict | None = None) -> EraseSummary:
             "purge_results": config.purge_results}) as job:
         summary = EraseSummary(job_id=job.job_id, ids=len(ids))
         try:
-            _erase(config, ids, summary, hooks, options)
+            _erase(config, ids, summary, options)
         finally:
             job.details.update({
                 "resulting_version": summary.index_version, "faces_removed": summary.faces_removed,
@@ -227,7 +218,7 @@ def run_erase(config: EraseConfig, hooks: dict | None = None) -> EraseSummary:
     return summary
 
 
-def _erase(config: EraseConfig, ids: list[str], summary: EraseSummary, hooks: dict,
+def _erase(config: EraseConfig, ids: list[str], summary: EraseSummary,
            options: StorageOptions) -> None:
     from facelake.index.erasure import erased_ids_checked
 
@@ -243,14 +234,13 @@ def _erase(config: EraseConfig, ids: list[str], summary: EraseSummary, hooks: di
         new = {i: holdings[i] for i, v in summary.per_id.items() if v["status"] == "erased"}
         if new:
             rootmod.append_erasure(config.root, new, reason=config.reason, job_id=summary.job_id, options=options)
-        if "after_erasure_list" in hooks:
-            hooks["after_erasure_list"](summary.job_id)
-        _complete(config, summary, base, live, hooks, lock, options)
+        faults.point("erase.after_erasure_list", summary.job_id)
+        _complete(config, summary, base, live, lock, options)
         if config.purge_results:
             summary.purged_results = purge_results(config.root, rootmod.erased_ids(config.root, options), options)
 
 
-def _complete(config: EraseConfig, summary: EraseSummary, base, live: str | None, hooks: dict,
+def _complete(config: EraseConfig, summary: EraseSummary, base, live: str | None,
               lock: RootLock, options: StorageOptions) -> None:
     """Purge every erased id (not only this job's) from staging, record and index; see the module docstring."""
     from facelake.index import layout
@@ -265,8 +255,7 @@ def _complete(config: EraseConfig, summary: EraseSummary, base, live: str | None
         hit = record.filter(pc.is_in(record["image_id"], value_set=erased))
         if hit.num_rows:
             def before_table_pointer(name: str) -> None:
-                if "before_table_pointer" in hooks:
-                    hooks["before_table_pointer"](name)
+                faults.point("erase.before_table_pointer", name)
                 lock.verify()
             version = rootmod.write_version(config.root, base, drop_ids=pc.unique(hit["image_id"]), add={},
                                             model=base.model, job_id=summary.job_id, options=options,
@@ -276,7 +265,7 @@ def _complete(config: EraseConfig, summary: EraseSummary, base, live: str | None
     pointer = rootmod.read_pointer(config.root, options) or {}
     stale = version is not None and (version is not base or pointer.get("index_version") != live or live is None)
     if stale or live_holds:
-        live = _republish(config, version, live, erased, hooks, lock, options)
+        live = _republish(config, version, live, erased, lock, options)
     summary.index_version = live
     if live is not None:
         check_publishable(config.root, live, erased, options)
@@ -287,7 +276,7 @@ def _complete(config: EraseConfig, summary: EraseSummary, base, live: str | None
         rootmod.collect_garbage(config.root, options)
 
 
-def _republish(config: EraseConfig, version, live: str | None, erased: pa.Array, hooks: dict,
+def _republish(config: EraseConfig, version, live: str | None, erased: pa.Array,
                lock: RootLock, options: StorageOptions) -> str | None:
     import ray
 
@@ -298,14 +287,13 @@ def _republish(config: EraseConfig, version, live: str | None, erased: pa.Array,
     runtime.connect(None)
     try:
         if version is None:  # a root made by embed + index: no faces of record
-            return _publish_from_source(config.root, live, erased, config.keep, lock, options, hooks)
+            return _publish_from_source(config.root, live, erased, config.keep, lock, options)
         spec = get_model(version.model)
         published = publish_index(config.root, version, model=spec.name, weights_sha256=weights_fingerprint(spec), keep=config.keep,
-                                  full=False, lock=lock, options=options,
-                                  hooks={k: v for k, v in hooks.items() if k in ("before_manifest", "before_pointer")})
+                                  full=False, lock=lock, options=options)
         return published["version"]
     finally:
-        runtime.shutdown_if_local(started_ray and not hooks)
+        runtime.shutdown_if_local(started_ray)
 
 
 # ------------------------------------------------------------------------------ search results
@@ -345,11 +333,7 @@ def _purge_part(part: str, columns: tuple[str, ...], erased: pa.Array, options: 
             keep = pc.invert(hit) if keep is None else pc.and_(keep, pc.invert(hit))
     if keep is None or pc.all(keep).as_py():
         return False
-    import io
-
-    sink = io.BytesIO()
-    pq.write_table(table.filter(keep), sink, compression="zstd")  # schema metadata (threshold...) kept
-    storage.write_bytes_atomic(part, sink.getvalue(), options)
+    storage.write_table(part, table.filter(keep), options)   # schema metadata (threshold...) kept
     return True
 
 

@@ -198,9 +198,9 @@ def _embed_with_job(config: EvaluateConfig, ids: list[str], dim: int) -> tuple[n
 
 
 def _embed_local(config: EvaluateConfig, labeled: pa.Table, dim: int) -> tuple[np.ndarray, dict[str, int]]:
-    from facelake.jobs.embed import manifest_dir
+    from facelake.manifest import base_dir
 
-    base = manifest_dir(config.manifest)
+    base = base_dir(config.manifest)
     uris = [_resolved_or_given(u, base) for u in labeled["uri"].to_pylist()]
     vectors, errors = embed_largest_faces_local(uris, config.model, face=config.face,
                                                 limits=ReadLimits(config.allowed_roots, config.max_bytes))

@@ -47,14 +47,13 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Mapping
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import typer
 
-from facelake import audit, manifest, reader, root as rootmod, storage
+from facelake import audit, faults, manifest, reader, root as rootmod, storage
 from facelake.errors import ConfigError
 from facelake.lock import DEFAULT_TTL_S, RootLock
 from facelake.registry import get_model, weights_fingerprint
@@ -63,9 +62,6 @@ from facelake.storage import StorageOptions
 
 log = logging.getLogger(__name__)
 
-HOOK_NAMES = ("locked", "during_embed", "after_embed", "before_table_pointer", "before_manifest",
-              "before_pointer")
-Hooks = Mapping[str, Callable[..., None]]
 # Retrain bounds (see the module docstring).
 RETRAIN_GROWTH = 2.0
 RETRAIN_DRIFT = 0.10
@@ -165,11 +161,9 @@ class Plan:
 
 
 def _resolve_manifest(uri: str, options: StorageOptions) -> tuple[pa.Table, manifest.ManifestInfo]:
-    from facelake.jobs.embed import manifest_dir
-
     info = manifest.validate(uri, options)
     table = storage.read_table(uri, options=options)
-    base = manifest_dir(uri)
+    base = manifest.base_dir(uri, options)
     resolved = []
     for value in table["uri"].to_pylist():
         try:
@@ -442,8 +436,7 @@ def retrain_reason(n: int, quantizer: dict | None, live_manifest: dict | None, m
 
 
 def publish_index(root: str, version: rootmod.TableVersion | None, *, model: str, weights_sha256: str, keep: int,
-                  full: bool, lock: RootLock, options: StorageOptions, hooks: Hooks | None = None,
-                  shard_size: int | None = None) -> dict:
+                  full: bool, lock: RootLock, options: StorageOptions, shard_size: int | None = None) -> dict:
     """Publish an index version of the faces of record of table ``version``; returns what it did.
 
     While the quantizer is reused, the live version's shards whose part files are all still in
@@ -460,7 +453,6 @@ def publish_index(root: str, version: rootmod.TableVersion | None, *, model: str
     from facelake.index.load import open_version, read_verified
     from facelake.index.update import NotIncremental, update_version
 
-    hooks = hooks or {}
     pointer = rootmod.read_pointer(root, options) or {}
     erased = erased_ids_checked(root, options)   # refuses a tampered erasure list
     parts = [rootmod.uri(root, rootmod.FACES, p) for p in version.faces] if version is not None else []
@@ -487,13 +479,7 @@ def publish_index(root: str, version: rootmod.TableVersion | None, *, model: str
     if pq_m is not None and n < 256:
         pq_m = None
 
-    def before_manifest(version_name: str) -> None:
-        if "before_manifest" in hooks:
-            hooks["before_manifest"](version_name)
-
     def before_pointer(version_name: str) -> None:
-        if "before_pointer" in hooks:
-            hooks["before_pointer"](version_name)
         lock.verify()
         check_publishable(root, version_name, erased, options)
         q = quantizer
@@ -504,7 +490,7 @@ def publish_index(root: str, version: rootmod.TableVersion | None, *, model: str
         rootmod.write_pointer(root, {**(rootmod.read_pointer(root, options) or {}), "index_version": version_name,
                                      "quantizer": q}, options)
 
-    stage_hooks = {"before_manifest": before_manifest, "before_pointer": before_pointer}
+    stage_hooks = {"before_pointer": before_pointer}
     source = f"faces of record, table version {version.name}"
     built = None
     if reason is None:
@@ -536,8 +522,9 @@ def publish_index(root: str, version: rootmod.TableVersion | None, *, model: str
 
 # ---------------------------------------------------------------------------- the job
 
-def _staging_run(root: str, options: StorageOptions, model: str) -> str:
-    """Reuse the newest staging run made for this model (a killed rebuild's work); drop others."""
+def _staging_run(root: str, options: StorageOptions, model: str, fingerprint: str) -> str:
+    """Reuse the newest staging run made with this embed fingerprint (a killed rebuild's work, same
+    model, weights, quality floor and read limits: facelake.schema.OutputFingerprint); drop others."""
     runs = rootmod.staging_runs(root, options)
     chosen = None
     for run in reversed(runs):
@@ -545,14 +532,15 @@ def _staging_run(root: str, options: StorageOptions, model: str) -> str:
             meta = json.loads(storage.read_bytes(rootmod.uri(root, rootmod.STAGING, run, "staging.json"), options))
         except (FileNotFoundError, ValueError):
             meta = {}
-        if chosen is None and meta.get("model") == model:
+        if chosen is None and meta.get("fingerprint") == fingerprint:
             chosen = run
         elif run != chosen:
             rootmod.remove_staging(root, run, options)
     if chosen is None:
         chosen = rootmod.new_name()
         storage.write_bytes_atomic(rootmod.uri(root, rootmod.STAGING, chosen, "staging.json"),
-                                   json.dumps({"model": model, "created_at": rootmod.utc_now()}).encode(), options)
+                                   json.dumps({"model": model, "fingerprint": fingerprint,
+                                               "created_at": rootmod.utc_now()}).encode(), options)
     return chosen
 
 
@@ -562,17 +550,14 @@ def _staged(out: str, kind: str, ids: pa.Array, options: StorageOptions) -> pa.T
         return None
     tables = []
     for file_uri in storage.list_files(folder, ".parquet", options):
-        fs, path = storage.filesystem(file_uri, options)
-        import pyarrow.parquet as pq
-        with fs.open(path, "rb") as handle:
-            tables.append(pq.read_table(handle))
+        tables.append(storage.read_file(file_uri, options=options))
     table = pa.concat_tables(tables, promote_options="permissive")
     return table.filter(pc.is_in(table["image_id"], value_set=ids))
 
 
-def _embed(config: RebuildConfig, spec, the_plan: Plan, run: str, options: StorageOptions,
-           hooks: Hooks) -> tuple[dict | None, pa.Table | None, pa.Table | None]:
-    from facelake.jobs.embed import EmbedConfig, run_embed
+def _embed(config: RebuildConfig, spec, the_plan: Plan, run: str,
+           options: StorageOptions) -> tuple[dict | None, pa.Table | None, pa.Table | None]:
+    from facelake.jobs.embed import run_embed
 
     from facelake.jobs.embed import done_image_ids
 
@@ -585,14 +570,7 @@ def _embed(config: RebuildConfig, spec, the_plan: Plan, run: str, options: Stora
     sub = the_plan.manifest.filter(pc.is_in(the_plan.manifest["image_id"], value_set=the_plan.to_embed))
     sub_uri = storage.join(out, "manifest", "to-embed.parquet")
     manifest.write(sub, sub_uri, options)
-    embed_hooks = None
-    if "during_embed" in hooks:
-        embed_hooks = {"after_block": hooks["during_embed"]}
-    summary = run_embed(EmbedConfig(manifest=sub_uri, out=out, model=spec.name, address=config.address,
-                                    batch_size=config.batch_size, endpoint_url=config.endpoint_url,
-                                    weights_from=config.weights_from, workers=config.workers,
-                                    allowed_roots=config.allowed_roots, max_bytes=config.max_bytes,
-                                    progress=config.progress), hooks=embed_hooks)
+    summary = run_embed(_embed_config(config, spec, sub_uri, out))
     faces = _staged(out, "faces", the_plan.to_embed, options)
     errors = _staged(out, "errors", the_plan.to_embed, options)
     return summary.to_dict(), faces, errors
@@ -644,6 +622,16 @@ def _concat(*tables: pa.Table | None) -> pa.Table | None:
     return pa.concat_tables(present, promote_options="permissive") if present else None
 
 
+def _embed_config(config: RebuildConfig, spec, manifest_uri: str, out: str):
+    """The embed job a rebuild runs into its staging folder (its fingerprint keys the staging run)."""
+    from facelake.jobs.embed import EmbedConfig
+
+    return EmbedConfig(manifest=manifest_uri, out=out, model=spec.name, address=config.address,
+                       batch_size=config.batch_size, endpoint_url=config.endpoint_url,
+                       weights_from=config.weights_from, workers=config.workers,
+                       allowed_roots=config.allowed_roots, max_bytes=config.max_bytes, progress=config.progress)
+
+
 def _keep_runs(root: str, run: str, options: StorageOptions) -> None:
     """Copy the staging run's embed summaries to ROOT/_runs (staging is removed afterwards)."""
     for file_uri in storage.list_files(rootmod.uri(root, rootmod.STAGING, run, "_runs"), ".json", options):
@@ -651,16 +639,12 @@ def _keep_runs(root: str, run: str, options: StorageOptions) -> None:
         storage.write_bytes_atomic(rootmod.uri(root, rootmod.RUNS, name), storage.read_bytes(file_uri, options), options)
 
 
-def run_rebuild(config: RebuildConfig, hooks: Hooks | None = None) -> RebuildSummary:
+def run_rebuild(config: RebuildConfig) -> RebuildSummary:
     """Bring ROOT up to date with the manifest (see the module docstring); return what it did.
 
     Audited like every job (facelake.audit.Job): "started" before the lock is taken, then
     succeeded / failed / interrupted with the summary."""
     spec = config.validate()
-    hooks = dict(hooks or {})
-    unknown = set(hooks) - set(HOOK_NAMES)
-    if unknown:
-        raise ConfigError(f"unknown hook(s) {sorted(unknown)}; known: {HOOK_NAMES}")
     options = StorageOptions.from_env(config.endpoint_url)
     table, info = _resolve_manifest(config.manifest, options)
     job = audit.Job(config.root, "rebuild", options, details={
@@ -669,12 +653,12 @@ def run_rebuild(config: RebuildConfig, hooks: Hooks | None = None) -> RebuildSum
     with job:
         summary = RebuildSummary(job_id=job.job_id, manifest_rows=info.rows)
         try:
-            return _rebuild(config, spec, table, summary, hooks, options)
+            return _rebuild(config, spec, table, summary, options)
         finally:
             job.details.update({k: v for k, v in summary.to_dict().items() if k != "job_id"})
 
 
-def _rebuild(config: RebuildConfig, spec, table: pa.Table, summary: RebuildSummary, hooks: dict,
+def _rebuild(config: RebuildConfig, spec, table: pa.Table, summary: RebuildSummary,
              options: StorageOptions) -> RebuildSummary:
     import ray
 
@@ -686,8 +670,7 @@ def _rebuild(config: RebuildConfig, spec, table: pa.Table, summary: RebuildSumma
     started_ray = False
     with RootLock(config.root, job_id, ttl_s=config.lock_ttl_s, options=options) as lock:
         try:
-            if "locked" in hooks:
-                hooks["locked"](job_id)
+            faults.point("rebuild.locked", job_id)
             config = dataclasses.replace(config, allowed_roots=effective_roots(config, options))
             rootmod.collect_garbage(config.root, options)
             base = rootmod.current(config.root, options)
@@ -728,12 +711,12 @@ def _rebuild(config: RebuildConfig, spec, table: pa.Table, summary: RebuildSumma
                 faces = errors = None
                 run = None
                 if len(the_plan.to_embed):
-                    run = _staging_run(config.root, options, spec.name)
+                    run = _staging_run(config.root, options, spec.name,
+                                       _embed_config(config, spec, "", "").fingerprint().digest)
                     t = time.monotonic()
-                    summary.embed, faces, errors = _embed(config, spec, the_plan, run, options, hooks)
+                    summary.embed, faces, errors = _embed(config, spec, the_plan, run, options)
                     summary.seconds["embed"] = round(time.monotonic() - t, 3)
-                if "after_embed" in hooks:
-                    hooks["after_embed"](job_id)
+                faults.point("rebuild.after_embed", job_id)
                 lock.verify()
                 t = time.monotonic()
                 stats = _stats_of_record(config.root, run, the_plan.stats, options)
@@ -743,14 +726,14 @@ def _rebuild(config: RebuildConfig, spec, table: pa.Table, summary: RebuildSumma
                 version = rootmod.write_version(
                     config.root, base, drop_ids=the_plan.drop, add=add,
                     model=spec.name, job_id=job_id, options=options,
-                    hook=lambda name: _before_table_pointer(hooks, lock, name))
+                    hook=lambda name: _before_table_pointer(lock, name))
                 summary.seconds["table"] = round(time.monotonic() - t, 3)
                 if run is not None:
                     _keep_runs(config.root, run, options)
             t = time.monotonic()
             published = publish_index(config.root, version, model=spec.name,
                                       weights_sha256=weights_fingerprint(spec), keep=config.keep,
-                                      full=config.full, lock=lock, options=options, hooks=hooks,
+                                      full=config.full, lock=lock, options=options,
                                       shard_size=config.shard_size)
             summary.seconds["index"] = round(time.monotonic() - t, 3)
             summary.index_version = published["version"]
@@ -769,12 +752,11 @@ def _rebuild(config: RebuildConfig, spec, table: pa.Table, summary: RebuildSumma
             raise
         finally:
             summary.seconds["total"] = round(time.monotonic() - clock, 3)
-            runtime.shutdown_if_local(started_ray and config.address is None and not hooks)
+            runtime.shutdown_if_local(started_ray and config.address is None)
 
 
-def _before_table_pointer(hooks: Hooks, lock: RootLock, name: str) -> None:
-    if "before_table_pointer" in hooks:
-        hooks["before_table_pointer"](name)
+def _before_table_pointer(lock: RootLock, name: str) -> None:
+    faults.point("rebuild.before_table_pointer", name)
     lock.verify()
 
 

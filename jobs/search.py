@@ -50,19 +50,19 @@ import math
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Literal, Mapping
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import typer
 
-from facelake import audit, calibration, progress, storage
+from facelake import audit, calibration, faults, progress, storage
 from facelake.errors import ConfigError, FacelakeError, IndexVersionError
 from facelake.reader import DEFAULT_MAX_BYTES
 from facelake.registry import get_model, weights_fingerprint
-from facelake.schema import ERRORS_SCHEMA, FACE_COLUMNS, ID_TABLE_SCHEMA, RESULT_COLUMNS, carried_columns
+from facelake.schema import (ERRORS_SCHEMA, FACE_COLUMNS, ID_TABLE_SCHEMA, RESULT_COLUMNS, RESULT_METADATA_FIELDS,
+                             RESULT_METADATA_KEY, carried_columns)
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +87,7 @@ SEARCH_WORKERS = 2
 # and must still get scheduled when the shard actors hold every CPU.
 WORKER_CPUS = 0.25
 READ_CPUS = 0.25
-METADATA_KEY = b"facelake.search"
-HOOK_NAMES = ("after_batch",)
-Hooks = Mapping[str, Callable[["SearchSummary"], None]]
+METADATA_KEY = RESULT_METADATA_KEY
 
 
 @dataclass(frozen=True)
@@ -209,16 +207,13 @@ def outputs(out: str) -> dict[str, str]:
 
 # ------------------------------------------------------------------------------ the job
 
-def run_search(config: SearchConfig, *, hooks: Hooks | None = None) -> SearchSummary:
+def run_search(config: SearchConfig) -> SearchSummary:
     """Search every probe face against ROOT's live index version; write RESULTS; audit the job.
 
-    ``hooks`` maps "after_batch" to a callable given the summary so far (tests fail there on
-    purpose). Raises FacelakeError subclasses for problems the user can fix.
+    Fault point (facelake.faults): "search.after_batch", given the summary so far. Raises
+    FacelakeError subclasses for problems the user can fix.
     """
     config.validate()
-    unknown = set(hooks or {}) - set(HOOK_NAMES)
-    if unknown:
-        raise ConfigError(f"unknown hook(s) {sorted(unknown)}; known: {HOOK_NAMES}")
     options = storage.StorageOptions.from_env(config.endpoint_url)
     summary = SearchSummary(job_id=audit.new_job_id("search"), mode=config.mode)
     started = time.monotonic()
@@ -226,7 +221,7 @@ def run_search(config: SearchConfig, *, hooks: Hooks | None = None) -> SearchSum
     with audit.Job(config.root, "search", options, job_id=summary.job_id,
                    details=_audit_record(config, summary)) as job:
         try:
-            _search(config, options, summary, hooks)
+            _search(config, options, summary)
             return summary
         except BaseException as err:
             _remove_partial_results(config.out, summary.job_id, options)
@@ -261,8 +256,7 @@ def _remove_partial_results(out: str, job_id: str, options: storage.StorageOptio
             storage.remove(uri, options=options)
 
 
-def _search(config: SearchConfig, options: storage.StorageOptions, summary: SearchSummary,
-            hooks: Hooks | None) -> None:
+def _search(config: SearchConfig, options: storage.StorageOptions, summary: SearchSummary) -> None:
     from facelake.index.load import open_version
 
     layout = outputs(config.out)
@@ -313,7 +307,7 @@ def _search(config: SearchConfig, options: storage.StorageOptions, summary: Sear
                 counts = _ray_batches(config, dataset, names, batch_spec, actors)
             else:
                 counts = _local_batches(config, probes, batch_spec, options)
-            _tally(counts, config, summary, hooks)
+            _tally(counts, config, summary)
         storage.write_bytes_atomic(layout["summary"], json.dumps(
             {**summary.to_dict(), "purpose": config.purpose}, indent=2, default=str).encode(), options)
     finally:
@@ -322,7 +316,7 @@ def _search(config: SearchConfig, options: storage.StorageOptions, summary: Sear
         runtime.shutdown_if_local(started_here and config.address is None)
 
 
-def _tally(counts, config: SearchConfig, summary: SearchSummary, hooks: Hooks | None) -> None:
+def _tally(counts, config: SearchConfig, summary: SearchSummary) -> None:
     """Add up the per-batch counts the search workers return (the driver sees nothing else)."""
     started = time.monotonic()
     with progress.tracker(summary.probe_faces, "search", config.progress, unit="probe faces") as bar:
@@ -334,8 +328,7 @@ def _tally(counts, config: SearchConfig, summary: SearchSummary, hooks: Hooks | 
             if not summary.first_batch_faces:
                 summary.first_batch_seconds, summary.first_batch_faces = summary.search_seconds, row["faces"]
             bar.advance(row["faces"])
-            if hooks and "after_batch" in hooks:
-                hooks["after_batch"](summary)
+            faults.point("search.after_batch", summary)
 
 
 
@@ -502,9 +495,7 @@ def _file_sha256(uri: str, options) -> str:
 
 
 def _read_file(uri: str, columns: list[str] | None, options) -> pa.Table:
-    fs, path = storage.filesystem(uri, options)
-    with fs.open(path, "rb") as handle:
-        return pq.read_table(handle, columns=columns)
+    return storage.read_file(uri, columns, options)
 
 
 def _manifest_probes(config, options, model, summary) -> ProbeSource:
@@ -553,9 +544,8 @@ def _claim_probe_folder(work: str, fingerprint: str, options) -> None:
 
 
 def _rows_of(uri: str, options) -> int:
-    fs, path = storage.filesystem(uri, options)
-    with fs.open(path, "rb") as handle:
-        return pq.ParquetFile(handle).metadata.num_rows
+    with storage.open_parquet(uri, options) as parquet:
+        return parquet.metadata.num_rows
 
 
 def _copy_errors(files: list[str], folder: str, summary: SearchSummary, options) -> None:
@@ -576,9 +566,8 @@ def _schema_of(uri: str, options) -> pa.Schema:
     files = storage.list_files(uri, ".parquet", options)
     if not files:
         raise FileNotFoundError(f"no Parquet files at {storage.redact(uri)}")
-    fs, path = storage.filesystem(files[0], options)
-    with fs.open(path, "rb") as handle:
-        return pq.read_schema(handle)
+    with storage.open_parquet(files[0], options) as parquet:
+        return parquet.schema_arrow
 
 
 # ------------------------------------------------------------------------------ searching
@@ -722,10 +711,7 @@ def result_table(spec: BatchSpec, probes: pa.Table, D: np.ndarray, I: np.ndarray
 
 
 def _metadata(summary: SearchSummary) -> dict:
-    s = summary
-    return {"job_id": s.job_id, "mode": s.mode, "index_version": s.index_version, "model": s.model,
-            "gallery_size": s.gallery_size, "threshold": s.threshold, "threshold_how": s.threshold_how,
-            "calibration": s.calibration}
+    return {name: getattr(summary, name) for name in RESULT_METADATA_FIELDS}
 
 
 
@@ -772,15 +758,16 @@ DEMO_PROBES = 5   # one photo each of the first identities of the sample
 def demo_search(manifest_uri: str, root: str, out: str, *, top_k: int = 3) -> dict:
     """`facelake demo`'s last step: one photo per identity of the sample searched against the
     sample index; prints the top candidates per probe and returns what was made."""
-    from facelake.jobs.embed import manifest_dir, resolve_uri
+    from facelake.manifest import base_dir
+    from facelake.reader import resolve
 
     table = storage.read_table(manifest_uri)
-    base = manifest_dir(manifest_uri)
+    base = base_dir(manifest_uri)
     picks: dict[str, dict] = {}
     for row in sorted(table.to_pylist(), key=lambda r: r["image_id"]):
         identity = row.get("identity")
         if identity and identity not in picks and len(picks) < DEMO_PROBES:
-            picks[identity] = {**row, "uri": resolve_uri(row["uri"], base, ())}
+            picks[identity] = {**row, "uri": resolve(row["uri"], base)}
     probes_uri = storage.join(out, "probes", "manifest.parquet")
     storage.write_table(probes_uri, pa.Table.from_pylist(list(picks.values()), schema=table.schema))
     summary = run_search(SearchConfig(probes=probes_uri, root=root, out=out, top_k=top_k,

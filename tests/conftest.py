@@ -16,7 +16,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = REPO / "samples" / "faces"
-SHARED_FACES = REPO.parent / "shared" / "faces"
 
 # Set before anything imports deepface or starts Ray, so workers inherit them.
 _DEEPFACE_HOME = tempfile.mkdtemp(prefix="facelake-test-deepface-")
@@ -29,6 +28,8 @@ for _key in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_SEC
 os.environ["AWS_ACCESS_KEY_ID"] = "facelake-test-key"
 os.environ["AWS_SECRET_ACCESS_KEY"] = "facelake-test-secret"
 os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
+# facelake.faults: where tests arm fault points, seen by every Ray worker started from here on
+os.environ["FACELAKE_FAULTS"] = tempfile.mkdtemp(prefix="facelake-test-faults-")
 
 
 def _free_port() -> int:

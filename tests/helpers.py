@@ -59,3 +59,30 @@ def greyscale_jpeg(name: str = "img3.jpg") -> bytes:
 def corrupt_jpeg(name: str = "img4.jpg") -> bytes:
     data = (SAMPLE_DIR / name).read_bytes()
     return data[:200] + bytes(np.random.RandomState(0).randint(0, 256, 300, dtype=np.uint8))
+
+
+def fails_at_armed_fault(call, *, free_cpus: bool = True) -> None:
+    """Run ``call``, which an armed worker fault (facelake.faults) must fail, and drop its error.
+
+    Ray Data keeps a failed run's actors (and the CPUs they hold) while the error's traceback is
+    alive; a test that goes on using the cluster must not keep it (pytest.raises would)."""
+    import gc
+    import sys
+    import time
+
+    from facelake import faults
+
+    try:
+        call()
+    except Exception as err:   # Ray wraps the worker's FaultInjected in its own error types
+        injected, message = faults.injected(err), f"{type(err).__name__}: {err}"[:1000]
+    else:
+        raise AssertionError("the armed fault did not fail the job")
+    gc.collect()
+    assert injected, message
+    ray = sys.modules.get("ray")
+    if free_cpus and ray is not None and ray.is_initialized():   # a failed run's actors must not starve the next job
+        total, deadline = ray.cluster_resources().get("CPU", 0), time.monotonic() + 60
+        while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert ray.available_resources().get("CPU", 0) == total, "a failed run's actors still hold CPUs"

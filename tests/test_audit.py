@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
-from facelake import audit, storage
+from facelake import audit, faults, storage
 from facelake.errors import IndexVersionError
 from facelake.index import build, layout, synthetic
 from facelake.index.load import open_version
@@ -82,14 +82,14 @@ def test_sigterm_and_sigint_end_the_record_as_interrupted(indexed, tmp_path):
             os.kill(os.getpid(), signum)
         return hook
 
-    with pytest.raises(audit.JobInterrupted):
+    with pytest.raises(audit.JobInterrupted), faults.armed("search.after_batch", signal_self(signal.SIGTERM)):
         search.run_search(search.SearchConfig(probes=str(indexed / "probes.parquet"), root=str(indexed / "root"),
                                               out=str(tmp_path / "a"), purpose="sigterm", executor="local",
-                                              batch_size=100), hooks={"after_batch": signal_self(signal.SIGTERM)})
-    with pytest.raises(KeyboardInterrupt):
+                                              batch_size=100))
+    with pytest.raises(KeyboardInterrupt), faults.armed("search.after_batch", signal_self(signal.SIGINT)):
         search.run_search(search.SearchConfig(probes=str(indexed / "probes.parquet"), root=str(indexed / "root"),
                                               out=str(tmp_path / "b"), purpose="sigint", executor="local",
-                                              batch_size=100), hooks={"after_batch": signal_self(signal.SIGINT)})
+                                              batch_size=100))
     assert signal.getsignal(signal.SIGTERM) is not audit._raise_interrupted       # handler restored
     by_purpose = {r["purpose"]: r for r in audit.list_records(str(indexed / "root"), "search")}
     for purpose in ("sigterm", "sigint"):

@@ -24,7 +24,8 @@ import pyarrow.parquet as pq
 import s3fs
 
 from facelake import storage
-from facelake.jobs.embed import COUNTS_SCHEMA, EmbedConfig, EmbedWorker, add_counts, embed_dataset, outputs
+from facelake.schema import EMBED_COUNTS_SCHEMA
+from facelake.jobs.embed import EmbedConfig, EmbedWorker, add_counts, embed_dataset, outputs
 from facelake.registry import get_model, weights_fingerprint
 from facelake.storage import StorageOptions
 from tests.helpers import SAMPLE_DIR, sample_manifest
@@ -57,7 +58,7 @@ def test_driver_iterates_counts_only_while_workers_write_bounded_parts(tmp_path,
     summary = plan.summary
     blocks = [ray_local.get(ref) for ref in plan.dataset.materialize().to_arrow_refs()]
     # what reaches the driver: counts, one row per actor call, no face rows and no embeddings
-    assert blocks and all(block.schema.equals(COUNTS_SCHEMA) for block in blocks), [b.schema for b in blocks]
+    assert blocks and all(block.schema.equals(EMBED_COUNTS_SCHEMA) for block in blocks), [b.schema for b in blocks]
     counts = pa.concat_tables(blocks)
     assert counts.num_rows >= -(-manifest.num_rows // chunk) and max(counts["images"].to_pylist()) <= chunk
     assert sum(block.nbytes for block in blocks) < 100 * counts.num_rows
@@ -97,7 +98,7 @@ def test_a_chunk_done_twice_rewrites_its_own_parts(tmp_path, provisioned_weights
                          carried=("identity",), carried_schema=pa.schema([manifest.schema.field("identity")]),
                          out=out, run_id="run1", batch_size=2, shard_rows=1, weights_sha256=weights_fingerprint(spec))
     first = worker(manifest)
-    assert first.schema.equals(COUNTS_SCHEMA) and first.to_pylist()[0]["faces"] == 4
+    assert first.schema.equals(EMBED_COUNTS_SCHEMA) and first.to_pylist()[0]["faces"] == 4
     files = storage.list_files(outputs(out)["faces"], ".parquet")
     # shard_rows=1 cuts at image boundaries only: the couple's two faces share one part
     assert len(files) == 3 and sorted(pq.read_table(f).num_rows for f in files) == [1, 1, 2]

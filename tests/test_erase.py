@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import pytest
 from typer.testing import CliRunner
 
-from facelake import audit, root as rootmod, storage
+from facelake import audit, faults, root as rootmod, storage
 from facelake.errors import ConfigError, ManifestError
 from facelake.index import layout
 from facelake.index.build import build_version
@@ -127,8 +127,8 @@ def test_killed_erase_resumes_and_purges_search_results(embedded, tmp_path):
     search.run_search(search.SearchConfig(probes=embedded, root=root, out=out, purpose="case 9", executor="local"))
     assert TARGET in storage.read_table(search.outputs(out)["results"])["gallery_image_id"].to_pylist()
 
-    with pytest.raises(Crash):
-        run_erase(EraseConfig(root=root, ids=(TARGET,), reason="request 9"), hooks={"after_erasure_list": crash})
+    with pytest.raises(Crash), faults.armed("erase.after_erasure_list", crash):
+        run_erase(EraseConfig(root=root, ids=(TARGET,), reason="request 9"))
     assert TARGET in live_ids(root)                       # killed after listing, before publishing
     (killed,) = audit.list_records(root, kind="erase")
     assert killed["status"] == "failed" and "killed on purpose" in killed["error"]
@@ -154,9 +154,8 @@ def test_erase_on_s3_embed_and_index_root_kill_and_resume(embedded, s3_bucket):
     assert invoke("index", faces, "--root", root).exit_code == 0
     out = f"{s3_bucket}/results"
     search.run_search(search.SearchConfig(probes=faces, root=root, out=out, purpose="s3 case", executor="local"))
-    with pytest.raises(Crash):
-        run_erase(EraseConfig(root=root, ids=(TARGET, "img3"), reason="s3 request"),
-                  hooks={"before_pointer": crash})
+    with pytest.raises(Crash), faults.armed("index.before_pointer", crash):
+        run_erase(EraseConfig(root=root, ids=(TARGET, "img3"), reason="s3 request"))
     assert TARGET in live_ids(root)
     summary = run_erase(EraseConfig(root=root, ids=(TARGET, "img3"), reason="s3 request", purge_results=True))
     assert {i: r["status"] for i, r in summary.per_id.items()} == {TARGET: "already erased", "img3": "already erased"}

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pytest
 import s3fs
 
-from facelake import audit, storage
+from facelake import audit, faults, storage
 from facelake.jobs.embed import EmbedConfig, outputs, run_embed
 from facelake.registry import get_model, weights_fingerprint
 from facelake.schema import NO_FACE, NO_USABLE_FACE
@@ -371,7 +371,8 @@ def test_search_job_with_a_killed_searcher_fails_and_is_audited(cluster3, tmp_pa
                                      purpose="hardening: shard actor killed", batch_size=10, nprobe=16,
                                      address=cluster3.address)
     try:
-        summary = search_job.run_search(config, hooks={"after_batch": kill_one})
+        with faults.armed("search.after_batch", kill_one):
+            summary = search_job.run_search(config)
     except Exception as failure:
         assert isinstance(failure, ray.exceptions.RayActorError) or "died" in str(failure).lower()
         assert not (out / "_search.json").exists(), "a failed search wrote its success summary"

@@ -179,7 +179,7 @@ def test_planted_credentials_never_reach_logs_outputs_or_errors(s3_endpoint, s3_
         runtime.connect(num_cpus=2)
         session_dir = Path(ray._private.worker._global_node.get_session_dir_path())  # noqa: SLF001
         run_embed(EmbedConfig(manifest=f"{s3_bucket}/manifests/m.parquet", out=f"{s3_bucket}/gallery",
-                              batch_size=2, progress=False), hooks={})
+                              batch_size=2, progress=False))
         build_version(f"{s3_bucket}/gallery/faces", f"{s3_bucket}/root", model=MODEL, weights_sha256=WEIGHTS,
                       shards=1)
         search.run_search(search.SearchConfig(probes=f"{s3_bucket}/gallery/faces", root=f"{s3_bucket}/root",

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from facelake import audit, storage
+from facelake import audit, faults, storage
 from facelake.errors import LockError
 from facelake.jobs.rebuild import RebuildConfig, run_rebuild
 from facelake.lock import RootLock, lock_uri, read_lock
@@ -102,7 +102,8 @@ def test_concurrent_rebuilds_second_fails_while_first_holds_the_lock(tmp_path):
 
     def first():
         try:
-            run_rebuild(RebuildConfig(manifest=manifest_uri, root=root, progress=False), hooks={"locked": hold})
+            with faults.armed("rebuild.locked", hold):
+                run_rebuild(RebuildConfig(manifest=manifest_uri, root=root, progress=False))
         except RuntimeError as err:
             failures.append(err)
 

@@ -13,7 +13,7 @@ import threading
 import numpy as np
 import pytest
 
-from facelake import audit, storage
+from facelake import audit, faults, storage
 from facelake.index import build, load, search, synthetic
 from facelake.jobs import search as search_job
 from tests.test_search import MODEL, WEIGHTS, exact, faces_table, ranked_ids, results
@@ -88,7 +88,8 @@ def test_node_lost_mid_search_fails_clearly_or_completes_exactly(memory_cluster,
     config = search_job.SearchConfig(probes=str(tmp_path / "probes.parquet"), root=root, out=str(out),
                                      purpose="3-node test: node lost", nprobe=handle.nlist, batch_size=20)
     try:
-        summary = search_job.run_search(config, hooks={"after_batch": lose_a_node})
+        with faults.armed("search.after_batch", lose_a_node):
+            summary = search_job.run_search(config)
     except Exception as err:   # failed clearly: named, audited, nothing partial kept
         assert "died" in str(err).lower() or "rerun" in str(err).lower(), err
         assert not (out / "_search.json").exists()

@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from facelake import audit, calibration, storage
+from facelake import audit, calibration, faults, storage
 from facelake.errors import ConfigError, IndexVersionError
 from facelake.index import build, synthetic
 from facelake.jobs import search
@@ -180,10 +180,9 @@ def test_audit_record_written_when_the_job_fails_half_way(ray_local, tmp_path, c
     def crash(summary):
         raise RuntimeError("worker lost after the first batch")
 
-    with pytest.raises(RuntimeError, match="worker lost"):
+    with pytest.raises(RuntimeError, match="worker lost"), faults.armed("search.after_batch", crash):
         search.run_search(config(tmp_path / "probes.parquet", tmp_path / "root", tmp_path / "out",
-                                 purpose="case 7: half-way failure", batch_size=100),
-                          hooks={"after_batch": crash})
+                                 purpose="case 7: half-way failure", batch_size=100))
     [record] = audit.list_records(str(tmp_path / "root"))
     assert record["status"] == "failed" and "worker lost" in record["error"]
     assert record["purpose"] == "case 7: half-way failure" and record["kind"] == "search"
