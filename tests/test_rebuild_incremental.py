@@ -17,6 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
+from facelake import faults
+
 from facelake import root as rootmod, storage
 from facelake.index import layout
 from facelake.index.build import build_version
@@ -286,9 +288,10 @@ def test_killed_incremental_rebuild_resumes_without_duplicates(ray_local, provis
     write_manifest(manifest_uri, NIGHT1, photos)
     v1 = rebuild(manifest_uri, root).index_version
     write_manifest(manifest_uri, NIGHT1 + NIGHT2, photos)
-    for stage in ("during_embed", "after_embed", "before_table_pointer", "before_manifest", "before_pointer"):
-        with pytest.raises(Crash):
-            rebuild(manifest_uri, root, hooks={stage: crash})
+    for stage in ("embed.counts", "rebuild.after_embed", "rebuild.before_table_pointer", "index.before_manifest",
+                  "index.before_pointer"):
+        with faults.armed(stage, crash), pytest.raises(Crash):
+            rebuild(manifest_uri, root)
         assert layout.current_version(root) == v1
     done = rebuild(manifest_uri, root)
     assert done.outcome == "published" and not done.retrained and done.incremental["reused_shards"] == [0]
