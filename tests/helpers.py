@@ -11,6 +11,8 @@ import pyarrow as pa
 from PIL import Image
 
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "samples" / "faces"
+# Real labeled faces beside the project root (LFW, ORL, deepface_testset): ../shared/faces, README there
+SHARED_FACES = Path(__file__).resolve().parents[2] / "shared" / "faces"
 
 
 def sample_identities() -> dict[str, str]:

@@ -21,7 +21,7 @@ from facelake import storage
 from facelake.calibration import Calibration, CalibrationError, load_default
 from facelake.imaging import decode_bgr
 from facelake.registry import get_model, weights_fingerprint
-from tests.conftest import SHARED_FACES
+from tests.helpers import SHARED_FACES
 from tests.helpers import SAMPLE_DIR, sample_identities, sample_manifest
 
 FLIP, PLAIN = "sface-yunet-flip", "sface-yunet"
