@@ -171,13 +171,17 @@ INDEX_MANIFEST_REQUIRED = ("version", "model", "dim", "metric", "nlist", "nprobe
 INDEX_MANIFEST_KEYS = INDEX_MANIFEST_REQUIRED + (
     "weights_sha256", "factory", "pq", "rerank", "nprobe_how", "tuning", "train_size", "columns",
     "erased_faces", "source", "created_at", "facelake_version", "faiss_version", "trained_from",
-    "erased_ids_count", "erased_ids_sha256", "build")
+    "erased_ids_count", "erased_ids_sha256", "build", "next_id")
+# Keys only some versions hold: "incremental" in a version extended from the live one
+# (facelake.index.update: which shards it kept and which it built).
+INDEX_MANIFEST_OPTIONAL = ("incremental",)
 
 
 def index_manifest(values: dict) -> dict:
-    """A version manifest of INDEX_FORMAT from ``values``, which must hold exactly INDEX_MANIFEST_KEYS."""
+    """A version manifest of INDEX_FORMAT from ``values``, which must hold every INDEX_MANIFEST_KEYS
+    key and nothing beyond them and INDEX_MANIFEST_OPTIONAL."""
     missing = [k for k in INDEX_MANIFEST_KEYS if k not in values]
-    unknown = sorted(set(values) - set(INDEX_MANIFEST_KEYS))
+    unknown = sorted(set(values) - set(INDEX_MANIFEST_KEYS) - set(INDEX_MANIFEST_OPTIONAL))
     if missing or unknown:
         raise ValueError(f"index manifest: missing {missing}, unknown {unknown} (facelake.schema.INDEX_MANIFEST_KEYS)")
     return {"format": INDEX_FORMAT, **values}

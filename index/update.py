@@ -51,7 +51,7 @@ from facelake.index.build import (DEFAULT_SHARD_SIZE, NothingToIndex, Part, _run
                                   check_schema, gpu_available, list_parts, run_shards, sources)
 from facelake.index.load import open_version, read_verified, shard_ids
 from facelake.index.params import IndexParams
-from facelake.schema import id_table_schema
+from facelake.schema import id_table_schema, index_manifest
 from facelake.storage import StorageOptions
 
 log = logging.getLogger(__name__)
@@ -210,8 +210,8 @@ def update_version(faces: list[str], root: str, *, live: str, model: str, weight
     total = sum(e["count"] for e in entries)
     if total == 0:
         raise NothingToIndex("no faces left to index: every face is erased or the faces table is empty")
-    manifest = {
-        **{k: v for k, v in old.items() if k not in ("incremental", "build")},
+    manifest = index_manifest({
+        **{k: v for k, v in old.items() if k not in ("incremental", "build", "format")},
         "version": version,
         "nprobe_how": f"carried from {live} (same trained quantizer): {old.get('nprobe_how', '')}".rstrip(": "),
         "shards": entries,
@@ -229,7 +229,7 @@ def update_version(faces: list[str], root: str, *, live: str, model: str, weight
         "incremental": {"from": live, "reused_shards": [e["reused_from"]["shard"] for e in entries if "reused_from" in e],
                         "built_shards": build_numbers, "built_faces": sum(g.rows for g in build)},
         "build": {"gpu": bool(use_gpu), "train_seconds": 0.0, "seconds": round(time.perf_counter() - started, 3)},
-    }
+    })
     log.info("index %s from %s: %d shard(s) kept, %d built (%d faces)", version, live,
              len(entries) - len(build), len(build), manifest["incremental"]["built_faces"])
     _run_hook(hooks, "before_manifest", version)
