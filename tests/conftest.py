@@ -84,15 +84,21 @@ def face_engine(provisioned_weights):
     return FaceEngine()
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """A small real local Ray (2 CPUs), shut down after the module."""
+def start_local_ray():
+    """(Re)start the small real local Ray the tests use (2 CPUs)."""
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
     ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024 * 1024,
              runtime_env={"env_vars": {"DEEPFACE_HOME": _DEEPFACE_HOME}})
+    return ray
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A small real local Ray (2 CPUs), shut down after the module."""
+    ray = start_local_ray()
     yield ray
     ray.shutdown()
 

@@ -23,6 +23,7 @@ from facelake.index.search import search_version
 from facelake.jobs.embed import done_image_ids
 from facelake.registry import get_model
 from facelake.jobs.rebuild import RebuildConfig, retrain_reason, run_rebuild
+from tests.conftest import start_local_ray
 from tests.helpers import SAMPLE_DIR, fails_at_armed_fault, sample_manifest
 
 BASE = ["img1.jpg", "img3.jpg"]
@@ -144,7 +145,10 @@ def test_crash_at_each_stage_then_resume_without_duplicates(where, ray_local, pr
                                         ("index.before_manifest", True), ("index.before_pointer", True)]:
         if stage == "embed.chunk":   # the one embed actor dies before its second chunk (in its own process)
             with faults.armed(stage, after=1):
-                fails_at_armed_fault(lambda: rebuild(manifest_uri, root))
+                fails_at_armed_fault(lambda: rebuild(manifest_uri, root), free_cpus=False)
+            # Open problem (README, Noticed): Ray Data may keep the failed run's actor and its CPU;
+            # in the full suite that starved the next stage. A fresh local Ray, as after a crash.
+            start_local_ray()
         else:
             with faults.armed(stage, crash), pytest.raises(Crash):
                 rebuild(manifest_uri, root)
