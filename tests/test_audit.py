@@ -86,10 +86,16 @@ def test_sigterm_and_sigint_end_the_record_as_interrupted(indexed, tmp_path):
         search.run_search(search.SearchConfig(probes=str(indexed / "probes.parquet"), root=str(indexed / "root"),
                                               out=str(tmp_path / "a"), purpose="sigterm", executor="local",
                                               batch_size=100))
-    with pytest.raises(KeyboardInterrupt), faults.armed("search.after_batch", signal_self(signal.SIGINT)):
-        search.run_search(search.SearchConfig(probes=str(indexed / "probes.parquet"), root=str(indexed / "root"),
-                                              out=str(tmp_path / "b"), purpose="sigint", executor="local",
-                                              batch_size=100))
+    # a shell starts background jobs with SIGINT ignored (Python then raises no KeyboardInterrupt):
+    # give this process the interactive default that a Ctrl-C meets
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), faults.armed("search.after_batch", signal_self(signal.SIGINT)):
+            search.run_search(search.SearchConfig(probes=str(indexed / "probes.parquet"), root=str(indexed / "root"),
+                                                  out=str(tmp_path / "b"), purpose="sigint", executor="local",
+                                                  batch_size=100))
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert signal.getsignal(signal.SIGTERM) is not audit._raise_interrupted       # handler restored
     by_purpose = {r["purpose"]: r for r in audit.list_records(str(indexed / "root"), "search")}
     for purpose in ("sigterm", "sigint"):
