@@ -540,6 +540,13 @@ def build_version(faces: FacesInput, root: str, *, model: str, weights_sha256: s
         "build": {"gpu": bool(use_gpu), "train_seconds": trained_seconds,
                   "seconds": round(time.perf_counter() - started, 3)},
     })
+    return publish_manifest(root, version, manifest, keep=keep, hooks=hooks, options=options)
+
+
+def publish_manifest(root: str, version: str, manifest: dict, *, keep: int, hooks: Hooks | None,
+                     options: StorageOptions | None) -> dict:
+    """Write a version's manifest, then move CURRENT to it (the one publish step of every
+    builder: hooks and fault points before each), and prune to ``keep`` versions."""
     _run_hook(hooks, "before_manifest", version)
     manifest_sha = layout.write_manifest(root, version, manifest, options)
     _run_hook(hooks, "before_pointer", version)

@@ -47,7 +47,7 @@ import facelake
 from facelake import storage
 from facelake.errors import ConfigError
 from facelake.index import layout
-from facelake.index.build import (DEFAULT_SHARD_SIZE, NothingToIndex, Part, _run_hook, _threads_per_task,
+from facelake.index.build import (DEFAULT_SHARD_SIZE, NothingToIndex, Part, _threads_per_task, publish_manifest,
                                   check_schema, gpu_available, list_parts, run_shards, sources)
 from facelake.index.load import open_version, read_verified, shard_ids
 from facelake.index.params import IndexParams
@@ -232,9 +232,4 @@ def update_version(faces: list[str], root: str, *, live: str, model: str, weight
     })
     log.info("index %s from %s: %d shard(s) kept, %d built (%d faces)", version, live,
              len(entries) - len(build), len(build), manifest["incremental"]["built_faces"])
-    _run_hook(hooks, "before_manifest", version)
-    manifest_sha = layout.write_manifest(root, version, manifest, options)
-    _run_hook(hooks, "before_pointer", version)
-    layout.publish(root, version, manifest_sha, options)
-    layout.prune(root, keep, options)
-    return manifest
+    return publish_manifest(root, version, manifest, keep=keep, hooks=hooks, options=options)
