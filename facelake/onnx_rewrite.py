@@ -42,12 +42,7 @@ def _fold_dequantize(graph: onnx.GraphProto) -> None:
         model = onnx.helper.make_model(single, opset_imports=[onnx.helper.make_opsetid("", 21)])
         (value,) = ReferenceEvaluator(model).run(None, feeds)
         graph.initializer.append(numpy_helper.from_array(np.asarray(value, np.float32), node.output[0]))
-    del graph.node[:]
-    graph.node.extend(kept)
-    used = {i for node in graph.node for i in node.input}
-    survivors = [init for init in graph.initializer if init.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(survivors)
+    _replace_nodes(graph, kept)
 
 
 def fix_sface(data: bytes) -> bytes:
@@ -109,6 +104,11 @@ def _fold_constant_reshapes(graph: onnx.GraphProto) -> None:
             graph.initializer.append(numpy_helper.from_array(array, node.output[0]))
         else:
             kept.append(node)
+    _replace_nodes(graph, kept)
+
+
+def _replace_nodes(graph, kept: list) -> None:
+    """Make ``kept`` the graph's nodes and drop the initializers no node reads any more."""
     del graph.node[:]
     graph.node.extend(kept)
     used = {i for node in graph.node for i in node.input}
