@@ -268,12 +268,20 @@ def test_nprobe_is_tuned_from_measured_recall(ray_local, tmp_path):
     manifest = make(tmp_path, xb, shards=2)
     curve = {int(k): v for k, v in manifest["tuning"]["recall_at_10"].items()}
     assert manifest["tuning"]["queries"] == 1000 and set(curve) == set(params.nprobe_ladder(manifest["nlist"]))
-    smallest = manifest["nprobe"] // build.NPROBE_MARGIN
-    assert curve[smallest] >= params.TARGET_RECALL
-    assert all(v < params.TARGET_RECALL for p, v in curve.items() if p < smallest)
+    chosen = manifest["nprobe"]
+    assert curve[chosen] >= params.TARGET_RECALL
+    assert all(v < params.TARGET_RECALL for p, v in curve.items() if p < chosen)
     xq = synthetic.queries(xb, 300, seed=23)
     _, found = search.search_version(load.open_version(str(tmp_path)), xq, 10)
     assert synthetic.recall_at_k(found, exact(xb, xq, 10)[1]) >= 0.98
+
+
+def test_choose_nprobe_stops_where_compressed_recall_levels_off():
+    reaching = {1: 0.7, 2: 0.9, 4: 0.991, 8: 0.995}
+    assert build.choose_nprobe(reaching, 4096, 0.99) == 4
+    levelling = {8: 0.9611, 16: 0.9875, 32: 0.9888, 64: 0.9879, 512: 0.9846}    # measured: PQ32, 60k faces
+    assert build.choose_nprobe(levelling, 1024, 0.99) == 16
+    assert build.choose_nprobe({1: 0.5, 2: 0.6}, 2, 0.99) == 2
 
 
 def test_compressed_shards_rerank_to_exact_quality(ray_local, tmp_path):
