@@ -14,11 +14,18 @@ memory is measured per role:
   factory / nprobe / resident bytes per face;
 - search, alternating A B A B: A = the facelake search job (faces-table probes in, result files
   out, Ray actors per shard; Ray start-up and shard loading stated apart; its probes/s counts
-  from the first probe read to the last result file written, so Ray Data's and the search
-  workers' start-up are in it, and is also given after the first batch), B = exact
+  from the shards loaded to the last result file written (the search workers start while the
+  shards load; what is left of their start-up is in it), and is also given after the first
+  batch), B = exact
   ``IndexFlatIP`` over the same gallery in one process with every thread; probes/s of each and
   their ratio per round, medians;
-- recall@10 of facelake's results against exact top-10 computed in chunks over the parts.
+- recall@10 of facelake's results against exact top-10 computed in chunks over the parts;
+- whole job, both sides: facelake's command from Ray start to its last result file against
+  exact search's reading the vectors, adding them to IndexFlatIP, reading the probes and searching.
+
+``--phase build`` prepares data and builds only (saved to work/build-N.json with the load
+average at its start: a build's memory does not need a quiet machine); ``--phase search`` runs
+the A B A B rounds on that saved build.
 
 Records the 1-minute load average at start and refuses to write results above 0.5 (the figures
 are still printed). Writes bench/results/scale.json and prints a table.
@@ -203,17 +210,20 @@ def role_facelake(root: str, probes: str, out: str) -> dict:
 
 
 def role_exact(faces: str, probes: str) -> dict:
+    started = time.perf_counter()
     faiss.omp_set_num_threads(CPUS)
     flat = faiss.IndexFlatIP(DIM)
     for _, xb in gallery_vectors(Path(faces)):
         flat.add(xb)
     xq = storage.read_table(probes, columns=["embedding"])["embedding"].combine_chunks().flatten() \
         .to_numpy().reshape(-1, DIM).astype(np.float32)
+    load_seconds = time.perf_counter() - started
     flat.search(xq[:64], K)                                    # warm up
-    started = time.perf_counter()
+    searched = time.perf_counter()
     flat.search(xq, K)
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - searched
     return {"probes_per_s": round(len(xq) / seconds, 1), "search_seconds": round(seconds, 2),
+            "load_seconds": round(load_seconds, 1), "job_wall_seconds": round(time.perf_counter() - started, 1),
             "peak_rss_mib": round(_self_peak() / 2**20)}
 
 
@@ -231,17 +241,38 @@ def run_role(*args: str) -> dict:
 
 # ------------------------------------------------------------------------------ orchestration
 
-def bench_size(n: int, work: Path, nq: int, rounds: int) -> dict:
+def prepare_and_build(n: int, work: Path, nq: int) -> dict:
+    """Data, exact reference (kept between runs: data, not measurements) and a fresh build of
+    size ``n``; the build's figures are saved to work/build-N.json with the load at its start."""
     folder, root = work / f"faces-{n}", work / f"root-{n}"
     t = time.perf_counter()
     write_gallery(folder, n)
     probes, cached = work / f"probes-{n}-{nq}.parquet", work / f"truth-{n}-{nq}.npy"
-    if not (probes.exists() and cached.exists()):                 # data, not a measurement: kept
+    if not (probes.exists() and cached.exists()):
         np.save(cached, exact_topk(folder, make_probes(folder, n, nq, probes)))
-    truth = np.load(cached)
     prepare = round(time.perf_counter() - t, 1)
     storage.remove(str(root), recursive=True)
-    build = run_role("build", str(folder), str(root))
+    load = os.getloadavg()[0]
+    build = {**run_role("build", str(folder), str(root)), "load_average_at_start": round(load, 2),
+             "prepare_seconds": prepare}
+    (work / f"build-{n}.json").write_text(json.dumps(build, indent=2))
+    return build
+
+
+def bench_size(n: int, work: Path, nq: int, rounds: int, phase: str) -> dict:
+    """One size: build (unless phase is "search": the saved build is reused), then the search
+    sides A B A B (unless phase is "build")."""
+    folder, root = work / f"faces-{n}", work / f"root-{n}"
+    if phase == "search":
+        saved = work / f"build-{n}.json"
+        if not saved.exists() or not (work / f"truth-{n}-{nq}.npy").exists():
+            sys.exit(f"no saved build of {n} faces with {nq} probes in {work}: run --phase build first")
+        build = json.loads(saved.read_text())
+    else:
+        build = prepare_and_build(n, work, nq)
+    if phase == "build":
+        return {"faces": n, "probes": nq, "build": build}
+    probes, truth = work / f"probes-{n}-{nq}.parquet", np.load(work / f"truth-{n}-{nq}.npy")
     sides: dict[str, list[dict]] = {"facelake": [], "exact": []}
     for round_no in range(rounds):                                      # A B A B ...
         out = work / f"out-{n}-{round_no}"
@@ -254,7 +285,8 @@ def bench_size(n: int, work: Path, nq: int, rounds: int) -> dict:
     ex = [r["probes_per_s"] for r in sides["exact"]]
     ratios = [a / b for a, b in zip(fl, ex)]
     steady_ratios = [a / b for a, b in zip(steady, ex)]
-    return {"faces": n, "probes": nq, "prepare_seconds": prepare, "build": build,
+    job_ratios = [e["job_wall_seconds"] / f["job_wall_seconds"] for f, e in zip(sides["facelake"], sides["exact"])]
+    return {"faces": n, "probes": nq, "build": build,
             "recall_at_10": round(synthetic.recall_at_k(found, truth, K), 4),
             "facelake": sides["facelake"], "exact": sides["exact"],
             "median_probes_per_s": {"facelake": statistics.median(fl), "facelake_steady": statistics.median(steady),
@@ -262,14 +294,15 @@ def bench_size(n: int, work: Path, nq: int, rounds: int) -> dict:
             "median_ratio": round(statistics.median(ratios), 2),
             "ratio_range": [round(min(ratios), 2), round(max(ratios), 2)],
             "median_steady_ratio": round(statistics.median(steady_ratios), 2),
+            "median_job_wall_ratio": round(statistics.median(job_ratios), 2),
             "median_first_batch_seconds": statistics.median(r["first_batch_seconds"] for r in sides["facelake"])}
 
 
 def table(report: dict) -> str:
     lines = ["| faces | build s | driver peak MiB | largest worker MiB | bytes/face resident | factory, nprobe | "
              "recall@10 | probes | facelake probes/s (whole search; after 1st batch) | exact probes/s | "
-             "ratio (median, range) | ratio after 1st batch |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "ratio (median, range) | ratio after 1st batch | whole-job ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["sizes"]:
         b = r["build"]
         lines.append(f"| {r['faces']:,} | {b['seconds']} | {b['driver_peak_rss_mib']} | {b['largest_worker_peak_rss_mib']} "
@@ -277,7 +310,7 @@ def table(report: dict) -> str:
                      f"| {r['probes']:,} | {r['median_probes_per_s']['facelake']}; "
                      f"{r['median_probes_per_s']['facelake_steady']} | {r['median_probes_per_s']['exact']} "
                      f"| {r['median_ratio']}x ({r['ratio_range'][0]}-{r['ratio_range'][1]}) "
-                     f"| {r['median_steady_ratio']}x |")
+                     f"| {r['median_steady_ratio']}x | {r['median_job_wall_ratio']}x |")
     return "\n".join(lines)
 
 
@@ -288,6 +321,10 @@ def main() -> None:
     parser.add_argument("--probes", type=int, nargs="+", default=[50_000],
                         help="probes per size (one value per --sizes entry; the last one repeats)")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--phase", choices=("all", "build", "search"), default="all",
+                        help="build: data, exact reference and index only (no quiet machine needed for "
+                             "memory; its time is labelled with its load); search: the A B A B rounds on "
+                             "the saved build (needs a quiet machine)")
     parser.add_argument("--work", default=str(HERE / "results" / "tmp" / "scale"))
     parser.add_argument("--out", default=str(HERE / "results" / "scale.json"))
     args = parser.parse_args()
@@ -302,9 +339,12 @@ def main() -> None:
                           "load_average_at_start": round(load, 2)},
               "faiss": faiss.__version__, "sizes": []}
     for i, n in enumerate(args.sizes):
-        report["sizes"].append(bench_size(n, work, args.probes[min(i, len(args.probes) - 1)], args.rounds))
+        report["sizes"].append(bench_size(n, work, args.probes[min(i, len(args.probes) - 1)], args.rounds,
+                                          args.phase))
         print(json.dumps(report["sizes"][-1]), flush=True)
     report["machine"]["load_average_at_end"] = round(os.getloadavg()[0], 2)
+    if args.phase == "build":
+        return
     print(table(report))
     if load > 0.5:
         print(f"load average at start was {load:.2f} > 0.5: not a result, {args.out} not written", file=sys.stderr)

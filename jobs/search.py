@@ -47,6 +47,7 @@ import hashlib
 import json
 import logging
 import math
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
@@ -177,7 +178,7 @@ class SearchSummary:
     gallery_carried: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     embed_seconds: float = 0.0
-    search_seconds: float = 0.0        # first probe read to last result written
+    search_seconds: float = 0.0        # index loaded to last result written
     first_batch_seconds: float = 0.0   # of which until the first batch's results (start-up included)
     first_batch_faces: int = 0
     seconds: float = 0.0
@@ -303,8 +304,12 @@ def _search(config: SearchConfig, options: storage.StorageOptions, summary: Sear
                 # which the shard actors may hold once started
                 dataset, names = _probe_dataset(config, probes, options)
                 actors = start_searchers(handle)
-                ray.get([actor.ntotal.remote() for actor in actors])   # shards loaded before the clock starts
-                counts = _ray_batches(config, dataset, names, batch_spec, actors)
+                # Queued first on every shard actor, so no search runs on a shard before it is
+                # answered; meanwhile Ray Data starts the search workers. The clock starts once
+                # every shard is loaded (index loading, like Ray's start, is stated apart).
+                loaded = [actor.ntotal.remote() for actor in actors]
+                counts = StartedEarly(_ray_batches(config, dataset, names, batch_spec, actors))
+                ray.get(loaded)
             else:
                 counts = _local_batches(config, probes, batch_spec, options)
             _tally(counts, config, summary)
@@ -314,6 +319,31 @@ def _search(config: SearchConfig, options: storage.StorageOptions, summary: Sear
         for actor in actors:
             ray.kill(actor)
         runtime.shutdown_if_local(started_here and config.address is None)
+
+
+class StartedEarly:
+    """Iterate ``rows`` until its first item in a thread from now on (a Ray Data pipeline then
+    starts its workers while the caller waits for something else), then from the caller."""
+
+    def __init__(self, rows) -> None:
+        self._rows, self._first, self._error = iter(rows), [], None
+        self._thread = threading.Thread(target=self._pull, name="facelake-search-start", daemon=True)
+        self._thread.start()
+
+    def _pull(self) -> None:
+        try:
+            self._first.append(next(self._rows))
+        except StopIteration:
+            pass
+        except BaseException as err:   # raised again in the caller's thread
+            self._error = err
+
+    def __iter__(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        yield from self._first
+        yield from self._rows
 
 
 def _tally(counts, config: SearchConfig, summary: SearchSummary) -> None:
@@ -594,11 +624,13 @@ class BatchSearch:
     gallery rows -> false-match rates -> one result part file. Returns only counts."""
 
     def __init__(self, spec: BatchSpec, actors: list | None = None) -> None:
-        from facelake.index.search import LocalShardSearcher
+        from facelake.index.search import CoarseQuantizer, LocalShardSearcher
 
         self.spec, self.actors = spec, actors
         self.searchers = None if actors else [LocalShardSearcher(spec.handle, s)
                                               for s in range(spec.handle.shard_count)]
+        # with several shards, each probe's lists are found once here rather than once per shard
+        self.coarse = CoarseQuantizer(spec.handle) if spec.handle.shard_count > 1 else None
         self.token, self.parts = uuid.uuid4().hex[:8], 0
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -607,7 +639,7 @@ class BatchSearch:
 
         spec = self.spec
         D, I, rows = search_rows(spec.handle, embeddings(batch), spec.k, spec.nprobe, actors=self.actors,
-                                 searchers=self.searchers)
+                                 searchers=self.searchers, coarse=self.coarse)
         table, candidates, empty = result_table(spec, batch, D, I, rows, _fmr(spec.cal, D))
         name = f"part-{spec.job_id}-{self.token}-{self.parts:05d}.parquet"
         storage.write_table(storage.join(spec.folder, name), table, spec.options)

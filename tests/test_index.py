@@ -303,3 +303,20 @@ def test_compressed_shards_rerank_to_exact_quality(ray_local, tmp_path):
     _, rough = search.search_version(load.open_version(str(tmp_path / "b")), xq, 10)
     assert no_rerank["rerank"] == 0
     assert synthetic.recall_at_k(rough, exact(xb, xq, 10)[1]) < synthetic.recall_at_k(found, exact(xb, xq, 10)[1])
+
+
+@pytest.mark.parametrize("pq", [0, 16])
+def test_lists_found_once_per_batch_give_the_same_results(ray_local, tmp_path, pq):
+    """Shards share the trained quantizer: assigning each probe's lists once (CoarseQuantizer)
+    and searching every shard over them returns exactly what each shard's own search returns."""
+    xb = synthetic.clustered(12_000, 32, seed=31)
+    make(tmp_path, xb, shards=3, nlist=64, pq=pq)
+    handle = load.open_version(str(tmp_path))
+    searchers = [search.LocalShardSearcher(handle, s) for s in range(handle.shard_count)]
+    xq = synthetic.queries(xb, 200, seed=32)
+    for nprobe in (1, 4, 64):
+        D0, I0, rows0 = search.search_rows(handle, xq, 10, nprobe, searchers=searchers)
+        D1, I1, rows1 = search.search_rows(handle, xq, 10, nprobe, searchers=searchers,
+                                           coarse=search.CoarseQuantizer(handle))
+        assert np.array_equal(I0, I1) and np.allclose(D0, D1) and rows0.equals(rows1)
+    assert synthetic.recall_at_k(I1, exact(xb, xq, 10)[1]) > 0.99      # nprobe 64 of 64: exact lists
