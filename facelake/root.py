@@ -67,17 +67,19 @@ class TableVersion:
     model: str | None
     created_at: str
     job_id: str | None = None
+    images: int | None = None   # distinct images with faces; None: written before it was recorded
 
     def to_dict(self) -> dict:
         return {"name": self.name, "faces": list(self.faces), "errors": list(self.errors),
                 "face_rows": self.face_rows, "error_rows": self.error_rows, "model": self.model,
-                "created_at": self.created_at, "job_id": self.job_id}
+                "created_at": self.created_at, "job_id": self.job_id, "images": self.images}
 
     @classmethod
     def from_dict(cls, data: dict) -> "TableVersion":
         return cls(name=data["name"], faces=tuple(data["faces"]), errors=tuple(data["errors"]),
                    face_rows=int(data["face_rows"]), error_rows=int(data["error_rows"]),
-                   model=data.get("model"), created_at=data["created_at"], job_id=data.get("job_id"))
+                   model=data.get("model"), created_at=data["created_at"], job_id=data.get("job_id"),
+                   images=None if data.get("images") is None else int(data["images"]))
 
     def parts(self, kind: str) -> tuple[str, ...]:
         return self.faces if kind == FACES else self.errors
@@ -174,11 +176,17 @@ def write_version(root: str, base: TableVersion | None, *, drop_ids: pa.Array, a
     Parts of ``base`` holding a dropped id are rewritten without it under new names; small parts
     are compacted once COMPACT_AT of them pile up. ``hook`` (tests) runs before ROOT/TABLE is
     written. Returns the new version; the old parts stay until ``collect_garbage``.
+
+    The version records its distinct images with faces (``images``, what `status` shows), counted
+    from the change alone: ``base``'s count, less the dropped ids its faces held, plus the distinct
+    ids of ``add``'s faces (never already held: rebuild drops an id before adding it back). A base
+    written before the count was recorded leaves it None.
     """
     name = new_name()
     drop = pa.array(drop_ids, pa.string()) if not isinstance(drop_ids, pa.Array) else drop_ids.cast(pa.string())
     lists: dict[str, list[str]] = {}
     rows: dict[str, int] = {}
+    dropped_held: list[pa.Array] = []   # dropped ids the base's faces held (O(change))
     for kind in KINDS:
         counter = [0]
 
@@ -195,6 +203,8 @@ def write_version(root: str, base: TableVersion | None, *, drop_ids: pa.Array, a
         for part in (base.parts(kind) if base else ()):
             ids = storage.read_file(uri(root, kind, part), ["image_id"], options)["image_id"]
             if len(drop) and pc.any(pc.is_in(ids, value_set=drop)).as_py():
+                if kind == FACES:
+                    dropped_held.append(pc.unique(ids.filter(pc.is_in(ids, value_set=drop))).cast(pa.string()))
                 table = _read_parts(root, kind, (part,), None, options)
                 table = table.filter(pc.invert(pc.is_in(table["image_id"], value_set=drop)))
                 kept += [(p, min(PART_ROWS, table.num_rows - i)) for p, i in
@@ -213,9 +223,15 @@ def write_version(root: str, base: TableVersion | None, *, drop_ids: pa.Array, a
                      zip(emit(merged), range(0, merged.num_rows, PART_ROWS))]
         lists[kind] = [p for p, _ in kept]
         rows[kind] = sum(n for _, n in kept)
+    images = None
+    if base is None or base.images is not None:
+        added = add.get(FACES)
+        images = ((base.images if base else 0)
+                  - (len(pc.unique(pa.chunked_array(dropped_held, pa.string()))) if dropped_held else 0)
+                  + (len(pc.unique(added["image_id"])) if added is not None and added.num_rows else 0))
     version = TableVersion(name=name, faces=tuple(lists[FACES]), errors=tuple(lists[ERRORS]),
                            face_rows=rows[FACES], error_rows=rows[ERRORS], model=model,
-                           created_at=utc_now(), job_id=job_id)
+                           created_at=utc_now(), job_id=job_id, images=images)
     storage.write_bytes_atomic(uri(root, TABLES, f"{name}.json"), json.dumps(version.to_dict(), indent=2).encode(),
                                options)
     if hook:
