@@ -144,28 +144,37 @@ def record_ids(root: str, version: TableVersion | None, options: StorageOptions 
     if version is not None:
         for kind in KINDS:
             for name in version.parts(kind):
-                fs, path = storage.filesystem(uri(root, kind, name), options)
-                with fs.open(path, "rb") as handle:
-                    present = pq.ParquetFile(handle).schema_arrow.names
-                stat_cols = [c for c in SOURCE_STAT_SCHEMA.names if c in present]
-                t = _read_parts(root, kind, (name,), ["image_id", "content_sha256", "uri", *stat_cols], options)
-                t = t.group_by(["image_id"], use_threads=False).aggregate(
-                    [(c, "first") for c in ("content_sha256", "uri", *stat_cols)])
-                columns = {
-                    "kind": pa.array([kind] * t.num_rows, pa.string()),
-                    "part": pa.array([name] * t.num_rows, pa.string()),
-                    "image_id": t["image_id"].cast(pa.string()),
-                    "content_sha256": t["content_sha256_first"].cast(pa.string()),
-                    "uri": t["uri_first"].cast(pa.string())}
-                for f in SOURCE_STAT_SCHEMA:
-                    columns[f.name] = (t[f"{f.name}_first"].cast(f.type) if f.name in stat_cols
-                                       else pa.nulls(t.num_rows, f.type))
-                tables.append(pa.table(columns))
+                tables.append(part_record(root, kind, name, options))
     if not tables:
-        empty = {n: pa.array([], pa.string()) for n in ("kind", "part", "image_id", "content_sha256", "uri")}
-        empty.update({f.name: pa.array([], f.type) for f in SOURCE_STAT_SCHEMA})
-        return pa.table(empty)
+        return part_record_schema().empty_table()
     return pa.concat_tables(tables)
+
+
+def part_record_schema() -> pa.Schema:
+    """The rows of ``record_ids`` / ``part_record``."""
+    return pa.schema([*(pa.field(n, pa.string()) for n in ("kind", "part", "image_id", "content_sha256", "uri")),
+                      *SOURCE_STAT_SCHEMA])
+
+
+def part_record(root: str, kind: str, name: str, options: StorageOptions | None = None) -> pa.Table:
+    """``record_ids``' rows of one part of record (one per image it holds)."""
+    fs, path = storage.filesystem(uri(root, kind, name), options)
+    with fs.open(path, "rb") as handle:
+        present = pq.ParquetFile(handle).schema_arrow.names
+    stat_cols = [c for c in SOURCE_STAT_SCHEMA.names if c in present]
+    t = _read_parts(root, kind, (name,), ["image_id", "content_sha256", "uri", *stat_cols], options)
+    t = t.group_by(["image_id"], use_threads=False).aggregate(
+        [(c, "first") for c in ("content_sha256", "uri", *stat_cols)])
+    columns = {
+        "kind": pa.array([kind] * t.num_rows, pa.string()),
+        "part": pa.array([name] * t.num_rows, pa.string()),
+        "image_id": t["image_id"].cast(pa.string()),
+        "content_sha256": t["content_sha256_first"].cast(pa.string()),
+        "uri": t["uri_first"].cast(pa.string())}
+    for f in SOURCE_STAT_SCHEMA:
+        columns[f.name] = (t[f"{f.name}_first"].cast(f.type) if f.name in stat_cols
+                           else pa.nulls(t.num_rows, f.type))
+    return pa.table(columns, schema=part_record_schema())
 
 
 def write_version(root: str, base: TableVersion | None, *, drop_ids: pa.Array, add: dict[str, pa.Table | None],
