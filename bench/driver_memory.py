@@ -12,9 +12,11 @@ validated: every job's first step, streamed since issue 9):
 - ``status``: `facelake status` of a root whose table of record holds N faces of N/2 images:
   ``collect`` on a recorded table version, on a version written before image counts were
   recorded (counted by jobs/counts.py tasks), against reading every image id (before).
-- ``rebuild``: rebuild's change detection (read the manifest, the ids / uris / stats of record,
-  compare; the manifest carries size and mtime so no stat task runs) as it is now:
-  ``_resolve_manifest`` + ``record_ids`` + ``plan``.
+- ``rebuild``: rebuild's change detection (the manifest carries size and mtime, so no photo is
+  statted; the record holds two faces per photo; nothing changed, so all of it is compared):
+  ``jobs/rebuild_plan.plan_in_tasks`` (hash-partitioned tasks) against the driver's plan
+  (``_resolve_manifest`` + ``record_ids`` + ``plan``: what every rebuild ran before, and still
+  runs below rebuild_plan.DRIVER_ROWS).
 
     python bench/driver_memory.py                       # 1M and 5M rows; writes bench/results/driver_memory.json
     python bench/driver_memory.py --sizes 200000 --no-save
@@ -164,6 +166,13 @@ def measure(case: str, folder: str) -> dict:
         faces = rootmod.read_faces(os.path.join(folder, "recorded"), ["image_id"])
         out = {"images": len(pc.unique(faces["image_id"])), "faces": faces.num_rows}
     elif case == "rebuild_plan":
+        from facelake.jobs import rebuild_plan
+
+        root = os.path.join(folder, "recorded")
+        plan = rebuild_plan.plan_in_tasks(rebuild.RebuildConfig(manifest=m, root=root), info, rootmod.current(root),
+                                          rootmod.erased_ids(root), storage.StorageOptions())
+        out = {"new": plan.new, "changed": plan.changed, "removed": plan.removed}
+    elif case == "rebuild_plan_before":
         root = os.path.join(folder, "recorded")
         table, _ = rebuild._resolve_manifest(m, storage.StorageOptions())
         record = rootmod.record_ids(root, rootmod.current(root))
@@ -176,7 +185,7 @@ def measure(case: str, folder: str) -> dict:
     return out
 
 
-CASES = ("resume", "resume_before", "status", "status_legacy", "status_before", "rebuild_plan")
+CASES = ("resume", "resume_before", "status", "status_legacy", "status_before", "rebuild_plan", "rebuild_plan_before")
 
 
 def main() -> None:
@@ -205,10 +214,10 @@ def main() -> None:
                 row = {"rows": n, "case": case, **json.loads(done.stdout.strip().splitlines()[-1])}
                 results.append(row)
                 print(json.dumps(row), flush=True)
-    print(f"\n{'case':<15}" + "".join(f"{f'{n:,} rows: peak / growth MiB':>34}" for n in args.sizes))
+    print(f"\n{'case':<20}" + "".join(f"{f'{n:,} rows: peak / growth MiB':>34}" for n in args.sizes))
     for case in args.cases:
         cells = [r for r in results if r["case"] == case]
-        print(f"{case:<15}" + "".join(f"{r['driver_peak_mib']:>24} / {r['driver_growth_mib']:<8}" for r in cells))
+        print(f"{case:<20}" + "".join(f"{r['driver_peak_mib']:>24} / {r['driver_growth_mib']:<8}" for r in cells))
     if not args.no_save:
         RESULTS.parent.mkdir(exist_ok=True)
         RESULTS.write_text(json.dumps({"machine": platform.node(), "cpus": os.cpu_count(),
