@@ -179,12 +179,15 @@ def part_record(root: str, kind: str, name: str, options: StorageOptions | None 
 
 def write_version(root: str, base: TableVersion | None, *, drop_ids: pa.Array, add: dict[str, pa.Table | None],
                   model: str | None, job_id: str, options: StorageOptions | None = None,
-                  hook=None) -> TableVersion:
+                  hook=None, holding: set[tuple[str, str]] | None = None) -> TableVersion:
     """Write a new table version = ``base`` minus ``drop_ids`` plus ``add``; publish it last.
 
     Parts of ``base`` holding a dropped id are rewritten without it under new names; small parts
     are compacted once COMPACT_AT of them pile up. ``hook`` (tests) runs before ROOT/TABLE is
-    written. Returns the new version; the old parts stay until ``collect_garbage``.
+    written. Returns the new version; the old parts stay until ``collect_garbage``. ``holding``:
+    the (kind, part) of ``base`` that hold a dropped id, when the caller knows them (rebuild's
+    plan, from the rows of record): the other parts are kept from their footers, their ids unread;
+    None reads every part's ids to find them.
 
     The version records its distinct images with faces (``images``, what `status` shows), counted
     from the change alone: ``base``'s count, less the dropped ids its faces held, plus the distinct
@@ -210,6 +213,10 @@ def write_version(root: str, base: TableVersion | None, *, drop_ids: pa.Array, a
 
         kept: list[tuple[str, int]] = []
         for part in (base.parts(kind) if base else ()):
+            if holding is not None and (kind, part) not in holding:
+                with storage.open_parquet(uri(root, kind, part), options) as parquet:
+                    kept.append((part, parquet.metadata.num_rows))
+                continue
             ids = storage.read_file(uri(root, kind, part), ["image_id"], options)["image_id"]
             if len(drop) and pc.any(pc.is_in(ids, value_set=drop)).as_py():
                 if kind == FACES:

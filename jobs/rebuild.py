@@ -153,6 +153,7 @@ class Plan:
     restat: pa.Array = field(default_factory=lambda: pa.array([], pa.string()))  # same bytes, new stat:
     # their rows of record are rewritten with the stat of now (dropped and added back, not re-embedded)
     restat_where: pa.Table | None = None  # rows of record (rootmod.record_ids) of the restat ids
+    drop_parts: set[tuple[str, str]] | None = None  # (kind, part) of record holding a dropped id
     hashed: int = 0                    # photos whose bytes were read to decide
     new: int = 0
     changed: int = 0
@@ -164,8 +165,11 @@ class Plan:
 def _resolve_manifest(uri: str, options: StorageOptions,
                       info: manifest.ManifestInfo | None = None) -> tuple[pa.Table, manifest.ManifestInfo]:
     info = info or manifest.validate(uri, options)
-    table = storage.read_table(uri, options=options)
-    base = manifest.base_dir(uri, options)
+    return resolved_rows(storage.read_table(uri, options=options), manifest.base_dir(uri, options)), info
+
+
+def resolved_rows(table: pa.Table, base: str) -> pa.Table:
+    """Manifest rows with image_id as strings and each uri resolved against ``base``."""
     resolved = []
     for value in table["uri"].to_pylist():
         try:
@@ -173,9 +177,8 @@ def _resolve_manifest(uri: str, options: StorageOptions,
         except reader.ReadRefused:
             resolved.append(value)  # the embed job records it as a validate error
     table = table.set_column(table.schema.get_field_index("uri"), "uri", pa.array(resolved, pa.string()))
-    table = table.set_column(table.schema.get_field_index("image_id"), "image_id",
-                             table["image_id"].cast(pa.string()))
-    return table, info
+    return table.set_column(table.schema.get_field_index("image_id"), "image_id",
+                            table["image_id"].cast(pa.string()))
 
 
 def _hash_chunk(uris: list[str], options: StorageOptions,
@@ -351,6 +354,7 @@ def plan(config: RebuildConfig, table: pa.Table, record: pa.Table, erased: pa.Ar
         result.drop = rec_ids.combine_chunks() if isinstance(rec_ids, pa.ChunkedArray) else rec_ids
         result.changed = int(pc.sum(pc.is_in(result.to_embed, value_set=rec_ids)).as_py() or 0)
         result.new = len(result.to_embed) - result.changed
+        result.drop_parts = _holding(record, result.drop)
         return result
     known = pc.is_in(wanted["image_id"], value_set=rec_ids)
     new_ids = wanted["image_id"].filter(pc.invert(known))
@@ -402,7 +406,14 @@ def plan(config: RebuildConfig, table: pa.Table, record: pa.Table, erased: pa.Ar
                                         changed_arr])
     result.drop = pa.concat_arrays([result.drop.cast(pa.string()), changed_arr, result.restat])
     result.restat_where = record.filter(pc.is_in(record["image_id"], value_set=result.restat))
+    result.drop_parts = _holding(record, result.drop)
     return result
+
+
+def _holding(record: pa.Table, ids: pa.Array) -> set[tuple[str, str]]:
+    """The (kind, part) of the rows of record holding any of ``ids``."""
+    rows = record.filter(pc.is_in(record["image_id"], value_set=ids)).select(["kind", "part"])
+    return {(r["kind"], r["part"]) for r in rows.group_by(["kind", "part"], use_threads=False).aggregate([]).to_pylist()}
 
 
 # ---------------------------------------------------------------------------- retraining
@@ -734,7 +745,7 @@ def _rebuild(config: RebuildConfig, spec, info: manifest.ManifestInfo, summary: 
                        for kind, staged, restated in ((rootmod.FACES, faces, _restated(config.root, the_plan.restat_where, the_plan.restat, rootmod.FACES, options)),
                                                       (rootmod.ERRORS, errors, _restated(config.root, the_plan.restat_where, the_plan.restat, rootmod.ERRORS, options)))}
                 version = rootmod.write_version(
-                    config.root, base, drop_ids=the_plan.drop, add=add,
+                    config.root, base, drop_ids=the_plan.drop, add=add, holding=the_plan.drop_parts,
                     model=spec.name, job_id=job_id, options=options,
                     hook=lambda name: _before_table_pointer(lock, name))
                 summary.seconds["table"] = round(time.monotonic() - t, 3)

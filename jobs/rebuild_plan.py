@@ -52,16 +52,10 @@ def _split(table: pa.Table, key: pa.Array, buckets: int) -> list[pa.Table]:
 
 
 def _resolved_piece(file_uri: str, row_groups: list[int], base: str, options) -> pa.Table:
+    from facelake.jobs.rebuild import resolved_rows
+
     with storage.open_parquet(file_uri, options) as parquet:
-        table = parquet.read_row_groups(row_groups)
-    resolved = []
-    for value in table["uri"].to_pylist():
-        try:
-            resolved.append(reader.resolve(value, base))
-        except reader.ReadRefused:
-            resolved.append(value)  # the embed job records it as a validate error
-    table = table.set_column(table.schema.get_field_index("uri"), "uri", pa.array(resolved, pa.string()))
-    return table.set_column(table.schema.get_field_index("image_id"), "image_id", table["image_id"].cast(pa.string()))
+        return resolved_rows(parquet.read_row_groups(row_groups), base)
 
 
 def _manifest_by_id(file_uri, row_groups, base, buckets, options) -> list[tuple[pa.Table, pa.Table]]:
@@ -150,6 +144,7 @@ def plan_in_tasks(config, info: manifestmod.ManifestInfo, base: rootmod.TableVer
                stats=pa.concat_tables([p.stats for p in plans]), restat=_cat([p.restat for p in plans]),
                restat_where=pa.concat_tables([p.restat_where for p in plans if p.restat_where is not None]
                                              or [rootmod.part_record_schema().empty_table()]))
+    out.drop_parts = set().union(*(p.drop_parts for p in plans))
     for name in ("hashed", "new", "changed", "removed", "erased_skipped", "unverified"):
         setattr(out, name, sum(getattr(p, name) for p in plans))
     return out

@@ -97,9 +97,32 @@ def test_tasks_find_exactly_the_change(tmp_path, ray_local, own_stats):
                                                           len(expected["removed"]))
         assert made.unverified == 5 and made.erased_skipped == 6 and made.hashed == 15
         assert set(made.restat_where["image_id"].to_pylist()) == expected["restat"]
+        dropped = set(made.drop.to_pylist())
+        assert made.drop_parts == {(r["kind"], r["part"]) for r in rootmod.record_ids(root, base).to_pylist()
+                                   if r["image_id"] in dropped}
     # what the driver receives from the tasks is the change, with every manifest column
     assert set(tasks.manifest["image_id"].to_pylist()) == set(tasks.to_embed.to_pylist())
     assert tasks.manifest.schema.names == table.schema.names
     assert set(tasks.stats["image_id"].to_pylist()) == set(tasks.to_embed.to_pylist()) | expected["restat"]
     by_id = {r["image_id"]: r for r in driver.stats.to_pylist()}
     assert all(by_id[r["image_id"]] == r for r in tasks.stats.to_pylist())
+
+
+def test_table_version_from_the_plans_parts_equals_reading_every_part(tmp_path, ray_local, monkeypatch):
+    """write_version told which parts hold a dropped id (the plan's drop_parts) reads no other
+    part's ids and writes the same table as when it reads them all."""
+    monkeypatch.setattr(rootmod, "PART_ROWS", 40)      # a record of many parts, most without a change
+    root, base, table, erased, _ = _archive(tmp_path)
+    uri = str(tmp_path / "manifest.parquet")
+    storage.write_table(uri, table)
+    config = RebuildConfig(manifest=uri, root=root)
+    info = manifest.validate(uri)
+    made = rebuild_plan.plan_in_tasks(config, info, base, erased, storage.StorageOptions(), buckets=2)
+    assert len(base.faces) >= 8 and 0 < len(made.drop_parts) < len(base.faces) + len(base.errors) - 4
+    versions = [rootmod.write_version(root, base, drop_ids=made.drop, add={}, model=base.model, job_id=f"j{k}",
+                                      holding=holding) for k, holding in enumerate((made.drop_parts, None))]
+    tables = [{kind: rootmod.read_table(root, kind, ["image_id"], v).sort_by("image_id") for kind in rootmod.KINDS}
+              for v in versions]
+    assert tables[0] == tables[1]
+    assert versions[0].images == versions[1].images == len(set(tables[0][rootmod.FACES]["image_id"].to_pylist()))
+    assert (versions[0].face_rows, versions[0].error_rows) == (versions[1].face_rows, versions[1].error_rows)
