@@ -19,9 +19,10 @@ the first part; a rerun with other such options is refused before any work, nami
 The driver receives one row of counts per chunk, never face rows. Every manifest row ends in
 exactly one of faces or errors. An image's rows always land in one part file, so a run killed
 at any point leaves whole images only and loses at most the chunk each actor was working on; a
-rerun reads the image ids already present for the same model and skips them, so nothing is
-duplicated. ``<chunk>`` is derived from the chunk's image ids, so a chunk that Ray retries after
-losing an actor rewrites the same files rather than adding a second copy.
+rerun embeds only the manifest rows whose ids OUT does not hold yet (jobs/resume.py: an
+anti-join in Ray tasks, no id gathered in the driver), so nothing is duplicated. ``<chunk>`` is
+derived from the chunk's image ids, so a chunk that Ray retries after losing an actor rewrites
+the same files rather than adding a second copy.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ import typer
 from facelake import device, faults, manifest, progress, reader, storage
 from facelake.errors import ConfigError
 from facelake.imaging import DEFAULT_MAX_PIXELS, content_sha256, decode_bgr
-from facelake.registry import MODELS, ModelSpec, get_model, weights_fingerprint
 from facelake.jobs import resume
+from facelake.registry import MODELS, ModelSpec, get_model, weights_fingerprint
 from facelake.schema import (DROPPED_SCHEMA, EMBED_COUNTS_SCHEMA, ERRORS_SCHEMA, NO_FACE, NO_USABLE_FACE,
                              STAGE_DECODE, STAGE_DETECT, STAGE_EMBED, STAGE_FETCH, STAGE_QUALITY, STAGE_VALIDATE,
                              OutputFingerprint, embed_outcome_schema, faces_schema, with_carried)
