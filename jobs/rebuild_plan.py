@@ -37,6 +37,10 @@ DRIVER_ROWS = 200_000
 # Rows per compare task (manifest and record each), and parts of record per reading task.
 BUCKET_ROWS = 1_000_000
 PARTS_PER_TASK = 64
+# Photos per stat task on average (whole folders; a local stat costs microseconds, a listed S3
+# key less): few enough tasks that the driver's object refs (manifest pieces x stat tasks)
+# stay in the hundreds of thousands at 100M photos.
+STAT_TASK_ROWS = 65_536
 TASK_CPUS = 0.25
 
 
@@ -113,7 +117,7 @@ def plan_in_tasks(config, info: manifestmod.ManifestInfo, base: rootmod.TableVer
     ``config.allowed_roots`` must already be the effective roots. Ray must be connected."""
     import ray
 
-    from facelake.jobs.rebuild import STAT_CHUNK, Plan
+    from facelake.jobs.rebuild import Plan
 
     held = (base.face_rows + base.error_rows) if base is not None else 0
     buckets = max(2, buckets or math.ceil(max(info.rows, held) / BUCKET_ROWS))   # num_returns=1 is no list
@@ -126,7 +130,7 @@ def plan_in_tasks(config, info: manifestmod.ManifestInfo, base: rootmod.TableVer
         by_id = remote(_manifest_by_id).options(num_returns=buckets)
         manifest_refs = [by_id.remote(f, groups, base_dir, buckets, options) for f, groups in pieces]
     else:
-        folders = max(2, math.ceil(info.rows / STAT_CHUNK))
+        folders = max(2, math.ceil(info.rows / STAT_TASK_ROWS))
         by_folder = remote(_manifest_by_folder).options(num_returns=folders)
         folder_refs = [by_folder.remote(f, groups, base_dir, folders, options) for f, groups in pieces]
         stat = remote(_stat_by_id).options(num_returns=buckets)
