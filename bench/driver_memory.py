@@ -214,7 +214,7 @@ def main() -> None:
                 row = {"rows": n, "case": case, **json.loads(done.stdout.strip().splitlines()[-1])}
                 results.append(row)
                 print(json.dumps(row), flush=True)
-    print(f"\n{'case':<20}" + "".join(f"{f'{n:,} rows: peak / growth MiB':>34}" for n in args.sizes))
+    print(f"\n{'case':<20}" + "".join(f"{f'{n:,} rows: peak / growth MiB':>35}" for n in args.sizes))
     for case in args.cases:
         cells = [r for r in results if r["case"] == case]
         print(f"{case:<20}" + "".join(f"{r['driver_peak_mib']:>24} / {r['driver_growth_mib']:<8}" for r in cells))
