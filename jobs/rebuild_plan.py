@@ -14,7 +14,8 @@ once per bucket of image ids, in a task, on that bucket's rows only:
    nothing is written to ROOT), each running ``plan`` (hashing the photos it must read itself);
 4. the driver concatenates what the compare tasks return: the ids to embed and to drop, the
    manifest rows and stats of the photos to embed or re-stat, the rows of record of those to
-   re-stat, and counts: all of the size of the change, not of the archive.
+   re-stat, the parts of record holding a dropped id (the table version rewrites those and reads
+   no other part's ids), and counts: all of the size of the change, not of the archive.
 
 ``--full`` re-embeds every photo, so its plan is the archive's size wherever it is made.
 Below DRIVER_ROWS rows (manifest and record) the rebuild plans in the driver, as before.
@@ -29,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from facelake import manifest as manifestmod, reader, root as rootmod, storage
-from facelake.jobs.resume import _manifest_pieces, bucket_of
+from facelake.jobs.resume import bucket_of, manifest_pieces
 from facelake.schema import SOURCE_STAT_SCHEMA
 
 # Manifest rows plus rows of record at most this many: the driver plans (no task start).
@@ -123,7 +124,7 @@ def plan_in_tasks(config, info: manifestmod.ManifestInfo, base: rootmod.TableVer
     buckets = max(2, buckets or math.ceil(max(info.rows, held) / BUCKET_ROWS))   # num_returns=1 is no list
     remote = ray.remote(num_cpus=TASK_CPUS)
     base_dir = manifestmod.base_dir(config.manifest, options)
-    pieces = _manifest_pieces(info, options)
+    pieces = manifest_pieces(info, options)
     limits = reader.ReadLimits(config.allowed_roots, config.max_bytes)
     names = set(info.schema.names)
     if "size" in names and {"etag", "mtime"} & names:

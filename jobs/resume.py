@@ -176,7 +176,7 @@ def _anti_join(k: int, scratch: str, schema: pa.Schema, options) -> tuple[int, i
     return table.num_rows, total - table.num_rows
 
 
-def _manifest_pieces(info, options) -> list[tuple[str, list[int]]]:
+def manifest_pieces(info, options) -> list[tuple[str, list[int]]]:
     """Ranges of whole row groups of about SCATTER_ROWS rows each, from the manifest's footers."""
     pieces = []
     for file_uri in info.files:
@@ -205,7 +205,7 @@ def _in_tasks(info, parts, scratch, options, address, buckets) -> tuple[set[str]
     try:
         remote = ray.remote(num_cpus=TASK_CPUS)
         waits = [remote(_scatter_manifest).remote(f, groups, buckets, storage.join(scratch, "manifest"), f"m{i}", options)
-                 for i, (f, groups) in enumerate(_manifest_pieces(info, options))]
+                 for i, (f, groups) in enumerate(manifest_pieces(info, options))]
         done_refs = [remote(_scatter_done).remote(parts[i:i + PARTS_PER_TASK], buckets, storage.join(scratch, "done"),
                                                   f"d{i}", options) for i in range(0, len(parts), PARTS_PER_TASK)]
         ray.get(waits)
