@@ -38,21 +38,23 @@ def _errors(n: int, prefix: str) -> pa.Table:
                      "message": [f"m{i}" for i in range(n)]})
 
 
-@pytest.mark.parametrize("driver_rows", [None, 0])
-def test_distinct_images_over_parts_an_image_spans(tmp_path, ray_local, driver_rows):
+@pytest.mark.parametrize("where,driver_rows", [("local", None), ("local", 0), ("s3", 0)])
+def test_distinct_images_over_parts_an_image_spans(where, driver_rows, tmp_path, ray_local, request):
+    base = str(tmp_path) if where == "local" else request.getfixturevalue("s3_bucket")
+    options = storage.StorageOptions.from_env()
     faces = _faces(900, 3, "p")
     parts = []
     for k, start in enumerate(range(0, 900, 200)):       # 200 rows a part: images straddle parts
-        parts.append(str(tmp_path / f"part-{k}.parquet"))
-        storage.write_table(parts[-1], faces.slice(start, 200))
+        parts.append(f"{base}/part-{k}.parquet")
+        storage.write_table(parts[-1], faces.slice(start, 200), options)
     sources = [("parquet", p) for p in parts]
-    assert counts.distinct_images(sources, 900, driver_rows=driver_rows, buckets=3) == 300
-    assert counts.distinct_images(sources[:2], 400, driver_rows=driver_rows) == len(
+    assert counts.distinct_images(sources, 900, options, driver_rows=driver_rows, buckets=3) == 300
+    assert counts.distinct_images(sources[:2], 400, options, driver_rows=driver_rows) == len(
         set(faces.slice(0, 400)["image_id"].to_pylist()))
     errors = _errors(500, "e")
-    storage.write_table(str(tmp_path / "e0.parquet"), errors.slice(0, 250))
-    storage.write_table(str(tmp_path / "e1.parquet"), errors.slice(250))
-    tally = counts.errors_by_type([str(tmp_path / "e0.parquet"), str(tmp_path / "e1.parquet")], 500,
+    storage.write_table(f"{base}/e0.parquet", errors.slice(0, 250), options)
+    storage.write_table(f"{base}/e1.parquet", errors.slice(250), options)
+    tally = counts.errors_by_type([f"{base}/e0.parquet", f"{base}/e1.parquet"], 500, options,
                                   driver_rows=driver_rows)
     assert tally == Counter(f"{r['stage']}/{r['error_type']}" for r in errors.to_pylist())
 
