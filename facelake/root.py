@@ -67,17 +67,19 @@ class TableVersion:
     model: str | None
     created_at: str
     job_id: str | None = None
+    images: int | None = None   # distinct images with faces; None: written before it was recorded
 
     def to_dict(self) -> dict:
         return {"name": self.name, "faces": list(self.faces), "errors": list(self.errors),
                 "face_rows": self.face_rows, "error_rows": self.error_rows, "model": self.model,
-                "created_at": self.created_at, "job_id": self.job_id}
+                "created_at": self.created_at, "job_id": self.job_id, "images": self.images}
 
     @classmethod
     def from_dict(cls, data: dict) -> "TableVersion":
         return cls(name=data["name"], faces=tuple(data["faces"]), errors=tuple(data["errors"]),
                    face_rows=int(data["face_rows"]), error_rows=int(data["error_rows"]),
-                   model=data.get("model"), created_at=data["created_at"], job_id=data.get("job_id"))
+                   model=data.get("model"), created_at=data["created_at"], job_id=data.get("job_id"),
+                   images=None if data.get("images") is None else int(data["images"]))
 
     def parts(self, kind: str) -> tuple[str, ...]:
         return self.faces if kind == FACES else self.errors
@@ -142,43 +144,61 @@ def record_ids(root: str, version: TableVersion | None, options: StorageOptions 
     if version is not None:
         for kind in KINDS:
             for name in version.parts(kind):
-                fs, path = storage.filesystem(uri(root, kind, name), options)
-                with fs.open(path, "rb") as handle:
-                    present = pq.ParquetFile(handle).schema_arrow.names
-                stat_cols = [c for c in SOURCE_STAT_SCHEMA.names if c in present]
-                t = _read_parts(root, kind, (name,), ["image_id", "content_sha256", "uri", *stat_cols], options)
-                t = t.group_by(["image_id"], use_threads=False).aggregate(
-                    [(c, "first") for c in ("content_sha256", "uri", *stat_cols)])
-                columns = {
-                    "kind": pa.array([kind] * t.num_rows, pa.string()),
-                    "part": pa.array([name] * t.num_rows, pa.string()),
-                    "image_id": t["image_id"].cast(pa.string()),
-                    "content_sha256": t["content_sha256_first"].cast(pa.string()),
-                    "uri": t["uri_first"].cast(pa.string())}
-                for f in SOURCE_STAT_SCHEMA:
-                    columns[f.name] = (t[f"{f.name}_first"].cast(f.type) if f.name in stat_cols
-                                       else pa.nulls(t.num_rows, f.type))
-                tables.append(pa.table(columns))
+                tables.append(part_record(root, kind, name, options))
     if not tables:
-        empty = {n: pa.array([], pa.string()) for n in ("kind", "part", "image_id", "content_sha256", "uri")}
-        empty.update({f.name: pa.array([], f.type) for f in SOURCE_STAT_SCHEMA})
-        return pa.table(empty)
+        return part_record_schema().empty_table()
     return pa.concat_tables(tables)
+
+
+def part_record_schema() -> pa.Schema:
+    """The rows of ``record_ids`` / ``part_record``."""
+    return pa.schema([*(pa.field(n, pa.string()) for n in ("kind", "part", "image_id", "content_sha256", "uri")),
+                      *SOURCE_STAT_SCHEMA])
+
+
+def part_record(root: str, kind: str, name: str, options: StorageOptions | None = None) -> pa.Table:
+    """``record_ids``' rows of one part of record (one per image it holds)."""
+    fs, path = storage.filesystem(uri(root, kind, name), options)
+    with fs.open(path, "rb") as handle:
+        present = pq.ParquetFile(handle).schema_arrow.names
+    stat_cols = [c for c in SOURCE_STAT_SCHEMA.names if c in present]
+    t = _read_parts(root, kind, (name,), ["image_id", "content_sha256", "uri", *stat_cols], options)
+    t = t.group_by(["image_id"], use_threads=False).aggregate(
+        [(c, "first") for c in ("content_sha256", "uri", *stat_cols)])
+    columns = {
+        "kind": pa.array([kind] * t.num_rows, pa.string()),
+        "part": pa.array([name] * t.num_rows, pa.string()),
+        "image_id": t["image_id"].cast(pa.string()),
+        "content_sha256": t["content_sha256_first"].cast(pa.string()),
+        "uri": t["uri_first"].cast(pa.string())}
+    for f in SOURCE_STAT_SCHEMA:
+        columns[f.name] = (t[f"{f.name}_first"].cast(f.type) if f.name in stat_cols
+                           else pa.nulls(t.num_rows, f.type))
+    return pa.table(columns, schema=part_record_schema())
 
 
 def write_version(root: str, base: TableVersion | None, *, drop_ids: pa.Array, add: dict[str, pa.Table | None],
                   model: str | None, job_id: str, options: StorageOptions | None = None,
-                  hook=None) -> TableVersion:
+                  hook=None, holding: set[tuple[str, str]] | None = None) -> TableVersion:
     """Write a new table version = ``base`` minus ``drop_ids`` plus ``add``; publish it last.
 
     Parts of ``base`` holding a dropped id are rewritten without it under new names; small parts
     are compacted once COMPACT_AT of them pile up. ``hook`` (tests) runs before ROOT/TABLE is
-    written. Returns the new version; the old parts stay until ``collect_garbage``.
+    written. Returns the new version; the old parts stay until ``collect_garbage``. ``holding``:
+    the (kind, part) of ``base`` that hold a dropped id, when the caller knows them (rebuild's
+    plan, from the rows of record): the other parts are kept from their footers, their ids unread;
+    None reads every part's ids to find them.
+
+    The version records its distinct images with faces (``images``, what `status` shows), counted
+    from the change alone: ``base``'s count, less the dropped ids its faces held, plus the distinct
+    ids of ``add``'s faces (never already held: rebuild drops an id before adding it back). A base
+    written before the count was recorded leaves it None.
     """
     name = new_name()
     drop = pa.array(drop_ids, pa.string()) if not isinstance(drop_ids, pa.Array) else drop_ids.cast(pa.string())
     lists: dict[str, list[str]] = {}
     rows: dict[str, int] = {}
+    dropped_held: list[pa.Array] = []   # dropped ids the base's faces held (O(change))
     for kind in KINDS:
         counter = [0]
 
@@ -193,8 +213,14 @@ def write_version(root: str, base: TableVersion | None, *, drop_ids: pa.Array, a
 
         kept: list[tuple[str, int]] = []
         for part in (base.parts(kind) if base else ()):
+            if holding is not None and (kind, part) not in holding:
+                with storage.open_parquet(uri(root, kind, part), options) as parquet:
+                    kept.append((part, parquet.metadata.num_rows))
+                continue
             ids = storage.read_file(uri(root, kind, part), ["image_id"], options)["image_id"]
             if len(drop) and pc.any(pc.is_in(ids, value_set=drop)).as_py():
+                if kind == FACES:
+                    dropped_held.append(pc.unique(ids.filter(pc.is_in(ids, value_set=drop))).cast(pa.string()))
                 table = _read_parts(root, kind, (part,), None, options)
                 table = table.filter(pc.invert(pc.is_in(table["image_id"], value_set=drop)))
                 kept += [(p, min(PART_ROWS, table.num_rows - i)) for p, i in
@@ -213,9 +239,15 @@ def write_version(root: str, base: TableVersion | None, *, drop_ids: pa.Array, a
                      zip(emit(merged), range(0, merged.num_rows, PART_ROWS))]
         lists[kind] = [p for p, _ in kept]
         rows[kind] = sum(n for _, n in kept)
+    images = None
+    if base is None or base.images is not None:
+        added = add.get(FACES)
+        images = ((base.images if base else 0)
+                  - (len(pc.unique(pa.chunked_array(dropped_held, pa.string()))) if dropped_held else 0)
+                  + (len(pc.unique(added["image_id"])) if added is not None and added.num_rows else 0))
     version = TableVersion(name=name, faces=tuple(lists[FACES]), errors=tuple(lists[ERRORS]),
                            face_rows=rows[FACES], error_rows=rows[ERRORS], model=model,
-                           created_at=utc_now(), job_id=job_id)
+                           created_at=utc_now(), job_id=job_id, images=images)
     storage.write_bytes_atomic(uri(root, TABLES, f"{name}.json"), json.dumps(version.to_dict(), indent=2).encode(),
                                options)
     if hook:

@@ -19,9 +19,10 @@ the first part; a rerun with other such options is refused before any work, nami
 The driver receives one row of counts per chunk, never face rows. Every manifest row ends in
 exactly one of faces or errors. An image's rows always land in one part file, so a run killed
 at any point leaves whole images only and loses at most the chunk each actor was working on; a
-rerun reads the image ids already present for the same model and skips them, so nothing is
-duplicated. ``<chunk>`` is derived from the chunk's image ids, so a chunk that Ray retries after
-losing an actor rewrites the same files rather than adding a second copy.
+rerun embeds only the manifest rows whose ids OUT does not hold yet (jobs/resume.py: an
+anti-join in Ray tasks, no id gathered in the driver), so nothing is duplicated. ``<chunk>`` is
+derived from the chunk's image ids, so a chunk that Ray retries after losing an actor rewrites
+the same files rather than adding a second copy.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import typer
 from facelake import device, faults, manifest, progress, reader, storage
 from facelake.errors import ConfigError
 from facelake.imaging import DEFAULT_MAX_PIXELS, content_sha256, decode_bgr
+from facelake.jobs import resume
 from facelake.registry import MODELS, ModelSpec, get_model, weights_fingerprint
 from facelake.schema import (DROPPED_SCHEMA, EMBED_COUNTS_SCHEMA, ERRORS_SCHEMA, NO_FACE, NO_USABLE_FACE,
                              STAGE_DECODE, STAGE_DETECT, STAGE_EMBED, STAGE_FETCH, STAGE_QUALITY, STAGE_VALIDATE,
@@ -167,11 +169,9 @@ class EmbedWorker:
 
     def __init__(self, *, model: str, weights_from: str | None, min_face: int, min_score: float,
                  max_pixels: int, options: storage.StorageOptions, allowed_roots: tuple[str, ...],
-                 base_dir: str, done_ids: "ray.ObjectRef | None", threads: int, carried: tuple[str, ...],
+                 base_dir: str, threads: int, carried: tuple[str, ...],
                  carried_schema: pa.Schema, out: str, run_id: str, batch_size: int, shard_rows: int,
                  weights_sha256: str, limits: reader.ReadLimits | None = None) -> None:
-        import ray
-
         from facelake.faces import FaceEngine, QualityFloor
 
         self.engine = FaceEngine(model, weights_from=weights_from, threads=threads)
@@ -182,8 +182,6 @@ class EmbedWorker:
         self.allowed_roots = allowed_roots
         self.limits = limits or reader.ReadLimits(allowed_roots)
         self.base_dir = base_dir
-        # the ids already in OUT travel once through the object store, not pickled per actor
-        self.done_ids = ray.get(done_ids) if done_ids is not None else None
         self.carried = carried
         self.schema = embed_outcome_schema(self.spec.dim, carried_schema)
         self.layout, self.run_id = outputs(out), run_id
@@ -194,9 +192,7 @@ class EmbedWorker:
     def __call__(self, chunk: pa.Table) -> pa.Table:
         """Embed one chunk of manifest rows, write its part files, return one row of counts."""
         faults.point("embed.chunk")
-        token = _chunk_token(chunk["image_id"])  # before filtering: a retried chunk gets the same names
-        if self.done_ids is not None and len(self.done_ids):
-            chunk = chunk.filter(pc.invert(pc.is_in(chunk["image_id"], value_set=self.done_ids)))
+        token = _chunk_token(chunk["image_id"])  # a retried chunk gets the same names
         outcomes = [self._embed_batch(chunk.slice(start, self.batch_size))
                     for start in range(0, chunk.num_rows, self.batch_size)]
         table = pa.concat_tables(outcomes) if outcomes else self.schema.empty_table()
@@ -441,12 +437,13 @@ def embed_dataset(config: EmbedConfig) -> EmbedPlan:
     options = storage.StorageOptions.from_env(config.endpoint_url)
     info = manifest.validate(config.manifest, options)
     claim_output(config.out, config.fingerprint(), options, overwrite=config.overwrite)
-    done = done_image_ids(config.out, spec, options)
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-    summary = EmbedSummary(run_id=run_id, model=spec.name, manifest_rows=info.rows,
-                           skipped_done=len(done))
-    if len(done) and not _remaining(config.manifest, done, options):
-        return EmbedPlan(None, summary)  # every image is already in OUT: start no Ray, load no model
+    # the rows not yet in OUT, found by tasks (jobs/resume.py); the whole manifest on a first run
+    todo = resume.left_to_embed(info, config.out, spec.name, run_id, options, address=config.address)
+    summary = EmbedSummary(run_id=run_id, model=spec.name, manifest_rows=info.rows, skipped_done=todo.done)
+    if not todo.rows:
+        return EmbedPlan(None, summary)  # every image is already in OUT: load no model
+    files = todo.files or info.files
     resources = runtime.connect(config.address)
     use_gpu = device.embed_on_gpu(resources.gpus)
     workers = config.workers or (int(resources.gpus) if use_gpu else max(1, int(resources.cpus)))
@@ -459,14 +456,15 @@ def embed_dataset(config: EmbedConfig) -> EmbedPlan:
     # told otherwise (nor can a repartition); on 1-CPU nodes already holding a model actor it
     # never starts. The V1 reader honours num_cpus=READ_CPUS and splits files into blocks.
     context.use_datasource_v2 = False
-    arrow_fs, _ = storage.arrow_filesystem(info.files[0], options)
+    arrow_fs, _ = storage.arrow_filesystem(files[0], options)
     # A small job is cut into smaller chunks so that every actor gets some (about 4 each).
-    chunk = min(config.chunk_images, max(1, math.ceil(info.rows / (workers * 4))))
+    chunk = min(config.chunk_images, max(1, math.ceil(todo.rows / (workers * 4))))
     # Manifest reads are light; they must still get scheduled when the model actors hold
     # most CPUs, hence the fraction. Blocks are kept small (about one actor call each, at
     # most ~1000 rows) so that every actor gets work even from a single manifest file.
-    blocks = min(math.ceil(info.rows / chunk), max(workers * 4, math.ceil(info.rows / 1000)))
-    dataset = ray.data.read_parquet(info.paths, filesystem=arrow_fs, num_cpus=READ_CPUS,
+    blocks = min(math.ceil(todo.rows / chunk), max(workers * 4, math.ceil(todo.rows / 1000)))
+    dataset = ray.data.read_parquet([storage.filesystem(f, options)[1] for f in files], filesystem=arrow_fs,
+                                    num_cpus=READ_CPUS,
                                     override_num_blocks=blocks)
     dataset = dataset.map_batches(
         EmbedWorker, batch_size=chunk, batch_format="pyarrow",
@@ -476,7 +474,6 @@ def embed_dataset(config: EmbedConfig) -> EmbedPlan:
             model=spec.name, weights_from=config.weights_from, min_face=config.min_face,
             min_score=config.min_score, max_pixels=config.max_pixels, options=options,
             allowed_roots=config.allowed_roots, base_dir=base_dir,
-            done_ids=ray.put(done) if len(done) else None,
             threads=1, carried=info.carried, carried_schema=carried_schema,
             out=config.out, run_id=run_id, batch_size=config.batch_size, shard_rows=config.shard_rows,
             weights_sha256=weights_fingerprint(spec), limits=config.limits))
@@ -515,6 +512,7 @@ def run_embed(config: EmbedConfig) -> EmbedSummary:
     options = storage.StorageOptions.from_env(config.endpoint_url)
     storage.write_bytes_atomic(storage.join(outputs(config.out)["_runs"], f"{summary.run_id}.json"),
                                json.dumps(summary.to_dict(), indent=2).encode(), options)
+    resume.remove_scratch(config.out, summary.run_id, options)
     runtime.shutdown_if_local(started_here and config.address is None)
     return summary
 
@@ -533,14 +531,6 @@ def add_counts(summary: EmbedSummary, counts: pa.Table) -> None:
     for text in counts["error_types"].to_pylist():
         for error_type, rows in json.loads(text).items():
             summary.errors_by_type[error_type] = summary.errors_by_type.get(error_type, 0) + rows
-
-
-def _remaining(manifest_uri: str, done: pa.Array, options: storage.StorageOptions) -> int:
-    """How many manifest rows are not yet in OUT (one streamed pass over image_id)."""
-    remaining = 0
-    for batch in storage.iter_batches(manifest_uri, columns=["image_id"], options=options):
-        remaining += len(batch) - (pc.sum(pc.is_in(batch.column(0), value_set=done)).as_py() or 0)
-    return remaining
 
 
 def _stamp(table: pa.Table, spec: ModelSpec, wsha: str) -> pa.Table:

@@ -152,6 +152,8 @@ class Plan:
     stats: pa.Table | None = None      # image_id + SOURCE_STAT_SCHEMA now, per manifest row not erased
     restat: pa.Array = field(default_factory=lambda: pa.array([], pa.string()))  # same bytes, new stat:
     # their rows of record are rewritten with the stat of now (dropped and added back, not re-embedded)
+    restat_where: pa.Table | None = None  # rows of record (rootmod.record_ids) of the restat ids
+    drop_parts: set[tuple[str, str]] | None = None  # (kind, part) of record holding a dropped id
     hashed: int = 0                    # photos whose bytes were read to decide
     new: int = 0
     changed: int = 0
@@ -160,10 +162,14 @@ class Plan:
     unverified: int = 0
 
 
-def _resolve_manifest(uri: str, options: StorageOptions) -> tuple[pa.Table, manifest.ManifestInfo]:
-    info = manifest.validate(uri, options)
-    table = storage.read_table(uri, options=options)
-    base = manifest.base_dir(uri, options)
+def _resolve_manifest(uri: str, options: StorageOptions,
+                      info: manifest.ManifestInfo | None = None) -> tuple[pa.Table, manifest.ManifestInfo]:
+    info = info or manifest.validate(uri, options)
+    return resolved_rows(storage.read_table(uri, options=options), manifest.base_dir(uri, options)), info
+
+
+def resolved_rows(table: pa.Table, base: str) -> pa.Table:
+    """Manifest rows with image_id as strings and each uri resolved against ``base``."""
     resolved = []
     for value in table["uri"].to_pylist():
         try:
@@ -171,9 +177,8 @@ def _resolve_manifest(uri: str, options: StorageOptions) -> tuple[pa.Table, mani
         except reader.ReadRefused:
             resolved.append(value)  # the embed job records it as a validate error
     table = table.set_column(table.schema.get_field_index("uri"), "uri", pa.array(resolved, pa.string()))
-    table = table.set_column(table.schema.get_field_index("image_id"), "image_id",
-                             table["image_id"].cast(pa.string()))
-    return table, info
+    return table.set_column(table.schema.get_field_index("image_id"), "image_id",
+                            table["image_id"].cast(pa.string()))
 
 
 def _hash_chunk(uris: list[str], options: StorageOptions,
@@ -322,13 +327,15 @@ def _stat_differs(table: pa.Table) -> pa.ChunkedArray:
 
 
 def plan(config: RebuildConfig, table: pa.Table, record: pa.Table, erased: pa.Array,
-         options: StorageOptions) -> Plan:
-    """What to embed, drop and re-stat (see the module docstring)."""
+         options: StorageOptions, *, now: pa.Table | None = None, hasher=None) -> Plan:
+    """What to embed, drop and re-stat (see the module docstring). ``now``: the stat of now per
+    row of ``table`` when the caller took it (jobs/rebuild_plan.py); ``hasher`` replaces
+    hash_images (the same there, inside a task)."""
     ids = table["image_id"]
     is_erased = pc.is_in(ids, value_set=erased)
     wanted = table.filter(pc.invert(is_erased))
     limits = reader.ReadLimits(config.allowed_roots, config.max_bytes)
-    stats = _manifest_stats(wanted)
+    stats = _manifest_stats(wanted) if now is None else now.filter(pc.invert(is_erased))
     if stats is None:
         stats = stat_images(wanted["uri"].to_pylist(), options, limits)
     stats = pa.table([wanted["image_id"].combine_chunks().cast(pa.string()), *stats.columns],
@@ -347,6 +354,7 @@ def plan(config: RebuildConfig, table: pa.Table, record: pa.Table, erased: pa.Ar
         result.drop = rec_ids.combine_chunks() if isinstance(rec_ids, pa.ChunkedArray) else rec_ids
         result.changed = int(pc.sum(pc.is_in(result.to_embed, value_set=rec_ids)).as_py() or 0)
         result.new = len(result.to_embed) - result.changed
+        result.drop_parts = _holding(record, result.drop)
         return result
     known = pc.is_in(wanted["image_id"], value_set=rec_ids)
     new_ids = wanted["image_id"].filter(pc.invert(known))
@@ -380,7 +388,7 @@ def plan(config: RebuildConfig, table: pa.Table, record: pa.Table, erased: pa.Ar
     changed += readable["image_id"].filter(other_size).to_pylist()
     to_hash = readable.filter(hash_it).to_pylist()
     restat = []
-    hashes = hash_images([r["uri"] for r in to_hash], options, limits)
+    hashes = (hasher or hash_images)([r["uri"] for r in to_hash], options, limits)
     result.hashed = len(to_hash)
     for row, digest in zip(to_hash, hashes):
         if digest is None:
@@ -397,7 +405,15 @@ def plan(config: RebuildConfig, table: pa.Table, record: pa.Table, erased: pa.Ar
                                         if isinstance(new_ids, pa.ChunkedArray) else new_ids.cast(pa.string()),
                                         changed_arr])
     result.drop = pa.concat_arrays([result.drop.cast(pa.string()), changed_arr, result.restat])
+    result.restat_where = record.filter(pc.is_in(record["image_id"], value_set=result.restat))
+    result.drop_parts = _holding(record, result.drop)
     return result
+
+
+def _holding(record: pa.Table, ids: pa.Array) -> set[tuple[str, str]]:
+    """The (kind, part) of the rows of record holding any of ``ids``."""
+    rows = record.filter(pc.is_in(record["image_id"], value_set=ids)).select(["kind", "part"])
+    return {(r["kind"], r["part"]) for r in rows.group_by(["kind", "part"], use_threads=False).aggregate([]).to_pylist()}
 
 
 # ---------------------------------------------------------------------------- retraining
@@ -605,9 +621,10 @@ def _stats_of_record(root: str, run: str | None, stats: pa.Table, options: Stora
     return table.take(first)
 
 
-def _restated(root: str, record: pa.Table, ids: pa.Array, kind: str, options: StorageOptions) -> pa.Table | None:
-    """The rows of record of ``ids`` (same bytes, new stat), read from the parts that hold them only."""
-    if not len(ids):
+def _restated(root: str, record: pa.Table | None, ids: pa.Array, kind: str, options: StorageOptions) -> pa.Table | None:
+    """The rows of record of ``ids`` (same bytes, new stat), read from the parts that hold them only
+    (``record``: rows of rootmod.record_ids naming at least those ids' parts)."""
+    if not len(ids) or record is None:
         return None
     holding = record.filter(pc.and_(pc.equal(record["kind"], kind), pc.is_in(record["image_id"], value_set=ids)))
     tables = []
@@ -646,24 +663,25 @@ def run_rebuild(config: RebuildConfig) -> RebuildSummary:
     succeeded / failed / interrupted with the summary."""
     spec = config.validate()
     options = StorageOptions.from_env(config.endpoint_url)
-    table, info = _resolve_manifest(config.manifest, options)
+    info = manifest.validate(config.manifest, options)
     job = audit.Job(config.root, "rebuild", options, details={
         "manifest": storage.redact(config.manifest), "manifest_fingerprint": info.fingerprint, "full": config.full,
         "verify_content": config.verify_content})
     with job:
         summary = RebuildSummary(job_id=job.job_id, manifest_rows=info.rows)
         try:
-            return _rebuild(config, spec, table, summary, options)
+            return _rebuild(config, spec, info, summary, options)
         finally:
             job.details.update({k: v for k, v in summary.to_dict().items() if k != "job_id"})
 
 
-def _rebuild(config: RebuildConfig, spec, table: pa.Table, summary: RebuildSummary,
+def _rebuild(config: RebuildConfig, spec, info: manifest.ManifestInfo, summary: RebuildSummary,
              options: StorageOptions) -> RebuildSummary:
     import ray
 
     from facelake.cluster import runtime
     from facelake.index import layout
+    from facelake.jobs import rebuild_plan
 
     job_id = summary.job_id
     clock = time.monotonic()
@@ -677,12 +695,15 @@ def _rebuild(config: RebuildConfig, spec, table: pa.Table, summary: RebuildSumma
             if base is not None and base.model not in (None, spec.name):
                 raise ConfigError(f"{storage.redact(config.root)} holds faces of model {base.model!r}, not "
                                   f"{spec.name!r}: use one root per model")
-            record = rootmod.record_ids(config.root, base, options)
             erased = rootmod.erased_ids(config.root, options)
             started_ray = not ray.is_initialized()
             runtime.connect(config.address)
             t = time.monotonic()
-            the_plan = plan(config, table, record, erased, options)
+            if rebuild_plan.in_driver(info, base):
+                table, _ = _resolve_manifest(config.manifest, options, info)
+                the_plan = plan(config, table, rootmod.record_ids(config.root, base, options), erased, options)
+            else:   # archive scale: compared in hash-partitioned tasks, the driver gets the change only
+                the_plan = rebuild_plan.plan_in_tasks(config, info, base, erased, options)
             summary.seconds["plan"] = round(time.monotonic() - t, 3)
             for name in ("new", "changed", "removed", "erased_skipped", "unverified", "hashed"):
                 setattr(summary, name, getattr(the_plan, name))
@@ -721,10 +742,10 @@ def _rebuild(config: RebuildConfig, spec, table: pa.Table, summary: RebuildSumma
                 t = time.monotonic()
                 stats = _stats_of_record(config.root, run, the_plan.stats, options)
                 add = {kind: _concat(with_stats(staged, stats), with_stats(restated, stats))
-                       for kind, staged, restated in ((rootmod.FACES, faces, _restated(config.root, record, the_plan.restat, rootmod.FACES, options)),
-                                                      (rootmod.ERRORS, errors, _restated(config.root, record, the_plan.restat, rootmod.ERRORS, options)))}
+                       for kind, staged, restated in ((rootmod.FACES, faces, _restated(config.root, the_plan.restat_where, the_plan.restat, rootmod.FACES, options)),
+                                                      (rootmod.ERRORS, errors, _restated(config.root, the_plan.restat_where, the_plan.restat, rootmod.ERRORS, options)))}
                 version = rootmod.write_version(
-                    config.root, base, drop_ids=the_plan.drop, add=add,
+                    config.root, base, drop_ids=the_plan.drop, add=add, holding=the_plan.drop_parts,
                     model=spec.name, job_id=job_id, options=options,
                     hook=lambda name: _before_table_pointer(lock, name))
                 summary.seconds["table"] = round(time.monotonic() - t, 3)
@@ -761,8 +782,13 @@ def _before_table_pointer(lock: RootLock, name: str) -> None:
 
 
 def _images(root: str, version, options: StorageOptions) -> int:
-    faces = rootmod.read_faces(root, ["image_id"], version, options)
-    return 0 if faces is None else len(pc.unique(faces["image_id"]))
+    """Recorded with the version (facelake.root); counted by tasks for versions written before."""
+    from facelake.jobs import counts
+
+    if version.images is not None:
+        return version.images
+    return counts.distinct_images([("parquet", rootmod.uri(root, rootmod.FACES, p)) for p in version.faces],
+                                  version.face_rows, options)
 
 
 def print_summary(summary: RebuildSummary) -> None:

@@ -1,19 +1,24 @@
 """`facelake status ROOT`: versions, live version, counts, lock, last jobs and last errors.
 
 A malformed file (audit record, embed run summary, erasure list) is reported under "malformed"
-and skipped; the rest is still shown. Tested in tests/test_audit.py and tests/test_erase.py.
+and skipped; the rest is still shown. Counts come from metadata (the table version's recorded
+counts, the index manifest's total), not from reading every image id: what metadata lacks (a
+table version written before image counts were recorded, the images of a root made by `facelake
+index`, errors by stage and type) is counted by jobs/counts.py, in Ray tasks past its
+DRIVER_ROWS. Tested in tests/test_audit.py, tests/test_erase.py and tests/test_counts.py.
 """
 
 from __future__ import annotations
 
 import json
-from collections import Counter
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import typer
 
 from facelake import audit, lock as lockmod, root as rootmod, storage
 from facelake.errors import IndexVersionError
+from facelake.jobs import counts
 from facelake.storage import StorageOptions
 
 LAST = 5
@@ -26,8 +31,7 @@ def collect(root: str, options: StorageOptions | None = None) -> dict:
     storage.check_uri(root)
     table = rootmod.current(root, options)
     pointer = rootmod.read_pointer(root, options) or {}
-    faces = rootmod.read_faces(root, ["image_id"], table, options) if table else None
-    errors = rootmod.read_errors(root, ["image_id", "stage", "error_type", "message"], table, options) if table else None
+    error_parts = [rootmod.uri(root, rootmod.ERRORS, p) for p in table.errors] if table else []
     problems: list[str] = []
     try:
         erased_count = len(pc.unique(rootmod.erasures(root, options)["image_id"]))
@@ -65,7 +69,7 @@ def collect(root: str, options: StorageOptions | None = None) -> dict:
         "table_version": table.name if table else None,
         "table_index_version": pointer.get("index_version"),
         "quantizer": pointer.get("quantizer"),
-        "counts": {**(_record_counts(table, faces) if table else _index_counts(root, live, options)),
+        "counts": {**(_record_counts(root, table, options) if table else _index_counts(root, live, options)),
                    "errors": table.error_rows if table else 0,
                    "erasures": erased_count},
         "lock": lockmod.read_lock(root, options),
@@ -75,25 +79,44 @@ def collect(root: str, options: StorageOptions | None = None) -> dict:
         "failed_jobs": [{k: r[k] for k in keep if k in r} for r in records
                         if r.get("status") in ("failed", "interrupted")][-LAST:],
         "problems": problems,
-        "errors_by_type": dict(Counter(f"{r['stage']}/{r['error_type']}" for r in errors.select(
-            ["stage", "error_type"]).to_pylist())) if errors is not None else {},
-        "last_errors": errors.slice(max(0, errors.num_rows - LAST)).to_pylist() if errors is not None else [],
+        "errors_by_type": counts.errors_by_type(error_parts, table.error_rows if table else 0, options),
+        "last_errors": _last_errors(error_parts, options),
     }
 
 
-def _record_counts(table, faces) -> dict:
-    return {"faces": table.face_rows, "images": len(pc.unique(faces["image_id"])) if faces is not None else 0,
-            "source": "record"}
+def _last_errors(parts: list[str], options: StorageOptions | None) -> list[dict]:
+    """The last LAST error rows of record, read from the last parts only."""
+    tables: list[pa.Table] = []
+    for part in reversed(parts):
+        if sum(t.num_rows for t in tables) >= LAST:
+            break
+        tables.insert(0, storage.read_file(part, ["image_id", "stage", "error_type", "message"], options))
+    if not tables:
+        return []
+    errors = pa.concat_tables(tables, promote_options="permissive")
+    return errors.slice(max(0, errors.num_rows - LAST)).to_pylist()
+
+
+def _record_counts(root: str, table: rootmod.TableVersion, options: StorageOptions | None) -> dict:
+    """Recorded with the table version; versions written before that are counted by tasks."""
+    images = table.images
+    if images is None:
+        images = counts.distinct_images([("parquet", rootmod.uri(root, rootmod.FACES, p)) for p in table.faces],
+                                        table.face_rows, options)
+    return {"faces": table.face_rows, "images": images, "source": "record"}
 
 
 def _index_counts(root: str, live: str | None, options: StorageOptions | None) -> dict:
-    """A root made by `facelake index` has no table of record: count what the live version holds."""
-    from facelake.index.load import load_ids, open_version
+    """A root made by `facelake index` has no table of record: the live version's manifest gives
+    its faces; its images are counted over its id tables (jobs/counts.py)."""
+    from facelake.index.load import open_version
 
     if live is None:
         return {"faces": 0, "images": 0, "source": "none"}
-    ids = load_ids(open_version(root, live, options=options), ["image_id"])["image_id"]
-    return {"faces": len(ids), "images": len(pc.unique(ids)), "source": "live index"}
+    handle = open_version(root, live, options=options)
+    images = counts.distinct_images([("shard", (root, live, s)) for s in range(handle.shard_count)],
+                                    handle.total, options)
+    return {"faces": handle.total, "images": images, "source": "live index"}
 
 
 def print_status(info: dict) -> None:

@@ -94,7 +94,7 @@ def test_a_chunk_done_twice_rewrites_its_own_parts(tmp_path, provisioned_weights
     out = str(tmp_path / "out")
     spec = get_model()
     worker = EmbedWorker(model=spec.name, weights_from=None, min_face=24, min_score=0.8, max_pixels=50_000_000,
-                         options=StorageOptions(), allowed_roots=(), base_dir=str(tmp_path), done_ids=None, threads=1,
+                         options=StorageOptions(), allowed_roots=(), base_dir=str(tmp_path), threads=1,
                          carried=("identity",), carried_schema=pa.schema([manifest.schema.field("identity")]),
                          out=out, run_id="run1", batch_size=2, shard_rows=1, weights_sha256=weights_fingerprint(spec))
     first = worker(manifest)
