@@ -1,10 +1,18 @@
 """`facelake embed`: manifest of archived images -> faces table (+ errors, + dropped faces).
 
-Ray Data reads the manifest and streams chunks of rows (``chunk_images``) to a pool of actors,
-each holding one loaded FaceEngine (GPU actors when the cluster has GPUs). An actor fetches the
-image bytes itself (fsspec: s3fs or local), decodes, detects, filters by the quality floor,
-aligns and embeds the faces of ``batch_size`` images per model call, then writes the chunk's
-own Parquet part files, each atomically (temporary name then rename; one PUT on S3):
+Two executors run the same ChunkEmbedder on chunks of manifest rows (``chunk_images``):
+
+- ray: Ray Data reads the manifest and streams chunks to a pool of actors, each holding one
+  loaded model (GPU actors when the cluster has GPUs);
+- local: this process reads the manifest in order and embeds chunk after chunk, with threads
+  for reading, decoding, detection and alignment beside the recognizer; Ray is not imported.
+  ``--executor auto`` (the default) takes it for manifests of at most LOCAL_MAX_ROWS rows when no
+  cluster is named (choose_executor).
+
+A ChunkEmbedder fetches the image bytes itself (fsspec: s3fs or local) and runs them through the
+face pipeline (facelake.pipeline: decode, detect, quality floor, align, embed ``batch_size``
+images per model call), then writes the chunk's own Parquet part files, each atomically
+(temporary name then rename; one PUT on S3):
 
     OUT/faces/part-<run>-<chunk>-<n>.parquet    one row per usable face
     OUT/errors/part-<run>-<chunk>-<n>.parquet   one row per image that failed or held no usable face
@@ -16,7 +24,7 @@ OUT's fingerprint (model, detector, weights sha256, quality floor, read limits) 
 the first part; a rerun with other such options is refused before any work, naming the fix (a new
 --out, or --overwrite to delete OUT's tables first), so one folder never mixes faces of two setups.
 
-The driver receives one row of counts per chunk, never face rows. Every manifest row ends in
+The driver receives one row of counts per chunk, never face rows (with either executor). Every manifest row ends in
 exactly one of faces or errors. An image's rows always land in one part file, so a run killed
 at any point leaves whole images only and loses at most the chunk each actor was working on; a
 rerun reads the image ids already present for the same model and skips them, so nothing is

@@ -53,8 +53,9 @@ def test_local_and_ray_executors_write_the_same_tables(tmp_path, ray_local, prov
     runs = {}
     for executor in ("ray", "local"):
         out = str(tmp_path / executor)
+        # a 600 px floor: faces kept, a couple's face dropped, five photos without a usable face
         summary = run_embed(EmbedConfig(manifest=manifest_uri, out=out, batch_size=3, chunk_images=4,
-                                        min_score=0.9, progress=False, executor=executor))
+                                        min_face=600, progress=False, executor=executor))
         assert summary.executor == executor and summary.images == len(NAMES) + 2
         runs[executor] = (summary, _sorted_tables(out))
     (ray_summary, ray_tables), (local_summary, local_tables) = runs["ray"], runs["local"]
@@ -64,7 +65,8 @@ def test_local_and_ray_executors_write_the_same_tables(tmp_path, ray_local, prov
         assert local_tables[name].equals(ray_tables[name]), f"{name} differ between the executors"
     for field in ("faces", "errors", "errors_by_type", "dropped_faces", "images_with_faces"):
         assert getattr(local_summary, field) == getattr(ray_summary, field), field
-    assert local_summary.errors_by_type == {"FileNotFoundError": 1, "NoFace": 1}
+    assert local_summary.errors_by_type == {"FileNotFoundError": 1, "NoFace": 1, "NoUsableFace": 5}
+    assert local_tables["dropped"]["image_id"].to_pylist() == ["couple"]
 
 
 def test_local_run_keeps_the_jobs_promises(tmp_path, provisioned_weights):
