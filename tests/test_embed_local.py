@@ -21,7 +21,7 @@ import pytest
 from facelake import faults, storage
 from facelake.errors import ConfigError
 from facelake.jobs.embed import LOCAL_MAX_ROWS, EmbedConfig, choose_executor, outputs, run_embed
-from tests.helpers import faceless_jpeg, sample_manifest
+from tests.helpers import SAMPLE_DIR, faceless_jpeg, sample_manifest
 
 NAMES = ["img1.jpg", "img2.jpg", "img3.jpg", "img5.jpg", "img6.jpg", "img7.jpg", "img8.jpg", "couple.jpg"]
 
@@ -141,3 +141,27 @@ def test_cli_embed_of_a_small_manifest_runs_without_importing_ray(tmp_path, prov
     imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
     assert "facelake.pipeline" in imported
     assert not {name for name in imported if name == "ray" or name.startswith("ray.")}, "the local path imported Ray"
+
+
+def test_local_executor_reads_and_writes_s3(s3_endpoint, s3_bucket, provisioned_weights):
+    """Manifest, photos and OUT on loopback S3, through the storage options; allowed roots apply."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True)
+    names = ["img1.jpg", "couple.jpg"]
+    for name in names:
+        fs.pipe(f"{s3_bucket[len('s3://'):]}/photos/{name}", (SAMPLE_DIR / name).read_bytes())
+    table = sample_manifest(names, base=f"{s3_bucket}/photos")
+    table = pa.concat_tables([table, pa.table({"image_id": ["outside"], "uri": [f"{s3_bucket}/elsewhere/x.jpg"],
+                                               "identity": [None]}, schema=table.schema)])
+    storage.write_table(f"{s3_bucket}/manifests/m.parquet", table)
+    out = f"{s3_bucket}/out"
+    config = EmbedConfig(manifest=f"{s3_bucket}/manifests/", out=out, endpoint_url=s3_endpoint, progress=False,
+                         allowed_roots=(f"{s3_bucket}/photos",), executor="local")
+    summary = run_embed(config)
+    assert summary.executor == "local" and (summary.faces, summary.errors) == (3, 1)
+    tables = _sorted_tables(out)
+    assert tables["faces"]["image_id"].to_pylist() == ["couple", "couple", "img1"]
+    (error,) = tables["errors"].to_pylist()
+    assert error["image_id"] == "outside" and error["stage"] == "validate"
+    assert storage.list_files(outputs(out)["_runs"], ".json") and run_embed(config).images == 0
