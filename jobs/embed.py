@@ -24,8 +24,8 @@ OUT's fingerprint (model, detector, weights sha256, quality floor, read limits) 
 the first part; a rerun with other such options is refused before any work, naming the fix (a new
 --out, or --overwrite to delete OUT's tables first), so one folder never mixes faces of two setups.
 
-The driver receives one row of counts per chunk, never face rows (with either executor). Every manifest row ends in
-exactly one of faces or errors. An image's rows always land in one part file, so a run killed
+The driver receives one row of counts per chunk, never face rows (with either executor). Every
+manifest row ends in exactly one of faces or errors. An image's rows always land in one part file, so a run killed
 at any point leaves whole images only and loses at most the chunk each actor was working on; a
 rerun reads the image ids already present for the same model and skips them, so nothing is
 duplicated. ``<chunk>`` is derived from the chunk's image ids, so a chunk that Ray retries after
@@ -83,9 +83,10 @@ Executor = Literal["auto", "local", "ray"]
 EXECUTORS = ("auto", "local", "ray")
 # --executor auto runs a manifest of at most this many rows in this process, without Ray, when
 # no cluster is named. A job that starts its own Ray pays ~13-17 s before its first result (Ray,
-# the actor pool, each actor importing and loading the model) for no more CPUs on one machine;
-# the local executor starts in ~2-3 s and keeps both cores busy. At ~40-80 photos/s on two
-# cores, 5,000 photos are one to two minutes of work, where Ray's start-up is still 10-25% of
+# the actor pool, each actor importing and loading the model) for no more CPUs on one machine,
+# while the local executor pays only its imports and model loading (~1 s each, README). At the
+# 40-140 photos/s two cores reach (float32 to int8 SFace, estimated from CPU time per photo),
+# 5,000 photos are about 0.6-2 minutes of work, where Ray's start-up would still be 10-30% of
 # the wall time; larger jobs go to Ray, whose actors are retried on failure and spread over a
 # cluster's nodes (--executor local still runs any size in this process).
 LOCAL_MAX_ROWS = 5_000
