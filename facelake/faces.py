@@ -1,30 +1,39 @@
-"""Detect, align and embed faces with deepface's models, in batches.
+"""The model's parts, built from its registry entry: detector adapter, alignment, recognizer.
 
-deepface loads the YuNet detector client from the weights facelake provisioned; the SFace graph
-(the same provisioned file deepface would load) runs on the runtime facelake.inference picks.
-facelake does two things deepface's own ``represent`` does not do: it keeps YuNet's five landmarks and aligns each face to SFace's
-112x112 template with a similarity transform (the crop SFace was trained on; deepface's
-rotate-and-cut crop costs it ~15 points of LFW accuracy), and it embeds many faces per
-onnxruntime call instead of one.
+A model is one ModelSpec (facelake.registry) plus, when it brings a detector or a preprocessing
+facelake does not know yet, an adapter here (DETECTORS, PREPROCESSING). facelake does two things
+deepface's own ``represent`` does not do: it keeps the detector's five landmarks and aligns each
+face to the recognizer's template with a similarity transform (for SFace its 112x112 template,
+the crop it was trained on; deepface's rotate-and-cut crop costs it ~15 points of LFW accuracy),
+and it embeds many faces per recognizer call instead of one. The per-image flow (read, decode,
+detect, quality floor, align, embed, error rows) is facelake.pipeline's.
+
+YuNet is opened with OpenCV's FaceDetectorYN from the provisioned, checksum-verified file, built
+and run exactly as deepface's YuNet client does (same file, same construction, same 640 px
+bound), so detections are deepface's; one detector per thread (an OpenCV detector is not
+thread-safe, and deepface caches one client per process). The recognizer (the same provisioned
+file deepface would load) runs on the runtime facelake.inference picks.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass
+from typing import Callable
 
 import cv2
 import numpy as np
 
 from facelake.errors import ConfigError
 from facelake.inference import open_recognizer
-from facelake.registry import SFACE_TEMPLATE_112, ModelSpec, get_model, weights_fingerprint
+from facelake.registry import ModelSpec, get_model, weights_fingerprint
 from facelake.weights import provision
 
 log = logging.getLogger(__name__)
 
-# YuNet is run at most at this size (as deepface does): larger inputs make it miss faces.
+# YuNet is run at most at this size (as deepface's client does): larger inputs make it miss faces.
 DETECT_MAX_SIDE = 640
 # Faces are detected at this low score and then filtered by the quality floor, so that
 # dropped faces can be recorded with their reason instead of silently vanishing.
@@ -108,6 +117,7 @@ class FaceEmbedder:
                                            runtime=runtime, threads=threads, precision=precision)
         self.runtime = self._recognizer.runtime
         self.weights_sha256 = weights_fingerprint(self.spec)
+        self._preprocess = preprocessing(self.spec)
 
     def embed(self, faces_bgr: list[np.ndarray] | np.ndarray, batch_size: int = 64) -> np.ndarray:
         """L2-normalised embeddings (n, dim) float32 for aligned faces, many per model call.
@@ -118,9 +128,7 @@ class FaceEmbedder:
         """
         if len(faces_bgr) == 0:
             return np.zeros((0, self.spec.dim), np.float32)
-        stack = np.asarray(faces_bgr, dtype=np.uint8)
-        # SFace takes RGB, channels first, 0..255 (as OpenCV's FaceRecognizerSF.feature feeds it)
-        blob = np.ascontiguousarray(stack[..., ::-1].transpose(0, 3, 1, 2), dtype=np.float32)
+        blob = self._preprocess(np.asarray(faces_bgr, dtype=np.uint8))
         vectors = self._run(blob, batch_size)
         if self.spec.flip:
             vectors = _l2(vectors + self._run(np.ascontiguousarray(blob[..., ::-1]), batch_size))
@@ -138,34 +146,76 @@ def _l2(vectors: np.ndarray) -> np.ndarray:
 
 
 class FaceEngine:
-    """A loaded detector + recognizer pair. Build once per worker; call from one thread."""
+    """A model's detector, alignment and recognizer, built from its ModelSpec. Build once per worker.
+
+    ``detect`` and ``align`` may be called from several threads (each thread gets its own
+    detector); ``embed`` from one thread at a time.
+    """
 
     def __init__(self, model: str | ModelSpec | None = None, *, weights_from: str | None = None,
                  threads: int | None = None, runtime: str = "auto", precision: str = "f32",
-                 recognizer: bool = True) -> None:
-        """Provision and load the model's detector (through deepface) and, unless ``recognizer``
-        is False (detect-and-align workers feeding a FaceEmbedder elsewhere), its recognizer.
+                 recognizer: bool = True, recognizer_threads: int | None = None) -> None:
+        """Provision the model's weights, open its detector and, unless ``recognizer`` is False
+        (detect-and-align workers feeding a FaceEmbedder elsewhere), its recognizer.
 
-        ``threads`` bounds the detector's and recognizer's threads (None: their defaults);
-        ``runtime`` and ``precision`` choose the recognizer's runtime (see FaceEmbedder).
+        ``threads`` bounds OpenCV's threads per detector call (process-wide; None: OpenCV's
+        default) and the recognizer's threads (``recognizer_threads`` when given: several
+        detecting threads beside one recognizer want OpenCV at 1 and the recognizer at all); ``runtime`` and ``precision`` choose the
+        recognizer's runtime (see FaceEmbedder).
         """
         self.spec = model if isinstance(model, ModelSpec) else get_model(model)
-        provision(self.spec, weights_from)
-        from deepface.modules import modeling  # imported late: it is slow and pulls in onnxruntime
-
-        self._detector = modeling.build_model(task="face_detector", model_name=self.spec.detector).model
+        paths = provision(self.spec, weights_from)
+        if self.spec.detector not in DETECTORS:
+            raise ConfigError(f"model {self.spec.name} names detector {self.spec.detector!r}, which has no adapter "
+                              f"in facelake.faces.DETECTORS ({', '.join(sorted(DETECTORS))})")
+        self._detector_path = str(paths[self.spec.detector_weight.file_name])
+        self._local = threading.local()
+        self.detector_for_thread()  # open (and check) the first detector now, not in the first image
         if threads:
             cv2.setNumThreads(threads)
-        self._embedder = FaceEmbedder(self.spec, weights_from=weights_from, threads=threads, runtime=runtime,
+        self._embedder = FaceEmbedder(self.spec, weights_from=weights_from, threads=recognizer_threads or threads,
+                                      runtime=runtime,
                                       precision=precision) if recognizer else None
         self.runtime = self._embedder.runtime if self._embedder else None
         self.weights_sha256 = weights_fingerprint(self.spec)
-        self._template = np.asarray(SFACE_TEMPLATE_112, np.float32)
+        self._template = np.asarray(self.spec.template, np.float32)
 
     @property
     def providers(self) -> list[str]:
         """Where the recognizer runs, e.g. ["openvino"] or ["cuda"]."""
         return [self.runtime] if self.runtime else []
+
+    def detector_for_thread(self) -> "YuNetDetector":
+        """This thread's detector (opened on first use in each thread)."""
+        detector = getattr(self._local, "detector", None)
+        if detector is None:
+            detector = self._local.detector = DETECTORS[self.spec.detector](self._detector_path)
+        return detector
+
+    def detect(self, image_bgr: np.ndarray) -> list[Detection]:
+        """All faces the detector finds (score >= DETECT_FLOOR_SCORE), largest first."""
+        return self.detector_for_thread().detect(image_bgr)
+
+    def align(self, image_bgr: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+        """Cut the face the recognizer expects (its input_size), from five landmarks."""
+        matrix = similarity_transform(landmarks, self._template)
+        return cv2.warpAffine(image_bgr, matrix, self.spec.input_size, flags=cv2.INTER_LINEAR)
+
+    def embed(self, faces_bgr: list[np.ndarray] | np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """L2-normalised embeddings (n, dim) float32 for aligned faces, many per model call."""
+        if self._embedder is None:
+            raise ConfigError("this FaceEngine was built with recognizer=False: embed its aligned faces "
+                              "with a FaceEmbedder, or build it with recognizer=True")
+        return self._embedder.embed(faces_bgr, batch_size)
+
+
+class YuNetDetector:
+    """YuNet on OpenCV's FaceDetectorYN, opened as deepface's YuNet client opens it
+    (``cv2.FaceDetectorYN_create(file, "", (0, 0))``: its default NMS 0.3 and top-k 5000) and
+    run as that client runs it (at most DETECT_MAX_SIDE px). Not thread-safe: one per thread."""
+
+    def __init__(self, weights_path: str) -> None:
+        self._net = cv2.FaceDetectorYN_create(weights_path, "", (0, 0))
 
     def detect(self, image_bgr: np.ndarray) -> list[Detection]:
         """All faces YuNet finds (score >= DETECT_FLOOR_SCORE), largest first."""
@@ -173,9 +223,9 @@ class FaceEngine:
         scale = min(1.0, DETECT_MAX_SIDE / max(height, width))
         small = image_bgr if scale == 1.0 else cv2.resize(
             image_bgr, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA)
-        self._detector.setInputSize((small.shape[1], small.shape[0]))
-        self._detector.setScoreThreshold(DETECT_FLOOR_SCORE)
-        _, rows = self._detector.detect(small)
+        self._net.setInputSize((small.shape[1], small.shape[0]))
+        self._net.setScoreThreshold(DETECT_FLOOR_SCORE)
+        _, rows = self._net.detect(small)
         if rows is None:
             return []
         found = []
@@ -191,17 +241,27 @@ class FaceEngine:
         found.sort(key=lambda d: d.bbox[2] * d.bbox[3], reverse=True)
         return found
 
-    def align(self, image_bgr: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
-        """Cut the 112x112 face SFace expects, from five landmarks."""
-        matrix = similarity_transform(landmarks, self._template)
-        return cv2.warpAffine(image_bgr, matrix, self.spec.input_size, flags=cv2.INTER_LINEAR)
 
-    def embed(self, faces_bgr: list[np.ndarray] | np.ndarray, batch_size: int = 64) -> np.ndarray:
-        """L2-normalised embeddings (n, dim) float32 for aligned faces, many per model call."""
-        if self._embedder is None:
-            raise ConfigError("this FaceEngine was built with recognizer=False: embed its aligned faces "
-                              "with a FaceEmbedder, or build it with recognizer=True")
-        return self._embedder.embed(faces_bgr, batch_size)
+# Detector adapters by ModelSpec.detector: built from the detector's provisioned weights file,
+# ``detect(image_bgr) -> list[Detection]`` (image pixels, five landmarks, largest first).
+DETECTORS: dict[str, Callable[[str], YuNetDetector]] = {"yunet": YuNetDetector}
+
+
+def _rgb_chw_0_255(stack: np.ndarray) -> np.ndarray:
+    """SFace's input: RGB, channels first, 0..255 float32 (as OpenCV's FaceRecognizerSF.feature feeds it)."""
+    return np.ascontiguousarray(stack[..., ::-1].transpose(0, 3, 1, 2), dtype=np.float32)
+
+
+# Preprocessing by ModelSpec.preprocess: aligned BGR uint8 crops (n, H, W, 3) -> recognizer blob.
+PREPROCESSING: dict[str, Callable[[np.ndarray], np.ndarray]] = {"rgb-chw-0-255": _rgb_chw_0_255}
+
+
+def preprocessing(spec: ModelSpec) -> Callable[[np.ndarray], np.ndarray]:
+    """The spec's preprocessing function, or an error naming the registered ones."""
+    if spec.preprocess not in PREPROCESSING:
+        raise ConfigError(f"model {spec.name} names preprocessing {spec.preprocess!r}, which facelake.faces."
+                          f"PREPROCESSING does not have ({', '.join(sorted(PREPROCESSING))})")
+    return PREPROCESSING[spec.preprocess]
 
 
 def default_threads() -> int:

@@ -36,7 +36,8 @@ ENV = "FACELAKE_FAULTS"
 
 # name -> where it sits (the one list of fault points)
 POINTS = {
-    "embed.chunk": "an embed actor, before it works on a chunk of manifest rows (before any part is written)",
+    "embed.chunk": "an embed actor or the local executor, before it works on a chunk of manifest rows "
+                   "(before any part is written)",
     "embed.counts": "the embed driver, after a chunk's counts arrived (its parts are written)",
     "rebuild.locked": "rebuild, right after ROOT/lock is taken",
     "rebuild.after_embed": "rebuild, new photos staged, before the table version is written",

@@ -25,6 +25,13 @@ class WeightFile:
     role: str = "detector"      # "detector" (loaded by deepface) or "recognizer" (facelake.inference)
 
 
+# SFace's 112x112 template for five landmarks (eyes, nose tip, mouth corners), as used by
+# OpenCV's FaceRecognizerSF.alignCrop; faces cut otherwise lose most of SFace's accuracy.
+SFACE_TEMPLATE_112 = (
+    (38.2946, 51.6963), (73.5318, 51.5014), (56.0252, 71.7366), (41.5493, 92.3655), (70.7299, 92.2041),
+)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A supported recognizer + detector pair and how its embeddings are compared."""
@@ -45,6 +52,12 @@ class ModelSpec:
     # horizontal mirror's (each L2-normalised first); two recognizer calls per face. Its own model
     # name, so its faces, indexes and calibrations never mix with the plain model's.
     flip: bool = False
+    # What facelake.pipeline builds from the spec (a new model = an entry here plus, when its
+    # detector or preprocessing is new, an adapter in facelake.faces.DETECTORS / PREPROCESSING):
+    # the five landmark positions faces are aligned to in the input_size crop, and the name of
+    # the function that turns aligned BGR uint8 crops into the recognizer's input blob.
+    template: tuple[tuple[float, float], ...] = SFACE_TEMPLATE_112
+    preprocess: str = "rgb-chw-0-255"
 
     @property
     def recognizer_calls_per_face(self) -> int:
@@ -55,6 +68,11 @@ class ModelSpec:
     def recognizer_weight(self) -> WeightFile:
         """The recognizer's graph, which facelake.inference opens on the chosen runtime."""
         return next(w for w in self.weights if w.role == "recognizer")
+
+    @property
+    def detector_weight(self) -> WeightFile:
+        """The detector's graph, which the adapter in facelake.faces.DETECTORS opens."""
+        return next(w for w in self.weights if w.role == "detector")
 
 
 YUNET_INT8 = WeightFile(
@@ -93,11 +111,6 @@ SFACE_INT8_QDQ = WeightFile(
     role="recognizer",
 )
 
-# SFace's 112x112 template for five landmarks (eyes, nose tip, mouth corners), as used by
-# OpenCV's FaceRecognizerSF.alignCrop; faces cut otherwise lose most of SFace's accuracy.
-SFACE_TEMPLATE_112 = (
-    (38.2946, 51.6963), (73.5318, 51.5014), (56.0252, 71.7366), (41.5493, 92.3655), (70.7299, 92.2041),
-)
 
 MODELS: dict[str, ModelSpec] = {
     "sface-yunet": ModelSpec(

@@ -1,10 +1,18 @@
 """`facelake embed`: manifest of archived images -> faces table (+ errors, + dropped faces).
 
-Ray Data reads the manifest and streams chunks of rows (``chunk_images``) to a pool of actors,
-each holding one loaded FaceEngine (GPU actors when the cluster has GPUs). An actor fetches the
-image bytes itself (fsspec: s3fs or local), decodes, detects, filters by the quality floor,
-aligns and embeds the faces of ``batch_size`` images per model call, then writes the chunk's
-own Parquet part files, each atomically (temporary name then rename; one PUT on S3):
+Two executors run the same ChunkEmbedder on chunks of manifest rows (``chunk_images``):
+
+- ray: Ray Data reads the manifest and streams chunks to a pool of actors, each holding one
+  loaded model (GPU actors when the cluster has GPUs);
+- local: this process reads the manifest in order and embeds chunk after chunk, with threads
+  for reading, decoding, detection and alignment beside the recognizer; Ray is not imported.
+  ``--executor auto`` (the default) takes it for manifests of at most LOCAL_MAX_ROWS rows when no
+  cluster is named (choose_executor).
+
+A ChunkEmbedder fetches the image bytes itself (fsspec: s3fs or local) and runs them through the
+face pipeline (facelake.pipeline: decode, detect, quality floor, align, embed ``batch_size``
+images per model call), then writes the chunk's own Parquet part files, each atomically
+(temporary name then rename; one PUT on S3):
 
     OUT/faces/part-<run>-<chunk>-<n>.parquet    one row per usable face
     OUT/errors/part-<run>-<chunk>-<n>.parquet   one row per image that failed or held no usable face
@@ -16,8 +24,8 @@ OUT's fingerprint (model, detector, weights sha256, quality floor, read limits) 
 the first part; a rerun with other such options is refused before any work, naming the fix (a new
 --out, or --overwrite to delete OUT's tables first), so one folder never mixes faces of two setups.
 
-The driver receives one row of counts per chunk, never face rows. Every manifest row ends in
-exactly one of faces or errors. An image's rows always land in one part file, so a run killed
+The driver receives one row of counts per chunk, never face rows (with either executor). Every
+manifest row ends in exactly one of faces or errors. An image's rows always land in one part file, so a run killed
 at any point leaves whole images only and loses at most the chunk each actor was working on; a
 rerun embeds only the manifest rows whose ids OUT does not hold yet (jobs/resume.py: an
 anti-join in Ray tasks, no id gathered in the driver), so nothing is duplicated. ``<chunk>`` is
@@ -30,11 +38,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import sys
 import time
 import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -42,21 +52,19 @@ import typer
 
 from facelake import device, faults, manifest, progress, reader, storage
 from facelake.errors import ConfigError
-from facelake.imaging import DEFAULT_MAX_PIXELS, content_sha256, decode_bgr
+from facelake.imaging import DEFAULT_MAX_PIXELS
 from facelake.jobs import resume
+from facelake.pipeline import DEFAULT_BATCH_SIZE
 from facelake.registry import MODELS, ModelSpec, get_model, weights_fingerprint
-from facelake.schema import (DROPPED_SCHEMA, EMBED_COUNTS_SCHEMA, ERRORS_SCHEMA, NO_FACE, NO_USABLE_FACE,
-                             STAGE_DECODE, STAGE_DETECT, STAGE_EMBED, STAGE_FETCH, STAGE_QUALITY, STAGE_VALIDATE,
-                             OutputFingerprint, embed_outcome_schema, faces_schema, with_carried)
+from facelake.schema import (DROPPED_SCHEMA, EMBED_COUNTS_SCHEMA, ERRORS_SCHEMA, OutputFingerprint, faces_schema,
+                             with_carried)
 
 if TYPE_CHECKING:
     import ray
 
 log = logging.getLogger(__name__)
 
-# Images per model call: enough faces per model call to amortise it, small enough that one
-# slow object does not hold many others back.
-DEFAULT_BATCH_SIZE = 16
+# Images per model call: facelake.pipeline.DEFAULT_BATCH_SIZE.
 # Images per actor call, and so the most an actor holds unwritten: each call writes its own part
 # files. bench/embed.py measured 15.5 images/s for two CPU actors on two cores, about 7.8 per
 # actor, so 512 images is about a minute of one CPU actor's work (about 35 s for an actor that
@@ -72,6 +80,18 @@ DEFAULT_SHARD_ROWS = 100_000
 # scheduled when the pool is full -- with whole-CPU actors a 2-CPU node waits forever.
 ACTOR_CPUS = 0.5
 READ_CPUS = 0.25
+
+Executor = Literal["auto", "local", "ray"]
+EXECUTORS = ("auto", "local", "ray")
+# --executor auto runs a manifest of at most this many rows in this process, without Ray, when
+# no cluster is named. A job that starts its own Ray pays ~13-17 s before its first result (Ray,
+# the actor pool, each actor importing and loading the model) for no more CPUs on one machine,
+# while the local executor pays only its imports and model loading (~1 s each, README). At the
+# 40-140 photos/s two cores reach (float32 to int8 SFace, estimated from CPU time per photo),
+# 5,000 photos are about 0.6-2 minutes of work, where Ray's start-up would still be 10-30% of
+# the wall time; larger jobs go to Ray, whose actors are retried on failure and spread over a
+# cluster's nodes (--executor local still runs any size in this process).
+LOCAL_MAX_ROWS = 5_000
 
 @dataclass(frozen=True)
 class EmbedConfig:
@@ -96,8 +116,15 @@ class EmbedConfig:
     workers: int | None = None
     progress: bool = True
     overwrite: bool = False   # delete OUT's tables first (when they were made with other options)
+    # where the chunks run: "ray" (actors), "local" (this process, threads), "auto" (choose_executor)
+    executor: Executor = "auto"
 
     def validate(self) -> ModelSpec:
+        if self.executor not in EXECUTORS:
+            raise ConfigError(f"--executor must be one of {', '.join(EXECUTORS)}, not {self.executor!r}")
+        if self.executor == "local" and self.address is not None:
+            raise ConfigError("--executor local runs in this process and joins no cluster: drop --address, "
+                              "or use --executor ray (or auto)")
         spec = get_model(self.model)
         if self.detector and self.detector != spec.detector:
             raise ConfigError(f"model {spec.name} is registered with detector {spec.detector!r}, not "
@@ -148,8 +175,9 @@ class EmbedSummary:
     dropped_faces: int = 0
     parts: int = 0  # part files written (faces, errors and dropped together)
     seconds: float = 0.0
-    workers: int = 0
+    workers: int = 0   # Ray actors, or the local executor's threads
     device: str = "cpu"
+    executor: str = ""  # "ray" or "local": which one ran (empty when nothing was left to embed)
 
     @property
     def images_per_second(self) -> float:
@@ -163,160 +191,80 @@ class EmbedSummary:
 
 # ---------------------------------------------------------------------------- worker side
 
-class EmbedWorker:
-    """A Ray Data actor: one loaded model; embeds a chunk of manifest rows per call, writes the
-    chunk's faces, errors and dropped part files itself and returns one row of counts."""
+class ChunkEmbedder:
+    """One loaded model; embeds a chunk of manifest rows per call through the face pipeline
+    (facelake.pipeline), writes the chunk's faces, errors and dropped part files itself and
+    returns one row of counts. The Ray actor (EmbedWorker) and the local executor both call it."""
 
     def __init__(self, *, model: str, weights_from: str | None, min_face: int, min_score: float,
                  max_pixels: int, options: storage.StorageOptions, allowed_roots: tuple[str, ...],
                  base_dir: str, threads: int, carried: tuple[str, ...],
                  carried_schema: pa.Schema, out: str, run_id: str, batch_size: int, shard_rows: int,
-                 weights_sha256: str, limits: reader.ReadLimits | None = None) -> None:
+                 weights_sha256: str, limits: reader.ReadLimits | None = None, prepare_threads: int = 1,
+                 recognizer_threads: int | None = None) -> None:
         from facelake.faces import FaceEngine, QualityFloor
+        from facelake.pipeline import FacePipeline
 
-        self.engine = FaceEngine(model, weights_from=weights_from, threads=threads)
-        self.spec = self.engine.spec
-        self.floor = QualityFloor(min_face=min_face, min_score=min_score)
-        self.max_pixels = max_pixels
+        engine = FaceEngine(model, weights_from=weights_from, threads=threads, recognizer_threads=recognizer_threads)
+        self.spec = engine.spec
+        self.pipeline = FacePipeline(engine, floor=QualityFloor(min_face=min_face, min_score=min_score),
+                                     limits=limits or reader.ReadLimits(allowed_roots), options=options,
+                                     base_dir=base_dir, max_pixels=max_pixels, batch_size=batch_size,
+                                     threads=prepare_threads)
         self.options = options
-        self.allowed_roots = allowed_roots
-        self.limits = limits or reader.ReadLimits(allowed_roots)
-        self.base_dir = base_dir
         self.carried = carried
-        self.schema = embed_outcome_schema(self.spec.dim, carried_schema)
         self.layout, self.run_id = outputs(out), run_id
         self.tables = {"faces": with_carried(faces_schema(self.spec.dim), carried_schema),
                        "errors": with_carried(ERRORS_SCHEMA, carried_schema), "dropped": DROPPED_SCHEMA}
-        self.batch_size, self.shard_rows, self.weights_sha256 = batch_size, shard_rows, weights_sha256
+        self.shard_rows, self.weights_sha256 = shard_rows, weights_sha256
 
     def __call__(self, chunk: pa.Table) -> pa.Table:
         """Embed one chunk of manifest rows, write its part files, return one row of counts."""
         faults.point("embed.chunk")
         token = _chunk_token(chunk["image_id"])  # a retried chunk gets the same names
-        outcomes = [self._embed_batch(chunk.slice(start, self.batch_size))
-                    for start in range(0, chunk.num_rows, self.batch_size)]
-        table = pa.concat_tables(outcomes) if outcomes else self.schema.empty_table()
-        kinds = table["_kind"]
-        faces = _stamp(table.filter(pc.equal(kinds, "face")), self.spec, self.weights_sha256)
-        errors = _stamp(table.filter(pc.equal(kinds, "error")), self.spec, self.weights_sha256)
-        dropped = table.filter(pc.equal(kinds, "dropped"))
-        dropped = dropped.append_column("reason", dropped["message"]).append_column(
-            "model", pa.array([self.spec.name] * dropped.num_rows, pa.string()))
+        outcomes = list(self.pipeline.run(chunk.to_pylist()))
+        rows = self._rows(outcomes)
         written = 0
         # faces and errors first: an image is done once it is in either; dropped rows are a
         # diagnostic whose part goes last (a kill between the writes can lose, never duplicate, them)
-        for name, rows in (("faces", faces), ("errors", errors), ("dropped", dropped)):
-            rows = rows.select(self.tables[name].names).cast(self.tables[name])
-            for index, part in enumerate(_split_at_images(rows, self.shard_rows)):
+        for name in ("faces", "errors", "dropped"):
+            table = pa.Table.from_pylist(rows[name], schema=self.tables[name])
+            for index, part in enumerate(_split_at_images(table, self.shard_rows)):
                 uri = storage.join(self.layout[name], part_name(self.run_id, token, index))
                 storage.write_table(uri, part, self.options)
                 written += 1
         return pa.table({
             "images": [chunk.num_rows],
-            "images_with_faces": [len(pc.unique(faces["image_id"]))],
-            "faces": [faces.num_rows], "errors": [errors.num_rows], "dropped": [dropped.num_rows],
-            "error_types": [json.dumps(dict(Counter(errors["error_type"].to_pylist())), sort_keys=True)],
+            "images_with_faces": [sum(1 for outcome in outcomes if outcome.faces)],
+            "faces": [len(rows["faces"])], "errors": [len(rows["errors"])], "dropped": [len(rows["dropped"])],
+            "error_types": [json.dumps(dict(Counter(row["error_type"] for row in rows["errors"])), sort_keys=True)],
             "parts": [written],
         }, schema=EMBED_COUNTS_SCHEMA)
 
-    def _embed_batch(self, batch: pa.Table) -> pa.Table:
-        """One model call's worth of images -> face, error and dropped rows told apart by _kind."""
-        rows = batch.to_pylist()
-        out: dict[str, list] = {name: [] for name in self.schema.names}
-        crops, face_rows = [], []
-        for row in rows:
-            self._one_image(row, out, crops, face_rows)
-        if crops:
-            try:
-                vectors = self.engine.embed(crops)
-            except Exception as err:  # a model failure loses no row: each becomes an error
-                vectors = None
-                for index in face_rows:
-                    out["_kind"][index] = "error"
-                    out["stage"][index], out["error_type"][index] = STAGE_EMBED, type(err).__name__
-                    out["message"][index] = str(err)[:500]
-            if vectors is not None:
-                for index, vector in zip(face_rows, vectors):
-                    out["embedding"][index] = vector.tolist()
-        table = pa.Table.from_pydict(out, schema=self.schema)
-        return _one_error_per_image(table)
-
-    def _append(self, out: dict, row: dict, kind: str, **values) -> int:
-        for name in self.schema.names:
-            if name == "_kind":
-                out[name].append(kind)
-            elif name in values:
-                out[name].append(values[name])
-            elif name in self.carried or name in ("image_id", "uri"):
-                out[name].append(row.get(name))
-            else:
-                out[name].append(None)
-        return len(out["_kind"]) - 1
-
-    def _error(self, out, row, stage, err_type, message, sha=None) -> None:
-        self._append(out, row, "error", stage=stage, error_type=err_type,
-                     message=storage.redact(message)[:500], content_sha256=sha)
-
-    def _one_image(self, row: dict, out: dict, crops: list, face_rows: list) -> None:
-        try:
-            uri = reader.resolve(row["uri"], self.base_dir, self.allowed_roots)
-        except Exception as err:
-            return self._error(out, row, STAGE_VALIDATE, type(err).__name__, str(err))
-        try:
-            data = reader.read(uri, self.limits, self.options)
-        except reader.ReadRefused as err:
-            return self._error(out, row, err.stage, type(err).__name__, str(err))
-        except Exception as err:
-            return self._error(out, row, STAGE_FETCH, type(err).__name__, f"cannot read {storage.redact(uri)}: {err}")
-        sha = content_sha256(data)
-        try:
-            image = decode_bgr(data, self.max_pixels)
-        except Exception as err:
-            return self._error(out, row, STAGE_DECODE, type(err).__name__, str(err), sha)
-        try:
-            detections = self.engine.detect(image)
-        except Exception as err:
-            return self._error(out, row, STAGE_DETECT, type(err).__name__, str(err), sha)
-        if not detections:
-            return self._error(out, row, STAGE_DETECT, NO_FACE, "no face found in the image", sha)
-        kept = []
-        for det in detections:
-            reason = self.floor.reason(det)
-            if reason:
-                self._append(out, row, "dropped", bbox=list(det.bbox), det_score=det.score,
-                             message=reason, content_sha256=sha)
-            else:
-                kept.append(det)
-        if not kept:
-            return self._error(out, row, STAGE_QUALITY, NO_USABLE_FACE,
-                               f"{len(detections)} face(s) found, none above the quality floor", sha)
-        for face_index, det in enumerate(kept):
-            try:
-                crop = self.engine.align(image, det.landmarks)
-            except Exception as err:
-                return self._error(out, row, STAGE_EMBED, type(err).__name__, str(err), sha)
-            crops.append(crop)
-            face_rows.append(self._append(
-                out, row, "face", face_index=face_index, bbox=list(det.bbox),
-                landmarks=det.landmarks.reshape(-1).tolist(), det_score=det.score,
-                content_sha256=sha))
-
-
-def _one_error_per_image(table: pa.Table) -> pa.Table:
-    """If an embed failure turned an image's faces into errors, keep one error row for it."""
-    kinds = table["_kind"].to_pylist()
-    if "error" not in kinds:
-        return table
-    failed = {i for i, k in zip(table["image_id"].to_pylist(), kinds) if k == "error"}
-    seen: set[str] = set()
-    keep = []
-    for position, (image_id, kind) in enumerate(zip(table["image_id"].to_pylist(), kinds)):
-        if image_id in failed:
-            if kind != "error" or image_id in seen:
+    def _rows(self, outcomes: list) -> dict[str, list[dict]]:
+        """The pipeline's outcomes as faces, errors and dropped rows, in image order."""
+        stamp = {"model": self.spec.name, "detector": self.spec.detector, "weights_sha256": self.weights_sha256}
+        rows: dict[str, list[dict]] = {"faces": [], "errors": [], "dropped": []}
+        for outcome in outcomes:
+            given = {name: outcome.row.get(name) for name in ("image_id", "uri", *self.carried)}
+            if outcome.error is not None:
+                rows["errors"].append({**given, "stage": outcome.error.stage, "error_type": outcome.error.error_type,
+                                       "message": outcome.error.message,
+                                       "content_sha256": outcome.content_sha256, **stamp})
                 continue
-            seen.add(image_id)
-        keep.append(position)
-    return table.take(pa.array(keep, pa.int64()))
+            for face in outcome.faces:
+                rows["faces"].append({**given, "face_index": face.face_index, "bbox": list(face.bbox),
+                                      "landmarks": face.landmarks.reshape(-1).tolist(), "det_score": face.score,
+                                      "embedding": face.embedding.tolist(),
+                                      "content_sha256": outcome.content_sha256, **stamp})
+            for drop in outcome.dropped:
+                rows["dropped"].append({"image_id": given["image_id"], "bbox": list(drop.bbox),
+                                        "det_score": drop.score, "reason": drop.reason, "model": self.spec.name})
+        return rows
+
+
+class EmbedWorker(ChunkEmbedder):
+    """The Ray Data actor: a ChunkEmbedder under a name of its own in Ray's actor listings."""
 
 
 def part_name(run_id: str, token: str, index: int) -> str:
@@ -420,8 +368,65 @@ class EmbedPlan:
     summary: EmbedSummary
 
 
+@dataclass
+class _Start:
+    """What both executors start from: options checked, OUT claimed, what is left to embed known."""
+
+    spec: ModelSpec
+    options: storage.StorageOptions
+    info: manifest.ManifestInfo
+    todo: resume.Todo
+    summary: EmbedSummary
+
+    @property
+    def nothing_left(self) -> bool:
+        return not self.todo.rows
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """The manifest files to read: the todo manifest on a rerun, else the manifest."""
+        return tuple(self.todo.files or self.info.files)
+
+
+def _start(config: EmbedConfig) -> _Start:
+    """Validate, read the manifest's footer, claim OUT and find what is left to embed."""
+    spec = config.validate()
+    options = storage.StorageOptions.from_env(config.endpoint_url)
+    info = manifest.validate(config.manifest, options)
+    claim_output(config.out, config.fingerprint(), options, overwrite=config.overwrite)
+    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    # resume, the one place both executors learn it: the rows not yet in OUT, found in the driver
+    # for small manifests and by tasks for large ones (jobs/resume.py); the manifest on a first run
+    todo = resume.left_to_embed(info, config.out, spec.name, run_id, options, address=config.address)
+    summary = EmbedSummary(run_id=run_id, model=spec.name, manifest_rows=info.rows, skipped_done=todo.done)
+    return _Start(spec, options, info, todo, summary)
+
+
+def choose_executor(config: EmbedConfig, rows: int) -> str:
+    """The executor that runs: ``config.executor``, or for "auto" local when no cluster is named
+    (no --address, no RAY_ADDRESS as inside a Ray job, no Ray already running in this process)
+    and the manifest has at most LOCAL_MAX_ROWS rows; else ray."""
+    if config.executor != "auto":
+        return config.executor
+    ray = sys.modules.get("ray")
+    on_cluster = (config.address is not None or bool(os.environ.get("RAY_ADDRESS"))
+                  or (ray is not None and ray.is_initialized()))
+    return "local" if not on_cluster and rows <= LOCAL_MAX_ROWS else "ray"
+
+
+def _worker_options(config: EmbedConfig, start: _Start) -> dict:
+    """The ChunkEmbedder's options, the same for both executors."""
+    return dict(
+        model=start.spec.name, weights_from=config.weights_from, min_face=config.min_face,
+        min_score=config.min_score, max_pixels=config.max_pixels, options=start.options,
+        allowed_roots=config.allowed_roots, base_dir=manifest.base_dir(config.manifest, start.options),
+        carried=start.info.carried, carried_schema=pa.schema([start.info.schema.field(c) for c in start.info.carried]),
+        out=config.out, run_id=start.summary.run_id, batch_size=config.batch_size, shard_rows=config.shard_rows,
+        weights_sha256=weights_fingerprint(start.spec), limits=config.limits)
+
+
 def embed_dataset(config: EmbedConfig) -> EmbedPlan:
-    """Validate and plan one run: the Dataset the driver iterates and the run's summary.
+    """Validate and plan one run on Ray: the Dataset the driver iterates and the run's summary.
 
     Executing the Dataset embeds the manifest's images not yet in OUT: each actor call takes a
     chunk of at most ``chunk_images`` rows, writes that chunk's faces, errors and dropped part
@@ -429,74 +434,105 @@ def embed_dataset(config: EmbedConfig) -> EmbedPlan:
     faces reaches the driver. The Dataset is None when OUT already holds every image: then no
     Ray is started and no model loaded.
     """
+    start = _start(config)
+    if start.nothing_left:
+        return EmbedPlan(None, start.summary)  # every image is already in OUT: start no Ray, load no model
+    return EmbedPlan(_ray_dataset(config, start), start.summary)
+
+
+def _ray_dataset(config: EmbedConfig, start: _Start) -> "ray.data.Dataset":
+    """The Ray executor: Ray Data reads the manifest and streams chunks to a pool of EmbedWorker actors."""
     import ray
 
     from facelake.cluster import runtime
 
-    spec = config.validate()
-    options = storage.StorageOptions.from_env(config.endpoint_url)
-    info = manifest.validate(config.manifest, options)
-    claim_output(config.out, config.fingerprint(), options, overwrite=config.overwrite)
-    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-    # the rows not yet in OUT, found by tasks (jobs/resume.py); the whole manifest on a first run
-    todo = resume.left_to_embed(info, config.out, spec.name, run_id, options, address=config.address)
-    summary = EmbedSummary(run_id=run_id, model=spec.name, manifest_rows=info.rows, skipped_done=todo.done)
-    if not todo.rows:
-        return EmbedPlan(None, summary)  # every image is already in OUT: load no model
-    files = todo.files or info.files
+    summary, todo, files = start.summary, start.todo, start.files
     resources = runtime.connect(config.address)
     use_gpu = device.embed_on_gpu(resources.gpus)
     workers = config.workers or (int(resources.gpus) if use_gpu else max(1, int(resources.cpus)))
-    summary.workers, summary.device = workers, "gpu" if use_gpu else "cpu"
-    base_dir = manifest.base_dir(config.manifest, options)
-    carried_schema = pa.schema([info.schema.field(c) for c in info.carried])
+    summary.workers, summary.device, summary.executor = workers, "gpu" if use_gpu else "cpu", "ray"
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False    # facelake.progress counts images, faces and errors instead
     # Ray Data's V2 file reader lists files in a task that asks for a whole CPU and cannot be
     # told otherwise (nor can a repartition); on 1-CPU nodes already holding a model actor it
     # never starts. The V1 reader honours num_cpus=READ_CPUS and splits files into blocks.
     context.use_datasource_v2 = False
-    arrow_fs, _ = storage.arrow_filesystem(files[0], options)
+    arrow_fs, _ = storage.arrow_filesystem(files[0], start.options)
     # A small job is cut into smaller chunks so that every actor gets some (about 4 each).
     chunk = min(config.chunk_images, max(1, math.ceil(todo.rows / (workers * 4))))
     # Manifest reads are light; they must still get scheduled when the model actors hold
     # most CPUs, hence the fraction. Blocks are kept small (about one actor call each, at
     # most ~1000 rows) so that every actor gets work even from a single manifest file.
     blocks = min(math.ceil(todo.rows / chunk), max(workers * 4, math.ceil(todo.rows / 1000)))
-    dataset = ray.data.read_parquet([storage.filesystem(f, options)[1] for f in files], filesystem=arrow_fs,
+    dataset = ray.data.read_parquet([storage.filesystem(f, start.options)[1] for f in files], filesystem=arrow_fs,
                                     num_cpus=READ_CPUS,
                                     override_num_blocks=blocks)
-    dataset = dataset.map_batches(
+    return dataset.map_batches(
         EmbedWorker, batch_size=chunk, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=workers), num_gpus=1 if use_gpu else 0,
         num_cpus=0 if use_gpu else ACTOR_CPUS,
-        fn_constructor_kwargs=dict(
-            model=spec.name, weights_from=config.weights_from, min_face=config.min_face,
-            min_score=config.min_score, max_pixels=config.max_pixels, options=options,
-            allowed_roots=config.allowed_roots, base_dir=base_dir,
-            threads=1, carried=info.carried, carried_schema=carried_schema,
-            out=config.out, run_id=run_id, batch_size=config.batch_size, shard_rows=config.shard_rows,
-            weights_sha256=weights_fingerprint(spec), limits=config.limits))
-    return EmbedPlan(dataset, summary)
+        fn_constructor_kwargs=dict(_worker_options(config, start), threads=1))
+
+
+def _local_counts(config: EmbedConfig, start: _Start) -> Iterator[pa.Table]:
+    """The local executor: the same ChunkEmbedder in this process, chunks of ``chunk_images``
+    manifest rows in manifest order, one row of counts per chunk (no Ray imported).
+
+    Both cores work: ``workers`` threads (default: this process's CPUs) read, decode, detect and
+    align (each with its own detector, OpenCV at one thread each) while the recognizer runs
+    with as many threads on the batch before.
+    """
+    from facelake.faces import default_threads
+
+    threads = config.workers or default_threads()
+    worker = ChunkEmbedder(**_worker_options(config, start), threads=1, prepare_threads=threads,
+                           recognizer_threads=threads)
+    start.summary.workers, start.summary.executor = threads, "local"
+    start.summary.device = "gpu" if worker.pipeline.engine.runtime == "cuda" else "cpu"
+    columns = ["image_id", "uri", *start.info.carried]
+    schema = pa.schema([start.info.schema.field(c) for c in columns])
+    held: list[pa.Table] = []
+    rows = 0
+    with worker.pipeline:
+        for uri in start.files:
+            for batch in storage.iter_batches(uri, columns=columns, batch_size=config.chunk_images,
+                                              options=start.options):
+                held.append(pa.Table.from_batches([batch]).select(columns).cast(schema))
+                rows += batch.num_rows
+                while rows >= config.chunk_images:
+                    table = pa.concat_tables(held)
+                    yield worker(table.slice(0, config.chunk_images))
+                    rest = table.slice(config.chunk_images)
+                    held, rows = [rest], rest.num_rows
+        if rows:
+            yield worker(pa.concat_tables(held))
 
 
 def run_embed(config: EmbedConfig) -> EmbedSummary:
     """Embed every image of a manifest not yet in OUT; return the run's summary.
 
-    Fault points (facelake.faults): "embed.chunk" in the actors before each chunk, "embed.counts"
-    in the driver each time counts arrive (the parts they count are already written).
+    The executor (``config.executor``, see choose_executor) is Ray (actors, on a cluster or a
+    local Ray started for the job) or local (this process, no Ray): both run the same
+    ChunkEmbedder on chunks of the manifest and write the same tables.
+
+    Fault points (facelake.faults): "embed.chunk" before each chunk (in the actors, or in this
+    process), "embed.counts" in the driver each time counts arrive (the parts they count are
+    already written).
     """
-    import ray
+    start = _start(config)
+    summary = start.summary
+    if start.nothing_left:
+        return summary  # every image is already in OUT: start no Ray, load no model
+    executor = choose_executor(config, start.todo.rows)
+    started_here = False
+    if executor == "local":
+        batches = _local_counts(config, start)
+    else:
+        import ray
 
-    from facelake.cluster import runtime
-
-    started_here = not ray.is_initialized()
-    plan = embed_dataset(config)
-    summary = plan.summary
-    if plan.dataset is None:
-        return summary
+        started_here = not ray.is_initialized()
+        batches = iter(_ray_dataset(config, start).iter_batches(batch_size=None, batch_format="pyarrow"))
     started = time.monotonic()
-    batches = iter(plan.dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
     show = config.progress and progress.enabled()
     try:
         with progress.tracker(summary.manifest_rows - summary.skipped_done, "embed", show) as bar:
@@ -509,11 +545,13 @@ def run_embed(config: EmbedConfig) -> EmbedSummary:
     finally:
         batches.close()  # on a failure, stop the actors now: no part lands after run_embed has returned
     summary.seconds = round(time.monotonic() - started, 3)
-    options = storage.StorageOptions.from_env(config.endpoint_url)
     storage.write_bytes_atomic(storage.join(outputs(config.out)["_runs"], f"{summary.run_id}.json"),
-                               json.dumps(summary.to_dict(), indent=2).encode(), options)
-    resume.remove_scratch(config.out, summary.run_id, options)
-    runtime.shutdown_if_local(started_here and config.address is None)
+                               json.dumps(summary.to_dict(), indent=2).encode(), start.options)
+    resume.remove_scratch(config.out, summary.run_id, start.options)
+    if started_here and config.address is None:
+        from facelake.cluster import runtime
+
+        runtime.shutdown_if_local(True)
     return summary
 
 
@@ -533,18 +571,13 @@ def add_counts(summary: EmbedSummary, counts: pa.Table) -> None:
             summary.errors_by_type[error_type] = summary.errors_by_type.get(error_type, 0) + rows
 
 
-def _stamp(table: pa.Table, spec: ModelSpec, wsha: str) -> pa.Table:
-    """Add the columns every output row carries: model, detector, weights checksum."""
-    n = table.num_rows
-    return (table.append_column("model", pa.array([spec.name] * n, pa.string()))
-                 .append_column("detector", pa.array([spec.detector] * n, pa.string()))
-                 .append_column("weights_sha256", pa.array([wsha] * n, pa.string())))
 
 
 def print_summary(summary: EmbedSummary) -> None:
     """A short human summary of a run."""
     typer.echo(f"embedded {summary.images} image(s) in {summary.seconds:.1f}s "
-               f"({summary.images_per_second:.2f} images/s, {summary.workers} {summary.device} worker(s)); "
+               f"({summary.images_per_second:.2f} images/s, {summary.executor} executor, "
+               f"{summary.workers} {summary.device} worker(s)); "
                f"{summary.faces} face(s), {summary.errors} error(s), {summary.dropped_faces} face(s) below "
                f"the quality floor; {summary.skipped_done} already done and skipped")
     for error_type, count in sorted(summary.errors_by_type.items()):
@@ -569,7 +602,9 @@ def register(app: typer.Typer) -> None:
         max_bytes: int = typer.Option(reader.DEFAULT_MAX_BYTES, "--max-bytes", help="refuse photos larger than this many bytes (from stat / HEAD, before reading)"),
         shard_rows: int = typer.Option(DEFAULT_SHARD_ROWS, help="faces per output Parquet file"),
         chunk_images: int = typer.Option(DEFAULT_CHUNK_IMAGES, help="images per actor call; each call writes its own part files"),
-        workers: int = typer.Option(None, help="model actors (default: one per CPU, or per GPU)"),
+        workers: int = typer.Option(None, help="model actors, or the local executor's threads (default: one per CPU, or per GPU)"),
+        executor: str = typer.Option("auto", "--executor", help=f"ray (actors), local (this process, no Ray) or auto: local "
+                                     f"without --address for at most {LOCAL_MAX_ROWS} manifest rows, else ray"),
         overwrite: bool = typer.Option(False, "--overwrite", help="delete OUT's faces, errors and dropped tables first "
                                        "(needed when they were made with other options)"),
     ) -> None:
@@ -579,5 +614,5 @@ def register(app: typer.Typer) -> None:
             batch_size=batch_size, min_face=min_face, min_score=min_score, max_pixels=max_pixels,
             endpoint_url=endpoint_url, weights_from=weights_from, allowed_roots=tuple(allow_root),
             max_bytes=max_bytes, shard_rows=shard_rows, chunk_images=chunk_images, workers=workers,
-            overwrite=overwrite))
+            overwrite=overwrite, executor=executor))
         print_summary(summary)

@@ -8,7 +8,7 @@ Three steps, each callable from a notebook:
 1. ``embed_labeled`` embeds the largest face of every labeled photo (face_index 0; or the most
    central face, ``face="central"``, for centred data sets such as LFW) through the
    embed job (``facelake.jobs.embed.run_embed``, on Ray) or, with ``embedder="local"``, through
-   one FaceEngine in this process. Photos that fail or hold no usable face are counted, by type.
+   the same face pipeline (facelake.pipeline) in this process. Photos that fail or hold no usable face are counted, by type.
 2. ``evaluate_embeddings`` (numpy only) measures verification (all genuine pairs and every
    impostor pair, or a seeded sample of them when there are more than ``max_impostor_pairs``;
    or the pairs of an LFW-format pairs file with the 10-fold accuracy protocol), 1:N
@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import typer
 
-from facelake import reader, storage
+from facelake import storage
 from facelake.calibration import Calibration, CalibrationError, wilson_upper
 from facelake.errors import ConfigError, ManifestError
 from facelake.registry import MODELS, get_model
@@ -147,7 +147,7 @@ def read_labeled_manifest(uri: str, group_by: str | None = None) -> pa.Table:
 
 
 def embed_labeled(config: EvaluateConfig, table: pa.Table) -> LabeledEmbeddings:
-    """Embed the largest face of every labeled row, through the embed job or a local FaceEngine."""
+    """Embed the largest face of every labeled row, through the embed job or the local face pipeline."""
     spec = get_model(config.model)
     labeled_mask = pc.and_(pc.is_valid(table[IDENTITY]), pc.not_equal(pc.cast(table[IDENTITY], pa.string()), ""))
     labeled = table.filter(labeled_mask)
@@ -172,7 +172,7 @@ def _embed_with_job(config: EvaluateConfig, ids: list[str], dim: int) -> tuple[n
 
     work = storage.join(config.out, "embeddings")
     run_embed(EmbedConfig(manifest=config.manifest, out=work, model=config.model, address=config.address,
-                          workers=config.workers, progress=False, allowed_roots=config.allowed_roots,
+                          workers=config.workers, progress=False, executor="ray", allowed_roots=config.allowed_roots,
                           max_bytes=config.max_bytes))
     layout = outputs(work)
     position = {image_id: i for i, image_id in enumerate(ids)}
@@ -200,77 +200,58 @@ def _embed_with_job(config: EvaluateConfig, ids: list[str], dim: int) -> tuple[n
 def _embed_local(config: EvaluateConfig, labeled: pa.Table, dim: int) -> tuple[np.ndarray, dict[str, int]]:
     from facelake.manifest import base_dir
 
-    base = base_dir(config.manifest)
-    uris = [_resolved_or_given(u, base) for u in labeled["uri"].to_pylist()]
-    vectors, errors = embed_largest_faces_local(uris, config.model, face=config.face,
-                                                limits=ReadLimits(config.allowed_roots, config.max_bytes))
+    vectors, errors = embed_largest_faces_local(labeled["uri"].to_pylist(), config.model, face=config.face,
+                                                limits=ReadLimits(config.allowed_roots, config.max_bytes),
+                                                base=base_dir(config.manifest))
     counts: dict[str, int] = {}
     for err in errors:
         counts[err["error_type"]] = counts.get(err["error_type"], 0) + 1
     return vectors, counts
 
 
-def _resolved_or_given(uri: str, base: str) -> str:
-    """The absolute uri, or the uri as given when refused (reading it then fails as an error)."""
-    try:
-        return reader.resolve(uri, base)
-    except reader.ReadRefused:
-        return uri
-
-
 def embed_largest_faces_local(uris: list[str], model: str | None = None, *, threads: int | None = None,
-                              batch_size: int = 64, progress_every: int = 0,
+                              batch_size: int | None = None, progress_every: int = 0,
                               face: Literal["largest", "central"] = "largest",
-                              limits: ReadLimits = ReadLimits()):
-    """Embed one usable face of each image in this process (no Ray): the largest (face_index 0,
-    as the embed job orders them), or with ``face="central"`` the one whose box centre is nearest
+                              limits: ReadLimits = ReadLimits(), base: str = ""):
+    """Embed one usable face of each image in this process (no Ray), through the embed job's face
+    pipeline (facelake.pipeline: same reads, detector, quality floor, alignment and recognizer):
+    the largest (face_index 0), or with ``face="central"`` the one whose box centre is nearest
     the image centre (the labeled face of centred data sets such as LFW, where the largest face
-    is sometimes a bystander's).
+    is sometimes a bystander's). ``threads`` (default: this process's CPUs) prepare images while
+    the recognizer runs with as many; ``batch_size`` images go to each recognizer call.
 
-    Returns (embeddings (n, d) float32 with NaN rows for failures, list of error dicts). The same
-    detector, quality floor and alignment as the embed job.
+    Returns (embeddings (n, d) float32 with NaN rows for failures, list of error dicts: row, uri,
+    stage, error_type, message).
     """
-    from facelake.faces import FaceEngine, QualityFloor, default_threads
-    from facelake.imaging import decode_bgr
+    from facelake.faces import FaceEngine, default_threads
+    from facelake.pipeline import DEFAULT_BATCH_SIZE, FacePipeline
 
-    engine = FaceEngine(model, threads=threads or default_threads())
-    floor = QualityFloor()
+    threads = threads or default_threads()
+    engine = FaceEngine(model, threads=1, recognizer_threads=threads)
     out = np.full((len(uris), engine.spec.dim), np.nan, np.float32)
     errors: list[dict] = []
-    pending_rows: list[int] = []
-    pending_faces: list[np.ndarray] = []
     started = time.monotonic()
-
-    def flush() -> None:
-        if pending_faces:
-            out[pending_rows] = engine.embed(pending_faces, batch_size=batch_size)
-            pending_rows.clear()
-            pending_faces.clear()
-
-    for row, uri in enumerate(uris):
-        try:
-            image = decode_bgr(reader.read(uri, limits))
-        except Exception as err:  # recorded, never fatal
-            errors.append({"row": row, "uri": uri, "error_type": type(err).__name__, "message": str(err)})
-            continue
-        found = engine.detect(image)
-        usable = [d for d in found if floor.reason(d) is None]
-        if not usable:
-            errors.append({"row": row, "uri": uri, "error_type": "NoFace" if not found else "NoUsableFace",
-                           "message": "no face found" if not found else floor.reason(found[0])})
-            continue
-        chosen = usable[0]
-        if face == "central":
-            cy, cx = image.shape[0] / 2, image.shape[1] / 2
-            chosen = min(usable, key=lambda d: (d.bbox[0] + d.bbox[2] / 2 - cx) ** 2 + (d.bbox[1] + d.bbox[3] / 2 - cy) ** 2)
-        pending_rows.append(row)
-        pending_faces.append(engine.align(image, chosen.landmarks))
-        if len(pending_faces) >= batch_size:
-            flush()
-        if progress_every and (row + 1) % progress_every == 0:
-            log.warning("embedded %d/%d photos in %.0f s", row + 1, len(uris), time.monotonic() - started)
-    flush()
+    rows = ({"image_id": str(row), "uri": uri} for row, uri in enumerate(uris))
+    with FacePipeline(engine, limits=limits, base_dir=base, threads=threads,
+                      batch_size=batch_size or DEFAULT_BATCH_SIZE) as pipeline:
+        for row, outcome in enumerate(pipeline.run(rows)):
+            if outcome.error is not None:  # recorded, never fatal
+                errors.append({"row": row, "uri": uris[row], "stage": outcome.error.stage,
+                               "error_type": outcome.error.error_type, "message": outcome.error.message})
+            else:
+                out[row] = chosen_face(outcome, face).embedding
+            if progress_every and (row + 1) % progress_every == 0:
+                log.warning("embedded %d/%d photos in %.0f s", row + 1, len(uris), time.monotonic() - started)
     return out, errors
+
+
+def chosen_face(outcome, face: Literal["largest", "central"] = "largest"):
+    """The face that stands for a photo among the pipeline's usable faces (largest first): the
+    largest, or the one whose box centre is nearest the image centre."""
+    if face == "largest":
+        return outcome.faces[0]
+    cy, cx = outcome.image_size[0] / 2, outcome.image_size[1] / 2
+    return min(outcome.faces, key=lambda d: (d.bbox[0] + d.bbox[2] / 2 - cx) ** 2 + (d.bbox[1] + d.bbox[3] / 2 - cy) ** 2)
 
 
 # ------------------------------------------------------------------------- step 2: measure

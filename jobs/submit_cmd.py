@@ -11,7 +11,13 @@ import time
 
 import typer
 
-from facelake.cluster import submit as jobsubmit
+
+def _jobsubmit():
+    """facelake.cluster.submit, imported when a submit or jobs command runs: it imports Ray, which
+    every other command (a local `facelake embed` above all) starts faster without."""
+    from facelake.cluster import submit
+
+    return submit
 
 ADDRESS_HELP = "the cluster's job server (Ray dashboard), e.g. http://HEAD:8265"
 ADDRESS_ENV = "RAY_API_SERVER_ADDRESS"  # the variable `ray job` itself reads
@@ -34,19 +40,19 @@ def register(app: typer.Typer) -> None:
 
         Storage credentials are never sent: the cluster's nodes use their own credential chain.
         """
-        job_id = jobsubmit.submit(address, command, pip=pip or None, entrypoint_num_gpus=num_gpus)
+        job_id = _jobsubmit().submit(address, command, pip=pip or None, entrypoint_num_gpus=num_gpus)
         if not wait:
             typer.echo(job_id)
             typer.echo(f"follow it with: facelake jobs logs --follow {job_id} --address ...", err=True)
             return
         typer.echo(f"submitted {job_id}", err=True)
-        final = jobsubmit.follow(address, job_id)
+        final = _jobsubmit().follow(address, job_id)
         typer.echo(f"job {job_id} {final}", err=True)
         if final == "FAILED":
-            hint = jobsubmit.failure_hint(jobsubmit.status(address, job_id).message)
+            hint = _jobsubmit().failure_hint(_jobsubmit().status(address, job_id).message)
             if hint:
                 typer.secho(f"error: {hint}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(jobsubmit.exit_code(final))
+        raise typer.Exit(_jobsubmit().exit_code(final))
 
     jobs_app = typer.Typer(no_args_is_help=True, help="List, inspect, follow and stop facelake's Ray jobs.")
     app.add_typer(jobs_app, name="jobs")
@@ -54,10 +60,10 @@ def register(app: typer.Typer) -> None:
     @jobs_app.command("list")
     def list_command(address: str = typer.Option(None, "--address", envvar=ADDRESS_ENV, help=ADDRESS_HELP)) -> None:
         """facelake's jobs on the cluster, oldest first: id, status, start, duration, user, command."""
-        rows = jobsubmit.list_jobs(address)
+        rows = _jobsubmit().list_jobs(address)
         header = ("JOB ID", "STATUS", "START (UTC)", "DURATION", "USER", "COMMAND")
         table = [header] + [(r.job_id, r.status, r.start.strftime("%Y-%m-%d %H:%M:%S") if r.start else "-",
-                             jobsubmit.format_duration(r.duration_s), r.user, r.entrypoint) for r in rows]
+                             _jobsubmit().format_duration(r.duration_s), r.user, r.entrypoint) for r in rows]
         widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
         for row in table:
             typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
@@ -68,11 +74,11 @@ def register(app: typer.Typer) -> None:
         address: str = typer.Option(None, "--address", envvar=ADDRESS_ENV, help=ADDRESS_HELP),
     ) -> None:
         """One job's status; exit code 0 succeeded, 1 failed, 3 stopped, 4 still pending or running."""
-        row = jobsubmit.status(address, job_id)
-        typer.echo(f"{row.job_id}  {row.status}  {jobsubmit.format_duration(row.duration_s)}  {row.entrypoint}")
+        row = _jobsubmit().status(address, job_id)
+        typer.echo(f"{row.job_id}  {row.status}  {_jobsubmit().format_duration(row.duration_s)}  {row.entrypoint}")
         if row.message:
             typer.echo(row.message)
-        raise typer.Exit(jobsubmit.exit_code(row.status))
+        raise typer.Exit(_jobsubmit().exit_code(row.status))
 
     @jobs_app.command("logs")
     def logs_command(
@@ -82,8 +88,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Print a job's logs (so far, or to its end with --follow)."""
         if follow:
-            raise typer.Exit(jobsubmit.exit_code(jobsubmit.follow(address, job_id)))
-        sys.stdout.write(jobsubmit.logs(address, job_id))
+            raise typer.Exit(_jobsubmit().exit_code(_jobsubmit().follow(address, job_id)))
+        sys.stdout.write(_jobsubmit().logs(address, job_id))
         sys.stdout.flush()
 
     @jobs_app.command("stop")
@@ -92,9 +98,9 @@ def register(app: typer.Typer) -> None:
         address: str = typer.Option(None, "--address", envvar=ADDRESS_ENV, help=ADDRESS_HELP),
     ) -> None:
         """Stop a job and wait until it has ended; exit 0 once stopped (or its outcome if it had already ended)."""
-        final = jobsubmit.stop(address, job_id)
+        final = _jobsubmit().stop(address, job_id)
         typer.echo(f"{job_id} {final}")
-        raise typer.Exit(EXIT_STOP_OK if final == "STOPPED" else jobsubmit.exit_code(final))
+        raise typer.Exit(EXIT_STOP_OK if final == "STOPPED" else _jobsubmit().exit_code(final))
 
     @app.command("sleep", hidden=True)
     def sleep_command(seconds: float = typer.Argument(..., help="how long to sleep")) -> None:

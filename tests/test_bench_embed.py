@@ -45,7 +45,7 @@ def test_summary_reports_medians_spread_and_speedups():
         return {"images": 100, "faces": 110, "errors": 1, "images_per_s_wall": wall_ips, "steady": steady,
                 "seconds_wall": 100 / wall_ips, "first_result_s": 1.0, **extra}
 
-    fl = dict(ray_start_s=4.0, workers=2, device="cpu", recognizer_runtime="openvino")
+    fl = dict(ray_start_s=4.0, workers=2, device="cpu", recognizer_runtime="openvino", executor="ray")
     runs = {"facelake": [run(30, 60, **fl), run(36, 66, **fl), run(33, 63, **fl)],
             "deepface": [run(10, 11), run(12, 12), run(11, 10.5)]}
     summary = bench.summarize(runs)
@@ -53,12 +53,13 @@ def test_summary_reports_medians_spread_and_speedups():
     assert summary["deepface"]["images_per_s_steady"] == {"median": 11, "min": 10.5, "max": 12}
     assert summary["speedup_wall"] == {"median": 3.0, "min": 3.0, "max": 3.0}  # per round: 30/10, 36/12, 33/11
     assert summary["speedup_steady"]["median"] == 5.5
-    assert summary["facelake"]["recognizer_runtime"] == "openvino"
+    assert summary["facelake"]["recognizer_runtime"] == "openvino" and summary["facelake"]["executor"] == "ray"
 
 
 def test_alternated_rounds_run_end_to_end_without_saving():
-    """The real harness on 6 sample photos: 3 A B rounds, each side in a fresh process with its
-    own local Ray; --no-save writes nothing. Guards the harness against changes in the embed job."""
+    """The real harness on 6 sample photos: 3 A B rounds, each side in a fresh process, facelake as
+    `facelake embed` runs it (auto: the local executor for 6 photos); --no-save writes nothing.
+    Guards the harness against changes in the embed job."""
     import json
 
     results = REPO / "bench" / "results" / "embed.json"
@@ -71,6 +72,7 @@ def test_alternated_rounds_run_end_to_end_without_saving():
     assert [len(report["runs"][side]) for side in ("facelake", "deepface")] == [3, 3]
     ours = report["summary"]["facelake"]
     assert ours["images"] == 6 and ours["errors"] == 0 and ours["recognizer_runtime"] == "openvino"
-    assert ours["images_per_s_wall"]["median"] > 0 and ours["ray_start_s"]["median"] > 0
+    assert ours["images_per_s_wall"]["median"] > 0 and ours["executor"] == "local"
+    assert "| facelake (local executor) |" in done.stdout
     assert report["summary"]["speedup_wall"]["median"] > 0
     assert (results.read_bytes() if results.exists() else None) == before

@@ -110,7 +110,7 @@ def test_a_chunk_done_twice_rewrites_its_own_parts(tmp_path, provisioned_weights
 
 def _embed_cli(manifest: str, out: str, chunk: int, workers: int) -> list[str]:
     return [sys.executable, "-m", "facelake.jobs.cli", "embed", manifest, "--out", out, "--batch-size", "2",
-            "--chunk-images", str(chunk), "--workers", str(workers)]
+            "--chunk-images", str(chunk), "--workers", str(workers), "--executor", "ray"]
 
 
 def test_driver_sigkilled_loses_at_most_a_chunk_per_actor(s3_endpoint, s3_bucket, tmp_path, provisioned_weights):
