@@ -387,7 +387,6 @@ def main() -> None:
     if args.deepface_folds:
         df = deepface_pairs(args.lfw, pairs[0], pairs[1], args.deepface_folds)
         # facelake on exactly the same folds, same protocol
-        pp = metrics["pairs_protocol"]
         keep = pairs[1] < args.deepface_folds
         position = {image_id: i for i, image_id in enumerate(emb.image_ids)}
         ia = np.array([position[p[0]] for p in pairs[0]])[keep]

@@ -132,7 +132,6 @@ def main() -> int:
     os.environ.setdefault("DEEPFACE_HOME", str(REPO / ".deepface-home"))
     os.environ.setdefault("DEEPFACE_BACKEND_ENGINE", "onnx")
     import nncf
-    import onnx
     import onnxruntime as ort
 
     from facelake.onnx_rewrite import apply_int8_recipe
