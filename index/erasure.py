@@ -5,7 +5,11 @@ Publishers (``facelake index``, ``rebuild``, ``erase``; any future one) call, un
 ``erased_ids_checked`` before building (and pass the result to ``build_version(erased_ids=)``),
 ``check_publishable`` just before CURRENT is written (a ``before_pointer`` hook), and
 ``drop_versions_holding`` after publishing, so versions kept by --keep never hold an erased face.
-The erasure list itself (chained, anchored) is ``facelake.root``'s. Tested in tests/test_erase.py.
+The erasure list itself (chained, anchored) is ``facelake.root``'s. The id tables are matched
+against the list shard by shard: in Ray tasks (SHARDS_PER_TASK shards each, returning only the
+numbers of the shards holding an erased id) when Ray is connected (publishers connect it to build)
+and the version holds more than DRIVER_ROWS faces, else in the driver, one shard in memory at a
+time. Tested in tests/test_erase.py and tests/test_erase_holdings.py.
 """
 
 from __future__ import annotations
@@ -18,6 +22,12 @@ from facelake.errors import FacelakeError
 from facelake.index import layout
 from facelake.index.load import open_version, shard_ids
 from facelake.storage import StorageOptions
+
+# Faces of a version at most this many are matched in the driver (as jobs/counts.py DRIVER_ROWS).
+DRIVER_ROWS = 200_000
+SHARDS_PER_TASK = 16
+# A fraction of a CPU: the tasks run beside the job's actors on 1-2 CPU nodes.
+TASK_CPUS = 0.25
 
 
 def erased_ids_checked(root: str, options: StorageOptions | None) -> pa.Array:
@@ -40,8 +50,8 @@ def check_publishable(root: str, version: str, erased: pa.Array, options: Storag
     if len(erased):
         try:
             handle = open_version(root, version, options=options)
-            for shard in handle.manifest["shards"]:
-                rootmod.refuse_erased(_shard_ids(handle, shard), erased, f"index version {version}")
+            for number in shards_holding(handle, erased):   # raises on the first
+                rootmod.refuse_erased(shard_ids(handle, number)["image_id"], erased, f"index version {version}")
         except rootmod.ErasureListError:
             storage.remove(layout.version_uri(root, version), recursive=True, options=options)
             raise
@@ -55,9 +65,7 @@ def versions_holding(root: str, ids: pa.Array, live: str | None, options: Storag
         if version == live:
             continue
         try:
-            handle = open_version(root, version, options=options)
-            holds = any(pc.any(pc.is_in(_shard_ids(handle, shard), value_set=ids)).as_py()
-                        for shard in handle.manifest["shards"])
+            holds = bool(shards_holding(open_version(root, version, options=options), ids))
         except FacelakeError:
             doomed.append(version)  # unreadable: cannot prove it is clean
             continue
@@ -79,6 +87,23 @@ def drop_versions_holding(root: str, erased: pa.Array, live: str | None, options
     return doomed
 
 
-def _shard_ids(handle, shard: dict) -> pa.ChunkedArray:
-    """One shard's image ids (memory-mapped id table: one shard's ids in memory at a time)."""
-    return shard_ids(handle, shard["shard"])["image_id"]
+def shards_holding(handle, ids: pa.Array, *, driver_rows: int | None = None) -> list[int]:
+    """The numbers of ``handle``'s shards whose id tables hold any of ``ids`` (see the module docstring)."""
+    shards = handle.manifest["shards"]
+    if not len(ids) or not shards:
+        return []
+    rows = sum(int(s.get("count", 0)) for s in shards)
+    import ray
+
+    numbers = [s["shard"] for s in shards]
+    if rows <= (DRIVER_ROWS if driver_rows is None else driver_rows) or not ray.is_initialized():
+        return _holding(handle, numbers, ids)
+    task = ray.remote(num_cpus=TASK_CPUS)(_holding)
+    wanted = ray.put(ids)
+    return [n for found in ray.get([task.remote(handle, numbers[i:i + SHARDS_PER_TASK], wanted)
+                                    for i in range(0, len(numbers), SHARDS_PER_TASK)]) for n in found]
+
+
+def _holding(handle, numbers: list[int], ids: pa.Array) -> list[int]:
+    return [n for n in numbers
+            if pc.any(pc.is_in(shard_ids(handle, n)["image_id"], value_set=ids)).as_py()]

@@ -9,7 +9,10 @@ distinct ids (by a hash of the id) through the object store to that bucket's cou
 the driver adds the buckets' counts. No process holds more than its sources or one bucket; no
 scratch is written (status is a read-only command). At most DRIVER_ROWS rows are counted in the
 driver instead, without Ray. ``errors_by_type`` tallies error rows per stage and type the same
-way (one row per image: the tasks' tallies add up). Tested in tests/test_counts.py.
+way (one row per image: the tasks' tallies add up). ``held`` finds, per source, how many rows
+name each of a small set of ids (what `erase` removes and where): each task filters its own
+sources against the set and returns only the matching (id, rows) counts. Tested in
+tests/test_counts.py and tests/test_erase_holdings.py.
 """
 
 from __future__ import annotations
@@ -34,6 +37,11 @@ Source = tuple[str, object]
 
 
 def _read_ids(source: Source, options: storage.StorageOptions | None) -> pa.Array:
+    return pc.unique(_id_column(source, options))
+
+
+def _id_column(source: Source, options: storage.StorageOptions | None) -> pa.Array:
+    """Every row's image_id of one source, as strings (one source in memory at a time)."""
     kind, where = source
     if kind == "parquet":
         ids = storage.read_file(where, ["image_id"], options)["image_id"]
@@ -42,7 +50,8 @@ def _read_ids(source: Source, options: storage.StorageOptions | None) -> pa.Arra
 
         root, version, shard = where
         ids = shard_ids(open_version(root, version, options=options), shard)["image_id"]
-    return pc.unique(ids.cast(pa.string()))
+    ids = ids.cast(pa.string())
+    return ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
 
 
 def _scatter(sources: list[Source], buckets: int, options) -> list[pa.Array]:
@@ -112,5 +121,42 @@ def errors_by_type(parts: list[str], rows: int, options: storage.StorageOptions 
             for key, n in tally.items():
                 total[key] = total.get(key, 0) + n
         return total
+    finally:
+        runtime.shutdown_if_local(started_here and address is None)
+
+
+def _held_in(sources: list[Source], ids: pa.Array, options) -> list[dict[str, int]]:
+    """Per source, {id: rows naming it} for the ``ids`` it holds (nothing else leaves the task)."""
+    out = []
+    for source in sources:
+        column = _id_column(source, options)
+        hit = column.filter(pc.is_in(column, value_set=ids))
+        out.append({r["values"]: r["counts"] for r in pc.value_counts(hit).to_pylist()} if len(hit) else {})
+    return out
+
+
+def held(sources: list[Source], ids: pa.Array, rows: int, options: storage.StorageOptions | None = None, *,
+         address: str | None = None, driver_rows: int | None = None) -> list[dict[str, int]]:
+    """For each of ``sources`` (in order), {image_id: rows} of the ``ids`` it holds; ids it does
+    not hold are absent. ``rows`` (the sources' row count, from metadata) decides between the
+    driver (at most ``driver_rows``, default DRIVER_ROWS) and Ray tasks (SOURCES_PER_TASK sources
+    each, the id set shipped once through the object store). The driver holds only the matches."""
+    ids = pc.unique(pa.array(ids, pa.string()) if not isinstance(ids, pa.Array) else ids.cast(pa.string()))
+    if not sources or not len(ids):
+        return [{} for _ in sources]
+    if rows <= (DRIVER_ROWS if driver_rows is None else driver_rows):
+        return _held_in(sources, ids, options)
+    import ray
+
+    from facelake.cluster import runtime
+
+    started_here = not ray.is_initialized()
+    runtime.connect(address)
+    try:
+        task = ray.remote(num_cpus=TASK_CPUS)(_held_in)
+        wanted = ray.put(ids)
+        results = ray.get([task.remote(sources[i:i + SOURCES_PER_TASK], wanted, options)
+                           for i in range(0, len(sources), SOURCES_PER_TASK)])
+        return [found for group in results for found in group]
     finally:
         runtime.shutdown_if_local(started_here and address is None)

@@ -30,6 +30,7 @@ Copies outside ROOT (the ``facelake embed --out`` folder, exports) are not reach
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import asdict, dataclass, field
 
@@ -59,6 +60,9 @@ class EraseConfig:
     keep: int = 3
     lock_ttl_s: float = DEFAULT_TTL_S
     purge_results: bool = False
+    # Rows (record plus live shards) at most this many are scanned for the ids in the driver, without
+    # Ray; None: jobs/counts.py DRIVER_ROWS. Tests set 0 to force the task path.
+    driver_rows: int | None = None
 
     def validate(self) -> None:
         storage.check_uri(self.root)
@@ -113,52 +117,82 @@ def read_ids_file(path: str, options: StorageOptions | None = None) -> tuple[str
     return tuple(ids)
 
 
-def _live_ids(root: str, options: StorageOptions) -> tuple[str | None, pa.Table | None]:
-    from facelake.index import layout
-    from facelake.index.load import load_ids, open_version
-
-    live = layout.current_version(root, options)
-    return live, (load_ids(open_version(root, live, options=options)) if live else None)
+# Where an id can be held: a part of record ("faces" / "errors", part name) or a shard of the live
+# index version (INDEX, shard number).
+Place = tuple[str, str]
+INDEX = "index"
 
 
-def _holdings(root: str, ids: list[str], base, index_ids: pa.Table | None,
-              options: StorageOptions) -> dict[str, tuple[int, int]]:
+def _sources(root: str, base, live: str | None, options: StorageOptions) -> tuple[list[Place], list, int]:
+    """Every part of record and every live shard (as jobs/counts.py sources), and their rows (from
+    the table version and the live manifest: no file is read)."""
+    from facelake.index.load import open_version
+
+    places: list[Place] = []
+    sources: list = []
+    rows = 0
+    if base is not None:
+        for kind in rootmod.KINDS:
+            for name in base.parts(kind):
+                places.append((kind, name))
+                sources.append(("parquet", rootmod.uri(root, kind, name)))
+        rows += base.face_rows + base.error_rows
+    if live is not None:
+        for shard in open_version(root, live, options=options).manifest["shards"]:
+            places.append((INDEX, str(shard["shard"])))
+            sources.append(("shard", (root, live, shard["shard"])))
+            rows += int(shard.get("count", 0))
+    return places, sources, rows
+
+
+def _scan(root: str, base, live: str | None, ids: pa.Array, options: StorageOptions, *,
+          driver_rows: int | None = None) -> dict[Place, dict[str, int]]:
+    """{place: {id: rows}} for the ``ids`` each part of record and each live shard holds.
+
+    The filtering runs where jobs/counts.py ``held`` puts it (Ray tasks past its DRIVER_ROWS rows):
+    the driver receives only the matches, O(ids + parts), never the archive's ids.
+    """
+    from facelake.jobs import counts
+
+    places, sources, rows = _sources(root, base, live, options)
+    found = counts.held(sources, ids, rows, options, driver_rows=driver_rows)
+    return {place: hit for place, hit in zip(places, found) if hit}
+
+
+def _total(scan: dict[Place, dict[str, int]], kind: str, image_id: str) -> int:
+    return sum(hit.get(image_id, 0) for (k, _), hit in scan.items() if k == kind)
+
+
+def _holdings(ids: list[str], scan: dict[Place, dict[str, int]]) -> dict[str, tuple[int, int]]:
     """{id: (faces, error rows)} the root holds now (record and live index; the larger face count)."""
-    wanted = pa.array(ids, pa.string())
-
-    def count(table: pa.Table | None) -> dict[str, int]:
-        if table is None or not table.num_rows:
-            return {}
-        hit = table.filter(pc.is_in(table["image_id"].cast(pa.string()), value_set=wanted))
-        return {r["image_id"]: r["image_id_count"] for r in
-                hit.group_by("image_id").aggregate([("image_id", "count")]).to_pylist()}
-
-    faces = count(rootmod.read_faces(root, ["image_id"], base, options)) if base else {}
-    errors = count(rootmod.read_errors(root, ["image_id"], base, options)) if base else {}
-    indexed = count(index_ids)
-    return {i: (max(faces.get(i, 0), indexed.get(i, 0)), errors.get(i, 0)) for i in ids}
+    return {i: (max(_total(scan, rootmod.FACES, i), _total(scan, INDEX, i)), _total(scan, rootmod.ERRORS, i))
+            for i in ids}
 
 
 def _publish_from_source(root: str, live: str, erased: pa.Array, keep: int, lock: RootLock,
                          options: StorageOptions) -> str | None:
-    """A root made by `facelake index`: rebuild the live version from its faces table minus ``erased``."""
+    """A root made by `facelake index`: rebuild the live version from its faces table minus ``erased``
+    (the rows left are counted from the parts' footers less the erased ids' rows, found in tasks)."""
     from facelake.index import layout
-    from facelake.index.build import build_version
+    from facelake.index.build import build_version, list_parts
     from facelake.index.erasure import check_publishable
     from facelake.index.load import open_version
+    from facelake.jobs import counts
 
     manifest = open_version(root, live, options=options).manifest
     source = manifest.get("source") or ""
     try:
         storage.check_uri(source)
-        faces = storage.read_table(source, columns=["image_id"], options=options)
+        parts, _ = list_parts(source, options)
+        rows = sum(p.rows for p in parts)
+        found = counts.held([("parquet", p.uri) for p in parts], erased, rows, options)
     except (FacelakeError, FileNotFoundError, OSError) as err:
         raise FacelakeError(
             f"index version {live} holds erased faces and was built by `facelake index` from {source!r}, which "
             f"cannot be read now ({type(err).__name__}); the erasure list already names the ids: restore that "
             f"faces table and rerun `facelake erase`, or run `facelake index FACES --root ROOT` with the faces "
             f"table (it leaves erased ids out)") from err
-    left = int(pc.sum(pc.invert(pc.is_in(faces["image_id"].cast(pa.string()), value_set=erased))).as_py() or 0)
+    left = rows - sum(n for hit in found for n in hit.values())
     if left == 0:
         lock.verify()
         storage.remove(layout.index_root(root), recursive=True, options=options)
@@ -220,48 +254,85 @@ def run_erase(config: EraseConfig) -> EraseSummary:
 
 def _erase(config: EraseConfig, ids: list[str], summary: EraseSummary,
            options: StorageOptions) -> None:
+    from facelake.index import layout
     from facelake.index.erasure import erased_ids_checked
 
-    with RootLock(config.root, summary.job_id, ttl_s=config.lock_ttl_s, options=options) as lock:
-        erased_ids_checked(config.root, options)                          # refuses a tampered list
+    with RootLock(config.root, summary.job_id, ttl_s=config.lock_ttl_s, options=options) as lock, \
+            _ray_for(config, options):
+        before = erased_ids_checked(config.root, options)                 # refuses a tampered list
         listed_before = rootmod.erasures(config.root, options)
         base = rootmod.current(config.root, options)
-        live, index_ids = _live_ids(config.root, options)
+        live = layout.current_version(config.root, options)
         mine = pa.array(ids, pa.string())
         listed = listed_before.filter(pc.is_in(listed_before["image_id"], value_set=mine))
-        holdings = _holdings(config.root, ids, base, index_ids, options)
+        # one scan for this job's ids and every id listed before: the holdings to report, and the
+        # parts and shards still holding an erased id (a killed erase's, or this one's once listed)
+        wanted = pc.unique(pa.concat_arrays([mine, pa.array(before.to_pylist(), pa.string())]))
+        scan = _scan(config.root, base, live, wanted, options, driver_rows=config.driver_rows)
+        holdings = _holdings(ids, scan)
         _report(summary, ids, listed, holdings)
         new = {i: holdings[i] for i, v in summary.per_id.items() if v["status"] == "erased"}
         if new:
             rootmod.append_erasure(config.root, new, reason=config.reason, job_id=summary.job_id, options=options)
         faults.point("erase.after_erasure_list", summary.job_id)
-        _complete(config, summary, base, live, lock, options)
+        _complete(config, summary, base, live, scan, set(wanted.to_pylist()), lock, options)
         if config.purge_results:
             summary.purged_results = purge_results(config.root, rootmod.erased_ids(config.root, options), options)
 
 
+@contextlib.contextmanager
+def _ray_for(config: EraseConfig, options: StorageOptions):
+    """Ray connected for the whole erase when the root is past the driver threshold (the scan, the
+    erasure checks of index/erasure.py and the republish share it), else nothing is started."""
+    from facelake.index import layout
+    from facelake.jobs import counts
+
+    rows = _sources(config.root, rootmod.current(config.root, options), layout.current_version(config.root, options),
+                    options)[2]
+    if rows <= (counts.DRIVER_ROWS if config.driver_rows is None else config.driver_rows):
+        yield
+        return
+    import ray
+
+    from facelake.cluster import runtime
+
+    started_ray = not ray.is_initialized()
+    runtime.connect(None)
+    try:
+        yield
+    finally:
+        runtime.shutdown_if_local(started_ray)
+
+
 def _complete(config: EraseConfig, summary: EraseSummary, base, live: str | None,
-              lock: RootLock, options: StorageOptions) -> None:
-    """Purge every erased id (not only this job's) from staging, record and index; see the module docstring."""
+              scan: dict[Place, dict[str, int]], scanned: set[str], lock: RootLock,
+              options: StorageOptions) -> None:
+    """Purge every erased id (not only this job's) from staging, record and index; see the module docstring.
+
+    ``scan`` (``_scan`` over ``base`` and ``live`` for every id of the list) names the parts of record
+    and live shards holding an erased id: only those parts are rewritten, no other part's ids are read."""
     from facelake.index import layout
     from facelake.index.erasure import check_publishable, erased_ids_checked, versions_holding
 
     erased = erased_ids_checked(config.root, options)
+    erased_set = set(erased.to_pylist())
+    if erased_set - scanned:   # never after a completed scan under the lock; kept exact regardless
+        scan = _scan(config.root, base, live, erased, options, driver_rows=config.driver_rows)
     for run in rootmod.staging_runs(config.root, options):
         rootmod.remove_staging(config.root, run, options)
     version = base
     if base is not None:
-        record = rootmod.record_ids(config.root, base, options)
-        hit = record.filter(pc.is_in(record["image_id"], value_set=erased))
-        if hit.num_rows:
+        holding = {(k, p): set(hit) & erased_set for (k, p), hit in scan.items() if k in rootmod.KINDS}
+        holding = {place: held for place, held in holding.items() if held}
+        if holding:
             def before_table_pointer(name: str) -> None:
                 faults.point("erase.before_table_pointer", name)
                 lock.verify()
-            version = rootmod.write_version(config.root, base, drop_ids=pc.unique(hit["image_id"]), add={},
+            drop = pa.array(sorted(set().union(*holding.values())), pa.string())
+            version = rootmod.write_version(config.root, base, drop_ids=drop, add={},
                                             model=base.model, job_id=summary.job_id, options=options,
-                                            hook=before_table_pointer)
-    live, index_ids = _live_ids(config.root, options)
-    live_holds = index_ids is not None and pc.any(pc.is_in(index_ids["image_id"], value_set=erased)).as_py()
+                                            hook=before_table_pointer, holding=set(holding))
+    live_holds = any(set(hit) & erased_set for (k, _), hit in scan.items() if k == INDEX)
     pointer = rootmod.read_pointer(config.root, options) or {}
     stale = version is not None and (version is not base or pointer.get("index_version") != live or live is None)
     if stale or live_holds:
