@@ -17,9 +17,14 @@ validated: every job's first step, streamed since issue 9):
   ``jobs/rebuild_plan.plan_in_tasks`` (hash-partitioned tasks) against the driver's plan
   (``_resolve_manifest`` + ``record_ids`` + ``plan``: what every rebuild ran before, and still
   runs below rebuild_plan.DRIVER_ROWS).
+- ``erase``: finding what erasing 10 ids (9 held, one not) removes and where, in the root of
+  record above: jobs/erase.py ``_scan`` (each task filters its parts against the 10 ids and
+  returns only the matches) against what erase did before (every image id of the faces and
+  errors of record, ``is_in`` + ``group_by``, and ``record_ids`` to find the parts to rewrite).
 
     python bench/driver_memory.py                       # 1M and 5M rows; writes bench/results/driver_memory.json
     python bench/driver_memory.py --sizes 200000 --no-save
+    python bench/driver_memory.py --cases erase erase_before   # replaces those rows in the JSON
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results" / "driver_memory.json"
 PART_ROWS = 100_000
 MODEL = "sface-yunet"
+# The erase cases' ids: 9 spread over the record (faces of each in one part), one not held.
+ERASE_IDS = [f"img-{i:010d}" for i in (0, 1, 99_999, 100_000, 250_000, 499_999, 500_000, 750_001, 999_999)] + ["nope"]
 
 
 def _ids(a: int, b: int, prefix: str = "img"):
@@ -142,6 +149,7 @@ def measure(case: str, folder: str) -> dict:
 
     runtime.connect(None)
     ray.get(ray.remote(num_cpus=0.25)(lambda: 1).remote())   # a worker is up before the baseline
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     from facelake import root as rootmod
@@ -179,13 +187,36 @@ def measure(case: str, folder: str) -> dict:
         plan = rebuild.plan(rebuild.RebuildConfig(manifest=m, root=root), table, record,
                             rootmod.erased_ids(root), storage.StorageOptions())
         out = {"new": plan.new, "changed": plan.changed, "removed": plan.removed}
+    elif case == "erase":
+        from facelake.jobs import erase
+
+        root = os.path.join(folder, "recorded")
+        scan = erase._scan(root, rootmod.current(root), None, pa.array(ERASE_IDS), storage.StorageOptions())
+        held = erase._holdings(ERASE_IDS, scan)
+        out = {"found": sum(1 for v in held.values() if v != (0, 0)), "faces": sum(v[0] for v in held.values()),
+               "holding_parts": len(scan)}
+    elif case == "erase_before":
+        root = os.path.join(folder, "recorded")
+        base, wanted = rootmod.current(root), pa.array(ERASE_IDS)
+
+        def count(table):
+            hit = table.filter(pc.is_in(table["image_id"], value_set=wanted))
+            return {r["image_id"]: r["image_id_count"]
+                    for r in hit.group_by("image_id").aggregate([("image_id", "count")]).to_pylist()}
+        faces = count(rootmod.read_faces(root, ["image_id"], base))
+        errors = count(rootmod.read_errors(root, ["image_id"], base))
+        record = rootmod.record_ids(root, base)
+        hit = record.filter(pc.is_in(record["image_id"], value_set=wanted))
+        out = {"found": len(set(faces) | set(errors)), "faces": sum(faces.values()),
+               "holding_parts": len(set(hit["part"].to_pylist()))}
     step.__exit__()
     out.update(seconds=round(time.monotonic() - started, 1), driver_peak_mib=round(step.peak / 2**20),
                driver_growth_mib=round((step.peak - step.before) / 2**20), baseline_mib=round(step.before / 2**20))
     return out
 
 
-CASES = ("resume", "resume_before", "status", "status_legacy", "status_before", "rebuild_plan", "rebuild_plan_before")
+CASES = ("resume", "resume_before", "status", "status_legacy", "status_before", "rebuild_plan", "rebuild_plan_before",
+         "erase", "erase_before")
 
 
 def main() -> None:
@@ -218,11 +249,14 @@ def main() -> None:
     for case in args.cases:
         cells = [r for r in results if r["case"] == case]
         print(f"{case:<20}" + "".join(f"{r['driver_peak_mib']:>24} / {r['driver_growth_mib']:<8}" for r in cells))
-    if not args.no_save:
+    if not args.no_save:   # rows of the cases run now replace theirs; the others' rows are kept
         RESULTS.parent.mkdir(exist_ok=True)
+        measured = {(r["rows"], r["case"]) for r in results}
+        kept = json.loads(RESULTS.read_text())["results"] if RESULTS.exists() else []
+        kept = [r for r in kept if (r["rows"], r["case"]) not in measured]
         RESULTS.write_text(json.dumps({"machine": platform.node(), "cpus": os.cpu_count(),
                                        "load_1min": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d"),
-                                       "results": results}, indent=2) + "\n")
+                                       "results": kept + results}, indent=2) + "\n")
         print(f"wrote {RESULTS}")
 
 
