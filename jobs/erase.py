@@ -6,14 +6,17 @@ or any later index / rebuild, completes it, because all of them purge every id o
 list and refuse to publish a version holding one):
 
 1. Count, per id, the faces and error rows the root holds of it (faces and errors of record,
-   the live index version). Ids the root does not hold are not recorded and are reported as
+   the live index version), in Ray tasks past jobs/counts.py DRIVER_ROWS rows (``_scan``: each
+   task filters its parts or shards against the ids and returns only the matches; the driver
+   never holds the archive's ids). Ids the root does not hold are not recorded and are reported as
    not found (exit 1 in the CLI). Ids already on the erasure list (an earlier or killed erase)
    report the counts recorded when they were listed.
 2. Append the new ids with their counts, reason and user to the erasure list of record
    (facelake.root: append-only, hash-chained, anchored in the audit log). From here on no
    publisher embeds or indexes them again, even while a manifest or faces table lists them.
 3. Remove staging runs (a killed rebuild's staged faces may include them).
-4. Write a table version of record without any erased id (parts holding one are rewritten).
+4. Write a table version of record without any erased id (only the parts the scan found holding
+   one are rewritten; the others are kept from their footers).
 5. Publish an index version without them: from the faces of record (rebuild's roots) or, on a
    root made by ``facelake embed`` + ``facelake index``, from the faces table the live version was
    built from (its manifest's ``source``), reusing the live trained quantizer. Shard files are
