@@ -173,7 +173,7 @@ def _holdings(ids: list[str], scan: dict[Place, dict[str, int]]) -> dict[str, tu
 
 
 def _publish_from_source(root: str, live: str, erased: pa.Array, keep: int, lock: RootLock,
-                         options: StorageOptions) -> str | None:
+                         options: StorageOptions, driver_rows: int | None = None) -> str | None:
     """A root made by `facelake index`: rebuild the live version from its faces table minus ``erased``
     (the rows left are counted from the parts' footers less the erased ids' rows, found in tasks)."""
     from facelake.index import layout
@@ -188,7 +188,7 @@ def _publish_from_source(root: str, live: str, erased: pa.Array, keep: int, lock
         storage.check_uri(source)
         parts, _ = list_parts(source, options)
         rows = sum(p.rows for p in parts)
-        found = counts.held([("parquet", p.uri) for p in parts], erased, rows, options)
+        found = counts.held([("parquet", p.uri) for p in parts], erased, rows, options, driver_rows=driver_rows)
     except (FacelakeError, FileNotFoundError, OSError) as err:
         raise FacelakeError(
             f"index version {live} holds erased faces and was built by `facelake index` from {source!r}, which "
@@ -361,7 +361,7 @@ def _republish(config: EraseConfig, version, live: str | None, erased: pa.Array,
     runtime.connect(None)
     try:
         if version is None:  # a root made by embed + index: no faces of record
-            return _publish_from_source(config.root, live, erased, config.keep, lock, options)
+            return _publish_from_source(config.root, live, erased, config.keep, lock, options, config.driver_rows)
         spec = get_model(version.model)
         published = publish_index(config.root, version, model=spec.name, weights_sha256=weights_fingerprint(spec), keep=config.keep,
                                   full=False, lock=lock, options=options)

@@ -101,3 +101,24 @@ def test_erase_planned_in_tasks_removes_exactly_the_ids(tmp_path, ray_local, mon
 
     again = erase.run_erase(erase.EraseConfig(root=root, ids=("a-000033",), reason="again", driver_rows=0))
     assert again.per_id["a-000033"]["status"] == "already erased" and again.index_version == now
+
+
+def test_erase_of_an_index_root_in_tasks_leaves_the_source_rows_less_the_erased(tmp_path, ray_local):
+    """A root made by `facelake index` (no record): the live shards are scanned in tasks and the
+    republish counts the rows left from the faces table's footers less the erased ids' rows."""
+    faces = _faces(700, 2, "i")
+    storage.write_table(str(tmp_path / "faces" / "part-0.parquet"), faces.slice(0, 333))   # i-000166 spans
+    storage.write_table(str(tmp_path / "faces" / "part-1.parquet"), faces.slice(333))
+    spec = get_model()
+    root = str(tmp_path / "root")
+    live = build_version(str(tmp_path / "faces"), root, model=spec.name, weights_sha256=weights_fingerprint(spec),
+                         shards=3)["version"]
+    summary = erase.run_erase(erase.EraseConfig(root=root, ids=("i-000166", "i-000001", "nope"), reason="test",
+                                                driver_rows=0))
+    assert summary.per_id["i-000166"] == {"faces": 2, "error_rows": 0, "status": "erased"}
+    assert summary.per_id["i-000001"]["faces"] == 2 and summary.not_found == ["nope"]
+    now = layout.current_version(root)
+    assert now != live and open_version(root, now).manifest["shards"]
+    held = load_ids(open_version(root, now))["image_id"].to_pylist()
+    assert len(held) == 696 and not {"i-000166", "i-000001"} & set(held)
+    assert layout.list_versions(root) == [now]
