@@ -122,3 +122,18 @@ def test_erase_of_an_index_root_in_tasks_leaves_the_source_rows_less_the_erased(
     held = load_ids(open_version(root, now))["image_id"].to_pylist()
     assert len(held) == 696 and not {"i-000166", "i-000001"} & set(held)
     assert layout.list_versions(root) == [now]
+
+
+def test_erasure_checks_in_tasks_refuse_and_find_versions_holding(tmp_path, ray_local, monkeypatch):
+    from facelake.index import erasure
+
+    root, version, live = _root(str(tmp_path), monkeypatch)
+    monkeypatch.setattr(erasure, "DRIVER_ROWS", 0)                 # every check in tasks
+    clean = pa.array(["nope", "x-5"], pa.string())
+    erasure.check_publishable(root, live, clean, None)             # holds neither: publishable
+    assert erasure.versions_holding(root, clean, None, None) == []
+    held = pa.array(["nope", "a-000033"], pa.string())
+    assert erasure.versions_holding(root, held, None, None) == [live]
+    with pytest.raises(rootmod.ErasureListError, match="refusing to publish index version"):
+        erasure.check_publishable(root, live, held, None)
+    assert not storage.exists(layout.version_uri(root, live))      # the refused folder is gone
