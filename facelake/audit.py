@@ -331,10 +331,13 @@ class Job:
         if self._previous_handler is not None:
             signal.signal(signal.SIGTERM, self._previous_handler)
         error = None
+        interrupt = interruption(exc)
         if exc is None:
             self.status = self.end_status
-        elif isinstance(exc, (JobInterrupted, KeyboardInterrupt, SystemExit)):
-            self.status, error = "interrupted", f"{type(exc).__name__}: {exc}"
+        elif interrupt is not None:
+            self.status, error = "interrupted", f"{type(interrupt).__name__}: {interrupt}"
+            if interrupt is not exc:
+                error += f" (then, while stopping: {type(exc).__name__}: {storage.redact(str(exc))})"
         else:
             self.status, error = "failed", f"{type(exc).__name__}: {storage.redact(str(exc))}"
         try:
@@ -346,6 +349,20 @@ class Job:
                 return
             raise AuditError(f"{self.kind} job {self.job_id} finished but its end record could not be written "
                              f"under {storage.redact(audit_dir(self.root))}: {err}") from err
+
+
+def interruption(exc: BaseException | None) -> BaseException | None:
+    """The interrupt (JobInterrupted, KeyboardInterrupt, SystemExit) that ``exc`` is, or that it
+    was raised while handling: a signal landing inside ``import ray`` leaves the module half
+    initialised, and the cleanup that follows fails with an AttributeError whose context is the
+    signal's exception. The job was still interrupted, not failed."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, (JobInterrupted, KeyboardInterrupt, SystemExit)):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _raise_interrupted(signum, frame) -> None:

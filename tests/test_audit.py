@@ -279,3 +279,23 @@ def test_the_cli_killed_with_sigterm_leaves_an_interrupted_record(indexed, tmp_p
     (record,) = [r for r in audit.list_records(root, "search") if r["purpose"] == "cli sigterm"]
     assert record["status"] == "interrupted" and record["ended_at"], proc.stderr.read().decode()[-2000:]
     assert proc.returncode != 0 and not list((tmp_path / "out").glob("results/*.parquet"))
+
+
+def test_a_failure_while_stopping_after_a_signal_still_ends_as_interrupted(tmp_path):
+    """SIGTERM inside `import ray` leaves the module half initialised; the cleanup that follows
+    fails with an AttributeError whose context is the signal's exception (seen once in the CLI
+    SIGTERM test): the record must still say interrupted, and name both."""
+    root = str(tmp_path / "root")
+    with pytest.raises(AttributeError):
+        with audit.Job(root, "search", details={"purpose": "stopping"}):
+            try:
+                raise audit.JobInterrupted("signal SIGTERM")
+            finally:
+                raise AttributeError("partially initialized module 'ray' has no attribute '_private'")
+    with pytest.raises(RuntimeError):
+        with audit.Job(root, "search", details={"purpose": "plain failure"}):
+            raise RuntimeError("boom")
+    records = {r["purpose"]: r for r in audit.list_records(root, "search") if r["status"] != "started"}
+    assert records["stopping"]["status"] == "interrupted"
+    assert "JobInterrupted" in records["stopping"]["error"] and "AttributeError" in records["stopping"]["error"]
+    assert records["plain failure"]["status"] == "failed"
