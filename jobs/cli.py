@@ -16,6 +16,7 @@ import traceback
 
 import typer
 
+from facelake.audit import interruption
 from facelake.errors import ConfigError, FacelakeError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
@@ -175,6 +176,9 @@ def main(argv: list[str] | None = None) -> None:
         if _click_error(err):
             raise
         path = _log_traceback(args)
+        if interruption(err) is not None:   # a cleanup that failed after SIGTERM/SIGINT: still an interrupt
+            _say("interrupted")
+            sys.exit(130)
         if debug:
             traceback.print_exc()
         where = f"traceback in {path}" if path else "no log file could be written"
