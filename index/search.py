@@ -1,17 +1,21 @@
 """Search shards and merge their top-k lists (faiss conventions: float32 (n, d) in, (D, I) out).
 
 Shard ids are already global faiss ids, so merging is a top-k of the concatenated lists, done
-with faiss's own ``ResultHeap``. ``ShardSearcher`` is a Ray actor holding one shard (on a GPU
-when it has one); ``search_version`` fans a probe batch out to them and merges.
+with faiss's own ``ResultHeap``. ``ShardSearcher`` is a Ray actor holding the shards of one
+group (``searcher_groups``: one group per node at least, as few as the nodes' memory allows; on
+a GPU when it has one); ``search_version`` fans a probe batch out to them and merges.
 
 Compressed (IVF-PQ) shards re-rank: the shard's PQ search returns ``rerank * k`` candidates,
 whose full vectors are read from the memory-mapped vectors file and scored exactly, so only
 the codes stay in RAM. ``search_rows`` also returns each candidate's id-table row, so a search
-job never needs the gallery's id table in one place: ``merge_candidates`` keeps the winners'
-rows as it merges.
+job never needs the gallery's id table in one place: a searcher takes the rows of its own
+winners only (``merge_rows``), and ``merge_candidates`` keeps the global winners' rows.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import faiss
 import numpy as np
@@ -178,77 +182,163 @@ def _pad_rows(rows: pa.Table, nq: int, have: int, k: int) -> pa.Table:
 
 
 class LocalShardSearcher:
-    """One shard loaded once (checksum-verified), searched many times, in this process."""
+    """Shards loaded once (checksum-verified), searched many times, in this process.
 
-    def __init__(self, handle: VersionHandle, shard_no: int, use_gpu: bool = False,
+    One searcher holds one shard or several (``shards``: a number or a list of them): a batch is
+    searched on each, re-ranked per shard, merged here, and only the winners' id-table rows are
+    taken, so a node's searcher returns k candidates per probe however many shards it holds.
+    """
+
+    def __init__(self, handle: VersionHandle, shards: int | Sequence[int], use_gpu: bool = False,
                  threads: int | None = None, cache_dir: str | None = None) -> None:
         if threads:
             faiss.omp_set_num_threads(threads)
-        self.shard = open_shard(handle, shard_no, cache_dir)
-        self.shard_no = shard_no
+        self.shard_nos = [shards] if isinstance(shards, int) else list(shards)
+        if not self.shard_nos:
+            raise ConfigError("a searcher needs at least one shard")
+        # files are hashed while read: the threads overlap the shards' verification and parsing
+        with ThreadPoolExecutor(max_workers=min(len(self.shard_nos), threads or 1)) as pool:
+            self.shards = list(pool.map(lambda s: open_shard(handle, s, cache_dir), self.shard_nos))
+        self._pool = None
         if use_gpu:
             self._gpu_resources = faiss.StandardGpuResources()
-            self.shard.index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, self.shard.index)
+            for shard in self.shards:
+                shard.index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, shard.index)
+        elif len(self.shards) > 1 and (threads or 1) > 1:
+            # one shard per thread, one OpenMP thread each: a shard's re-rank and sort are serial,
+            # so searching shards side by side keeps every core busy where OpenMP alone would not
+            self._pool = ThreadPoolExecutor(max_workers=threads, initializer=faiss.omp_set_num_threads,
+                                            initargs=(1,))
+
+    @property
+    def shard(self) -> LoadedShard:
+        """The first (with one shard: the) shard held."""
+        return self.shards[0]
 
     @property
     def index(self) -> faiss.Index:
         return self.shard.index
 
     def search(self, xq: np.ndarray, k: int, nprobe: int, coarse: Result | None = None) -> Result:
-        return search_reranked(self.shard, xq, k, nprobe, self._usable(coarse))
+        """Top-k (D, I) over the shards held."""
+        results = self._each_shard(xq, k, nprobe, coarse)
+        return results[0] if len(results) == 1 else merge_topk(results, k)
 
     def search_rows(self, xq: np.ndarray, k: int, nprobe: int, coarse: Result | None = None
                     ) -> tuple[np.ndarray, np.ndarray, pa.Table]:
-        """(D, I, id-table rows of I) of this shard's top-k."""
-        D, I = search_reranked(self.shard, xq, k, nprobe, self._usable(coarse))
-        return D, I, rows_of(self.shard, I)
+        """(D, I, id-table rows of I) of the top-k over the shards held."""
+        return merge_rows(self.shards, self._each_shard(xq, k, nprobe, coarse), k)
+
+    def _each_shard(self, xq: np.ndarray, k: int, nprobe: int, coarse: Result | None) -> list[Result]:
+        coarse = self._usable(coarse)
+        search = lambda shard: search_reranked(shard, xq, k, nprobe, coarse)   # noqa: E731
+        return list(self._pool.map(search, self.shards) if self._pool else map(search, self.shards))
 
     def _usable(self, coarse: Result | None) -> Result | None:
         return None if hasattr(self, "_gpu_resources") else coarse   # a GPU shard searches its own lists
 
     def ntotal(self) -> int:
-        return int(self.shard.index.ntotal)
+        return sum(int(shard.index.ntotal) for shard in self.shards)
 
     def node_id(self) -> str | None:
         """The Ray node holding this searcher (None outside Ray)."""
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
+def merge_rows(shards: list[LoadedShard], results: list[Result], k: int) -> tuple[np.ndarray, np.ndarray, pa.Table]:
+    """Merge the (D, I) of ``shards`` into the top-k and take the id-table rows of the winners
+    only (row-major, null where there is no candidate)."""
+    if len(results) == 1:
+        D, I = results[0]
+        return D, I, rows_of(shards[0], I)
+    D_all = np.concatenate([np.where(I < 0, -np.inf, D) for D, I in results], axis=1).astype(np.float32)
+    I_all = np.concatenate([I for _, I in results], axis=1)
+    owner_all = np.concatenate([np.full(I.shape, s, np.int64) for s, (_, I) in enumerate(results)], axis=1)
+    order = np.argsort(-D_all, axis=1, kind="stable")[:, :k]
+    D, I, owner = (np.take_along_axis(a, order, axis=1) for a in (D_all, I_all, owner_all))
+    I[~np.isfinite(D)] = -1
+    flat_ids, flat_owner = I.reshape(-1), owner.reshape(-1)
+    position = np.full(flat_ids.size, -1, np.int64)
+    tables, taken = [], 0
+    for s, shard in enumerate(shards):
+        won = np.flatnonzero((flat_owner == s) & (flat_ids >= 0))
+        if len(won):
+            tables.append(shard.ids.take(pa.array(np.searchsorted(shard.faiss_ids, flat_ids[won]), pa.int64())))
+            position[won] = taken + np.arange(len(won))
+            taken += len(won)
+    table = pa.concat_tables(tables or [shards[0].ids.slice(0, 0)], promote_options="permissive")
+    rows = table.take(pa.array(np.where(position < 0, 0, position), pa.int64(), mask=position < 0))
+    if D.shape[1] < k:                                    # fewer candidates than k in every shard
+        pad = k - D.shape[1]
+        D = np.pad(D, ((0, 0), (0, pad)), constant_values=-np.inf)
+        I = np.pad(I, ((0, 0), (0, pad)), constant_values=-1)
+        rows = _pad_rows(rows, len(D), k - pad, k)
+    return D, I, rows
+
+
 ShardSearcher = ray.remote(LocalShardSearcher)
-"""Ray actor class holding one shard: ``ShardSearcher.remote(handle, shard_no)``."""
+"""Ray actor class holding one or several shards: ``ShardSearcher.remote(handle, shard_nos)``."""
 
 
 def shard_memory(handle: VersionHandle, shard_no: int) -> int:
-    """Bytes of RAM a searcher of this shard asks Ray for (its resident index plus a base)."""
+    """Bytes of RAM a searcher holding only this shard asks Ray for (its resident index plus a base)."""
+    return _resident(handle, shard_no) + SEARCHER_BASE_MEMORY
+
+
+def _resident(handle: VersionHandle, shard_no: int) -> int:
     entry = handle.manifest["shards"][shard_no]
     resident = entry.get("resident_bytes") or handle.manifest["files"][entry["index_file"]]["bytes"]
-    return int(resident * 1.2) + SEARCHER_BASE_MEMORY
+    return int(resident * 1.2)
+
+
+def group_memory(handle: VersionHandle, shard_nos: Sequence[int]) -> int:
+    """Bytes of RAM a searcher holding these shards asks Ray for."""
+    return sum(_resident(handle, s) for s in shard_nos) + SEARCHER_BASE_MEMORY
+
+
+def searcher_groups(handle: VersionHandle, nodes: Sequence[dict]) -> list[list[int]]:
+    """Shards split into consecutive groups, one searcher each: at least one group per node (every
+    node's CPUs search), each group within the smallest node's memory (so Ray can place it), as
+    few groups as that allows (fewer actor calls, fewer per-shard row takes per batch).
+
+    ``nodes``: the alive nodes' Ray resources (``ray.nodes()[i]["Resources"]``)."""
+    count = handle.shard_count
+    capacity = min((n.get("memory", 0) for n in nodes), default=0) or None
+    wanted = min(count, max(1, len(nodes)))
+    while True:
+        groups = [list(g) for g in np.array_split(np.arange(count), wanted) if len(g)]
+        if wanted >= count or capacity is None or all(group_memory(handle, g) <= capacity for g in groups):
+            return [[int(s) for s in g] for g in groups]
+        wanted += 1
 
 
 def start_searchers(handle: VersionHandle, *, use_gpu: bool | None = None, num_cpus: float | None = None,
-                    threads: int | None = None, reserve_memory: bool = True) -> list:
-    """One ``ShardSearcher`` actor per shard (GPU ones when faiss and the cluster have GPUs),
-    spread over the nodes, each asking Ray for the memory its shard needs, so a gallery larger
-    than one node's memory is placed over several nodes (or refused by Ray, never swapped).
+                    threads: int | None = None, reserve_memory: bool = True,
+                    groups: list[list[int]] | None = None) -> list:
+    """``ShardSearcher`` actors holding the version's shards (GPU ones when faiss and the cluster
+    have GPUs), spread over the nodes, each asking Ray for the memory its shards need, so a
+    gallery larger than one node's memory is placed over several nodes (or refused by Ray,
+    never swapped). ``groups`` (default ``searcher_groups``): the shards each actor holds.
 
-    ``num_cpus`` per actor defaults to half the cluster's CPUs shared by the shards (at most 1),
-    so every shard gets an actor even when shards outnumber CPUs, and the search workers and
-    probe reads that feed them can still be scheduled (faiss threads are not bound by it).
+    ``num_cpus`` per actor defaults to half the cluster's CPUs shared by the actors (at most 1),
+    so the search workers and probe reads that feed them can still be scheduled (faiss threads
+    are not bound by it: each actor searches with its node's CPUs shared by the actors there).
     """
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")] or [{"CPU": 1}]
+    groups = groups or searcher_groups(handle, nodes)
     if num_cpus is None:
-        share = SEARCHER_CPU_SHARE * ray.cluster_resources().get("CPU", 1) / max(1, handle.shard_count)
+        share = SEARCHER_CPU_SHARE * ray.cluster_resources().get("CPU", 1) / len(groups)
         num_cpus = min(1.0, max(0.01, share))
     if use_gpu is None:   # faiss GPU has no fast-scan PQ: compressed shards are searched on CPUs
         from facelake.device import faiss_on_gpu
 
         use_gpu = faiss_on_gpu() and not handle.manifest.get("pq")
-    if threads is None:   # Ray caps OpenMP at an actor's num_cpus (1 here): give faiss the node's share
-        nodes = [n["Resources"].get("CPU", 1) for n in ray.nodes() if n.get("Alive")] or [1]
-        per_node = -(-handle.shard_count // len(nodes))
-        threads = max(1, int(min(nodes) // per_node))
+    if threads is None:   # Ray caps OpenMP at an actor's num_cpus: give faiss the node's share
+        per_node = -(-len(groups) // len(nodes))
+        threads = max(1, int(min(n.get("CPU", 1) for n in nodes) // per_node))
     opts = {"num_cpus": num_cpus, "num_gpus": 1 if use_gpu else 0, "scheduling_strategy": "SPREAD"}
-    return [ShardSearcher.options(**opts, **({"memory": shard_memory(handle, s)} if reserve_memory else {}))
-            .remote(handle, s, use_gpu, threads) for s in range(handle.shard_count)]
+    return [ShardSearcher.options(**opts, **({"memory": group_memory(handle, g)} if reserve_memory else {}))
+            .remote(handle, g, use_gpu, threads) for g in groups]
 
 
 def search_version(handle: VersionHandle, xq: np.ndarray, k: int, nprobe: int | None = None,
@@ -282,7 +372,7 @@ def search_rows(handle: VersionHandle, xq: np.ndarray, k: int, nprobe: int | Non
         ref, lists = ray.put(xq), ray.put(assigned) if assigned is not None else None
         results = ray.get([actor.search_rows.remote(ref, k, nprobe, lists) for actor in actors])
     else:
-        searchers = searchers or [LocalShardSearcher(handle, s) for s in range(handle.shard_count)]
+        searchers = searchers or [LocalShardSearcher(handle, list(range(handle.shard_count)))]
         results = [s.search_rows(xq, k, nprobe, assigned) for s in searchers]
     return merge_candidates(results, k)
 

@@ -9,8 +9,9 @@
    wrote (told apart by its ``embedding`` column); faces of another model are refused.
 2. Probe faces stream as a Ray Dataset from their Parquet part files to a pool of search
    workers (``BatchSearch``). Each batch fans out to the shard actors
-   (``index.search.start_searchers``: one per shard, spread over nodes with a memory request
-   from the shard's size), whose top-k lists come back with their id-table rows and merge into
+   (``index.search.start_searchers``: one per group of shards, at least one per node, spread
+   over nodes with a memory request from the shards' size), whose top-k lists come back with
+   their winners' id-table rows and merge into
    a global top-k (``index.search.search_rows``); the worker annotates false-match rates and
    writes the batch's result part file itself. The driver sees per-batch counts only, so its
    memory grows with neither the gallery nor the probes. ``executor="local"`` runs the same
@@ -627,8 +628,8 @@ class BatchSearch:
         from facelake.index.search import CoarseQuantizer, LocalShardSearcher
 
         self.spec, self.actors = spec, actors
-        self.searchers = None if actors else [LocalShardSearcher(spec.handle, s)
-                                              for s in range(spec.handle.shard_count)]
+        every_shard = list(range(spec.handle.shard_count))
+        self.searchers = None if actors else [LocalShardSearcher(spec.handle, every_shard)]
         # with several shards, each probe's lists are found once here rather than once per shard
         self.coarse = CoarseQuantizer(spec.handle) if spec.handle.shard_count > 1 else None
         self.token, self.parts = uuid.uuid4().hex[:8], 0

@@ -320,3 +320,39 @@ def test_lists_found_once_per_batch_give_the_same_results(ray_local, tmp_path, p
                                            coarse=search.CoarseQuantizer(handle))
         assert np.array_equal(I0, I1) and np.allclose(D0, D1) and rows0.equals(rows1)
     assert synthetic.recall_at_k(I1, exact(xb, xq, 10)[1]) > 0.99      # nprobe 64 of 64: exact lists
+
+
+@pytest.mark.parametrize("pq", [0, 16])
+def test_one_searcher_holding_every_shard_equals_one_searcher_per_shard(ray_local, tmp_path, pq):
+    """A searcher holding several shards merges them itself and takes only its winners' rows:
+    the same candidates, similarities and rows as one searcher per shard merged by the caller."""
+    xb = synthetic.clustered(9_000, 32, seed=41)
+    make(tmp_path, xb, shards=3, nlist=32, pq=pq)
+    handle = load.open_version(str(tmp_path))
+    apart = [search.LocalShardSearcher(handle, s) for s in range(handle.shard_count)]
+    together = [search.LocalShardSearcher(handle, [0, 1, 2], threads=2)]
+    assert together[0].ntotal() == 9_000
+    xq = synthetic.queries(xb, 150, seed=42)
+    coarse = search.CoarseQuantizer(handle)
+    for k, nprobe in ((10, 4), (10, 32), (3_100, 32)):          # k beyond one shard's size pads
+        D0, I0, rows0 = search.search_rows(handle, xq, k, nprobe, searchers=apart, coarse=coarse)
+        D1, I1, rows1 = search.search_rows(handle, xq, k, nprobe, searchers=together, coarse=coarse)
+        assert np.array_equal(I0, I1) and np.allclose(D0, D1)
+        assert rows0.select(["faiss_id", "image_id"]).equals(rows1.select(["faiss_id", "image_id"]))
+        assert rows1["faiss_id"].to_pylist()[:k] == I1[0].tolist()
+    assert synthetic.recall_at_k(I1[:, :10], exact(xb, xq, 10)[1]) >= (0.99 if not pq else 0.9)
+
+
+def test_searcher_groups_fit_the_smallest_node_and_use_every_node(ray_local, tmp_path):
+    xb = synthetic.clustered(8_000, 32, seed=43)
+    make(tmp_path, xb, shards=4, nlist=16)
+    handle = load.open_version(str(tmp_path))
+    one = search.shard_memory(handle, 0)
+    big = {"CPU": 2, "memory": 100 * one}
+    assert search.searcher_groups(handle, [big]) == [[0, 1, 2, 3]]              # one node: one searcher
+    assert search.searcher_groups(handle, [big, big]) == [[0, 1], [2, 3]]       # one per node
+    assert search.searcher_groups(handle, [big] * 9) == [[0], [1], [2], [3]]    # never more than shards
+    tight = {"CPU": 2, "memory": search.group_memory(handle, [0, 1])}
+    assert search.searcher_groups(handle, [tight]) == [[0, 1], [2, 3]]          # split to fit a node
+    too_small = {"CPU": 2, "memory": one - 1}
+    assert search.searcher_groups(handle, [too_small]) == [[0], [1], [2], [3]]  # Ray then refuses, not swaps
