@@ -1,0 +1,136 @@
+"""Where a probe's search time goes: CPU per probe of each stage of a sharded search, in one
+process and one thread, with recall@10 against the exact top-10, per nprobe and per number of
+candidates each shard re-ranks.
+
+    python bench/search_cost.py --work bench/results/tmp/scale --faces 10000000 --probes 20000
+
+Reads a version built by bench/scale.py (``--phase build``) and its cached probes and exact
+top-10 (work/probes-N-Q.parquet, work/truth-N-Q.npy). Stages, as the search job runs them:
+``assign`` (the shared coarse quantizer finds each probe's lists, once per batch), ``scan``
+(every shard's fast-scan PQ over those lists, ``candidates`` per shard), ``rerank`` (exact
+inner products of the candidates from the memory-mapped vectors, sort), ``merge_rows`` (merge
+the shards' top-k and take the winners' id-table rows). The exact side is IndexFlatIP's CPU
+per probe on the same machine, taken from bench/results/scale.json's latest run (2 threads:
+CPU per probe = 2 / probes per second).
+
+This is a cost model, not a speed result: one thread, no Ray, no result files. It answers
+"what would a given nprobe or candidate count cost and give" without rebuilding. Records the
+1-minute load average at start; above 0.5 the figures are printed and nothing is written.
+Writes bench/results/search_cost.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from facelake import storage  # noqa: E402
+from facelake.index import synthetic  # noqa: E402
+from facelake.index.build import embeddings  # noqa: E402
+from facelake.index.load import open_version  # noqa: E402
+from facelake.index.search import (CoarseQuantizer, LocalShardSearcher, _search_preassigned,  # noqa: E402
+                                   exact_scores, merge_rows)
+
+K = 10
+BATCH = 1024
+
+
+def stage_costs(searcher: LocalShardSearcher, coarse: CoarseQuantizer, xq: np.ndarray, nprobe: int,
+                candidates: int) -> tuple[dict[str, float], np.ndarray]:
+    """CPU microseconds per probe of each stage, and the top-10 ids found."""
+    spent = dict.fromkeys(("assign", "scan", "rerank", "merge_rows"), 0.0)
+    found = []
+    for start in range(0, len(xq), BATCH):
+        x = np.ascontiguousarray(xq[start:start + BATCH])
+        t = time.process_time()
+        lists = coarse.assign(x, nprobe)
+        spent["assign"] += time.process_time() - t
+        results = []
+        for shard in searcher.shards:
+            t = time.process_time()
+            _, I0 = _search_preassigned(faiss.extract_index_ivf(shard.index), x, candidates, lists)
+            spent["scan"] += time.process_time() - t
+            t = time.process_time()
+            scores = exact_scores(x, shard.vectors, np.where(I0 >= 0, np.searchsorted(shard.faiss_ids, I0), -1))
+            order = np.argsort(-scores, axis=1, kind="stable")[:, :K]
+            results.append((np.take_along_axis(scores, order, 1), np.take_along_axis(I0, order, 1)))
+            spent["rerank"] += time.process_time() - t
+        t = time.process_time()
+        _, I, _ = merge_rows(searcher.shards, results, K)
+        spent["merge_rows"] += time.process_time() - t
+        found.append(I)
+    return {name: round(seconds / len(xq) * 1e6, 1) for name, seconds in spent.items()}, np.concatenate(found)
+
+
+def exact_cpu_us() -> float | None:
+    """IndexFlatIP's CPU microseconds per probe at the largest size of the latest scale run."""
+    path = REPO / "bench" / "results" / "scale.json"
+    if not path.exists():
+        return None
+    size = json.loads(path.read_text())["sizes"][-1]
+    threads = json.loads(path.read_text())["machine"]["cpus"]
+    return round(threads / size["median_probes_per_s"]["exact"] * 1e6, 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--work", default=str(REPO / "bench" / "results" / "tmp" / "scale"))
+    parser.add_argument("--faces", type=int, default=10_000_000)
+    parser.add_argument("--probes", type=int, default=20_000, help="probe set of bench/scale.py to read")
+    parser.add_argument("--use", type=int, default=4096, help="probes measured (the first ones)")
+    parser.add_argument("--nprobe", type=int, nargs="+", default=[128, 256, 384, 512])
+    parser.add_argument("--candidates", type=int, nargs="+", default=[50, 100])
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "search_cost.json"))
+    args = parser.parse_args()
+    load = os.getloadavg()[0]
+    work = Path(args.work)
+    handle = open_version(str(work / f"root-{args.faces}"))
+    if not handle.rerank:
+        sys.exit("the version is not compressed (no re-rank): nothing to take apart")
+    faiss.omp_set_num_threads(1)
+    searcher = LocalShardSearcher(handle, list(range(handle.shard_count)))
+    coarse = CoarseQuantizer(handle)
+    probes = storage.read_table(str(work / f"probes-{args.faces}-{args.probes}.parquet"))
+    xq = embeddings(probes.slice(0, args.use))
+    truth = np.load(work / f"truth-{args.faces}-{args.probes}.npy")[:args.use]
+    stage_costs(searcher, coarse, xq[:BATCH], max(args.nprobe), max(args.candidates))   # warm caches, discarded
+    rows = []
+    for nprobe in args.nprobe:
+        for candidates in args.candidates:
+            costs, found = stage_costs(searcher, coarse, xq, nprobe, candidates)
+            rows.append({"nprobe": nprobe, "candidates_per_shard": candidates, "cpu_us_per_probe": costs,
+                         "total_us": round(sum(costs.values()), 1),
+                         "recall_at_10": round(synthetic.recall_at_k(found, truth, K), 4)})
+            print(json.dumps(rows[-1]), flush=True)
+    exact = exact_cpu_us()
+    report = {"faces": handle.total, "shards": handle.shard_count, "factory": handle.manifest["factory"],
+              "tuned_nprobe": handle.nprobe, "rerank": handle.rerank, "probes": len(xq),
+              "load_average_at_start": round(load, 2), "faiss": faiss.__version__,
+              "exact_cpu_us_per_probe": exact, "rows": rows}
+    print(f"\n{handle.total:,} faces, {handle.shard_count} shards, {handle.manifest['factory']}, one thread, "
+          f"{len(xq)} probes; exact IndexFlatIP {exact} us CPU/probe")
+    print("| nprobe | candidates/shard | assign | scan | rerank | merge+rows | total us | ceiling vs exact | recall@10 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        c = row["cpu_us_per_probe"]
+        ceiling = f"{exact / row['total_us']:.1f}x" if exact else "-"
+        print(f"| {row['nprobe']} | {row['candidates_per_shard']} | {c['assign']} | {c['scan']} | {c['rerank']} "
+              f"| {c['merge_rows']} | {row['total_us']} | {ceiling} | {row['recall_at_10']} |")
+    if load > 0.5:
+        print(f"load average at start was {load:.2f} > 0.5: not a result, {args.out} not written", file=sys.stderr)
+        return
+    Path(args.out).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
