@@ -1,20 +1,22 @@
 """The layout of record of a ROOT that `facelake rebuild` / `erase` / `status` manage.
 
-    ROOT/faces/part-<table version>-<unit>-<n>.parquet    faces of record: immutable part files
-    ROOT/errors/part-<table version>-<unit>-<n>.parquet   errors of record (one row per failed image)
-    ROOT/tables/<table version>.json               a table version: which parts make the tables
-    ROOT/TABLE                                     pointer: the live table version (+ its index)
-    ROOT/erasures/<seq>.parquet                    erasure list of record: append-only, hash-chained
-    ROOT/staging/<run>/                            an in-progress embed (facelake embed's layout)
-    ROOT/_runs/<run>.json                          summaries of the embed runs merged into record
-    ROOT/lock                                      facelake.lock
-    ROOT/index/..., ROOT/audit/...                 index versions (facelake.index.layout), audit log
+    ROOT/faces/part-<table version>-<unit>-<n>.parquet   faces of record: immutable part files
+    ROOT/errors/part-<table version>-<unit>-<n>.parquet  errors of record (one row per failed image)
+    ROOT/tables/<table version>.json                     a table version: which parts make the tables
+    ROOT/TABLE                                           pointer: the live table version (+ its index)
+    ROOT/erasures/<seq>.parquet                          erasure list of record: append-only, hash-chained
+    ROOT/staging/<run>/                                  an in-progress embed (facelake embed's layout)
+    ROOT/_runs/<run>.json                                summaries of the embed runs merged into record
+    ROOT/lock                                            facelake.lock
+    ROOT/index/..., ROOT/audit/...                       index versions (facelake.index.layout), audit log
 
 A new table version writes new part files only (parts that lose rows are rewritten under new
 names, untouched parts are shared), then its JSON, then ROOT/TABLE in one atomic write. A crash
 before that write leaves the previous table of record valid; the orphaned parts are removed by the
 next job that holds the lock (``collect_garbage``). Read the faces of record with ``read_faces``,
-never by listing ROOT/faces: between a crash and the next job the folder may hold orphans.
+never by listing ROOT/faces: between a crash and the next job the folder may hold orphans. The
+parts are written by units of one part each (``write_version``), in Ray tasks when the job passes
+their map (facelake.jobs.tasks), else in this process.
 """
 
 from __future__ import annotations

@@ -22,7 +22,10 @@ One run, under ROOT's lock (facelake.lock):
 2. Embed the new and changed photos with facelake embed's ``run_embed`` into
    ROOT/staging/<run>/. A killed run's staging is reused by the next run (run_embed skips the
    image ids already there), so nothing is embedded twice.
-3. Write a new table version of record (facelake.root) and point ROOT/TABLE at it.
+3. Write a new table version of record (facelake.root) and point ROOT/TABLE at it: the parts
+   holding a dropped id rewritten, the staged parts and re-stated rows recorded with their stat,
+   each part by its own unit, in Ray tasks past rebuild_plan.DRIVER_ROWS rows (jobs/tasks.py): no
+   embedding of the change passes through this process.
 4. Publish an index version of the faces of record, reusing the live version's trained
    quantizer while it fits: the collection is within [1/2, 2] x the size it was trained on, and
    the mean similarity of a sample of faces to their nearest centroid has not dropped by more
