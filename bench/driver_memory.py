@@ -21,10 +21,17 @@ validated: every job's first step, streamed since issue 9):
   record above: jobs/erase.py ``_scan`` (each task filters its parts against the 10 ids and
   returns only the matches) against what erase did before (every image id of the faces and
   errors of record, ``is_in`` + ``group_by``, and ``record_ids`` to find the parts to rewrite).
+- ``table_write``: the table version that erase and rebuild then write, in that root: the parts
+  holding the 10 ids (found by ``_scan``) rewritten without them, and 3 of them added back from
+  their parts of record with a new stat (as a rebuild re-states a touched photo), by units in Ray
+  tasks (jobs/tasks.py ``ray_map``) against the same units in the driver (``table_write_before``:
+  rootmod.map_local, what runs below 200,000 rows). Stopped just before ROOT/TABLE moves, so the
+  root stays as generated.
 
     python bench/driver_memory.py                       # 1M and 5M rows; writes bench/results/driver_memory.json
     python bench/driver_memory.py --sizes 200000 --no-save
     python bench/driver_memory.py --cases erase erase_before   # replaces those rows in the JSON
+    python bench/driver_memory.py --sizes 200000 --cases table_write table_write_before --no-save
 """
 
 from __future__ import annotations
@@ -209,6 +216,8 @@ def measure(case: str, folder: str) -> dict:
         hit = record.filter(pc.is_in(record["image_id"], value_set=wanted))
         out = {"found": len(set(faces) | set(errors)), "faces": sum(faces.values()),
                "holding_parts": len(set(hit["part"].to_pylist()))}
+    elif case in ("table_write", "table_write_before"):
+        out = _table_write(os.path.join(folder, "recorded"), case == "table_write")
     step.__exit__()
     out.update(seconds=round(time.monotonic() - started, 1), driver_peak_mib=round(step.peak / 2**20),
                driver_growth_mib=round((step.peak - step.before) / 2**20), baseline_mib=round(step.before / 2**20))
@@ -216,7 +225,41 @@ def measure(case: str, folder: str) -> dict:
 
 
 CASES = ("resume", "resume_before", "status", "status_legacy", "status_before", "rebuild_plan", "rebuild_plan_before",
-         "erase", "erase_before")
+         "erase", "erase_before", "table_write", "table_write_before")
+
+
+class _Unpublished(Exception):
+    """Raised just before ROOT/TABLE would move: the bench root stays as generated."""
+
+
+def _table_write(root: str, in_tasks: bool) -> dict:
+    """The parts holding ERASE_IDS rewritten without them, 3 of them added back with a new stat."""
+    import pyarrow as pa
+
+    from facelake import root as rootmod, storage
+    from facelake.jobs import erase, tasks
+
+    base = rootmod.current(root)
+    scan = erase._scan(root, base, None, pa.array(ERASE_IDS), storage.StorageOptions())
+    holding = {place for place, hit in scan.items() if hit}
+    back = pa.array(ERASE_IDS[:3], pa.string())
+    stats = pa.table({"image_id": back, "source_size": pa.array([1, 2, 3], pa.int64()),
+                      "source_mtime_ns": pa.array([1, 2, 3], pa.int64()), "source_etag": pa.nulls(3, pa.string())})
+    again = [rootmod.uri(root, kind, part) for kind, part in sorted(holding) if kind == rootmod.FACES]
+    written = {}
+
+    def stop(name: str) -> None:
+        written["version"] = rootmod.read_version(root, name)
+        raise _Unpublished(name)
+    try:
+        rootmod.write_version(root, base, drop_ids=pa.array(ERASE_IDS, pa.string()), holding=holding,
+                              sources=[rootmod.Added(rootmod.FACES, tuple(again), back)], stats=stats,
+                              model=base.model, job_id="bench", hook=stop,
+                              map_fn=tasks.ray_map if in_tasks else rootmod.map_local)
+    except _Unpublished:
+        pass
+    version = written["version"]
+    return {"holding_parts": len(holding), "faces": version.face_rows, "images": version.images}
 
 
 def main() -> None:

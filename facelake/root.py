@@ -1,20 +1,22 @@
 """The layout of record of a ROOT that `facelake rebuild` / `erase` / `status` manage.
 
-    ROOT/faces/part-<table version>-<n>.parquet    faces of record: immutable part files
-    ROOT/errors/part-<table version>-<n>.parquet   errors of record (one row per failed image)
-    ROOT/tables/<table version>.json               a table version: which parts make the tables
-    ROOT/TABLE                                     pointer: the live table version (+ its index)
-    ROOT/erasures/<seq>.parquet                    erasure list of record: append-only, hash-chained
-    ROOT/staging/<run>/                            an in-progress embed (facelake embed's layout)
-    ROOT/_runs/<run>.json                          summaries of the embed runs merged into record
-    ROOT/lock                                      facelake.lock
-    ROOT/index/..., ROOT/audit/...                 index versions (facelake.index.layout), audit log
+    ROOT/faces/part-<table version>-<unit>-<n>.parquet   faces of record: immutable part files
+    ROOT/errors/part-<table version>-<unit>-<n>.parquet  errors of record (one row per failed image)
+    ROOT/tables/<table version>.json                     a table version: which parts make the tables
+    ROOT/TABLE                                           pointer: the live table version (+ its index)
+    ROOT/erasures/<seq>.parquet                          erasure list of record: append-only, hash-chained
+    ROOT/staging/<run>/                                  an in-progress embed (facelake embed's layout)
+    ROOT/_runs/<run>.json                                summaries of the embed runs merged into record
+    ROOT/lock                                            facelake.lock
+    ROOT/index/..., ROOT/audit/...                       index versions (facelake.index.layout), audit log
 
 A new table version writes new part files only (parts that lose rows are rewritten under new
 names, untouched parts are shared), then its JSON, then ROOT/TABLE in one atomic write. A crash
 before that write leaves the previous table of record valid; the orphaned parts are removed by the
 next job that holds the lock (``collect_garbage``). Read the faces of record with ``read_faces``,
-never by listing ROOT/faces: between a crash and the next job the folder may hold orphans.
+never by listing ROOT/faces: between a crash and the next job the folder may hold orphans. The
+parts are written by units of one part each (``write_version``), in Ray tasks when the job passes
+their map (facelake.jobs.tasks), else in this process.
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ import json
 import logging
 import re
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from facelake import storage
+from facelake import faults, storage
 from facelake.errors import FacelakeError
 from facelake.schema import ERASURE_SCHEMA, SOURCE_STAT_SCHEMA
 from facelake.storage import StorageOptions
@@ -177,77 +180,164 @@ def part_record(root: str, kind: str, name: str, options: StorageOptions | None 
     return pa.table(columns, schema=part_record_schema())
 
 
-def write_version(root: str, base: TableVersion | None, *, drop_ids: pa.Array, add: dict[str, pa.Table | None],
-                  model: str | None, job_id: str, options: StorageOptions | None = None,
-                  hook=None, holding: set[tuple[str, str]] | None = None) -> TableVersion:
-    """Write a new table version = ``base`` minus ``drop_ids`` plus ``add``; publish it last.
+# ---------------------------------------------------------------------------- writing a version
+#
+# A table version is written as units of work over ONE part each (``rewrite_part``,
+# ``record_part``, ``compact_parts``): pure functions of their arguments that read and write part
+# files and return only part names, row counts and O(change) image ids (``Written``). ``write_version``
+# runs them through ``map_fn``: in this process by default (``map_local``); jobs pass a map that runs
+# each unit as a Ray task (facelake.jobs.tasks). A unit's part names are fixed by the version's name
+# and the unit's tag, so a retried unit overwrites its own files; nothing is live until ROOT/TABLE.
 
-    Parts of ``base`` holding a dropped id are rewritten without it under new names; small parts
-    are compacted once COMPACT_AT of them pile up. ``hook`` (tests) runs before ROOT/TABLE is
-    written. Returns the new version; the old parts stay until ``collect_garbage``. ``holding``:
-    the (kind, part) of ``base`` that hold a dropped id, when the caller knows them (rebuild's
-    plan, from the rows of record): the other parts are kept from their footers, their ids unread;
-    None reads every part's ids to find them.
+
+@dataclass(frozen=True)
+class Written:
+    """What one unit of a version's write returns: (part name, rows) of record, and the distinct
+    image ids of faces it dropped (``rewrite_part``) or added (``record_part``): O(change)."""
+
+    parts: tuple[tuple[str, int], ...]
+    image_ids: pa.Array
+
+
+@dataclass(frozen=True)
+class Added:
+    """Rows a new version adds from part files of one kind: those of ``ids`` in each of ``uris``
+    (staged parts of an embed run, or parts of record whose rows are re-stated)."""
+
+    kind: str
+    uris: tuple[str, ...]
+    ids: pa.Array
+
+
+Unit = tuple[Callable[..., Written], dict]
+MapFn = Callable[[list[Unit]], list[Written]]
+
+
+def map_local(units: list[Unit]) -> list[Written]:
+    """Run each unit in this process, in order (``write_version``'s default map)."""
+    return [fn(**kwargs) for fn, kwargs in units]
+
+
+_NO_IDS = pa.array([], pa.string())
+
+
+def _emit(root: str, kind: str, table: pa.Table, version: str, tag: str,
+          options: StorageOptions | None) -> tuple[tuple[str, int], ...]:
+    """Write ``table`` as parts of record part-<version>-<tag>-<n> of at most PART_ROWS rows."""
+    out = []
+    for n, start in enumerate(range(0, table.num_rows, PART_ROWS)):
+        part = f"part-{version}-{tag}-{n:03d}.parquet"
+        piece = table.slice(start, PART_ROWS)
+        storage.write_table(uri(root, kind, part), piece, options)
+        out.append((part, piece.num_rows))
+    return tuple(out)
+
+
+def _face_ids(kind: str, ids: pa.Array | pa.ChunkedArray) -> pa.Array:
+    if kind != FACES or not len(ids):
+        return _NO_IDS
+    unique = pc.unique(ids.cast(pa.string()))
+    return unique.combine_chunks() if isinstance(unique, pa.ChunkedArray) else unique
+
+
+def rewrite_part(*, root: str, kind: str, part: str, drop: pa.Array, version: str, tag: str,
+                 options: StorageOptions | None = None) -> Written:
+    """One part of record less the rows of ``drop``: kept as it is (only its ids read) when it holds
+    none of them, else rewritten under version ``version``'s names; returns the dropped face ids."""
+    faults.point("table.part", part)
+    ids = storage.read_file(uri(root, kind, part), ["image_id"], options)["image_id"]
+    hit = pc.is_in(ids, value_set=drop)
+    if not len(drop) or not pc.any(hit).as_py():
+        return Written(((part, len(ids)),), _NO_IDS)
+    table = storage.read_file(uri(root, kind, part), None, options)
+    table = table.filter(pc.invert(pc.is_in(table["image_id"], value_set=drop)))
+    return Written(_emit(root, kind, table, version, tag, options), _face_ids(kind, ids.filter(hit)))
+
+
+def record_part(*, root: str, kind: str, source: str, ids: pa.Array, stats: pa.Table | None, version: str,
+                tag: str, options: StorageOptions | None = None) -> Written:
+    """The rows of ``ids`` in the part file ``source`` (staged, or of record), with the source stat
+    of ``stats`` set when given (``with_stats``), written as parts of record; returns their face ids."""
+    faults.point("table.part", source)
+    table = storage.read_file(source, None, options)
+    table = table.filter(pc.is_in(table["image_id"].cast(pa.string()), value_set=ids))
+    if stats is not None:
+        table = with_stats(table, stats)
+    return Written(_emit(root, kind, table, version, tag, options), _face_ids(kind, table["image_id"]))
+
+
+def compact_parts(*, root: str, kind: str, parts: list[str], version: str, tag: str,
+                  options: StorageOptions | None = None) -> Written:
+    """Small parts of record merged into parts of up to PART_ROWS rows."""
+    faults.point("table.part", tag)
+    merged = _read_parts(root, kind, tuple(parts), None, options)
+    return Written(_emit(root, kind, merged, version, tag, options), _NO_IDS)
+
+
+def with_stats(table: pa.Table, stats: pa.Table) -> pa.Table:
+    """``table`` (rows keyed by image_id) with the source stat columns of ``stats`` (image_id +
+    SOURCE_STAT_SCHEMA, one row per id) set, replacing any it had."""
+    at = pc.index_in(table["image_id"].cast(pa.string()), value_set=stats["image_id"])
+    table = table.drop_columns([c for c in SOURCE_STAT_SCHEMA.names if c in table.column_names])
+    for f in SOURCE_STAT_SCHEMA:
+        table = table.append_column(f, stats[f.name].take(at))
+    return table
+
+
+def _rows_of(root: str, kind: str, part: str, options: StorageOptions | None) -> int:
+    with storage.open_parquet(uri(root, kind, part), options) as parquet:
+        return parquet.metadata.num_rows
+
+
+def write_version(root: str, base: TableVersion | None, *, drop_ids: pa.Array,
+                  add: dict[str, pa.Table | None] | None = None, sources: Sequence[Added] = (),
+                  stats: pa.Table | None = None, model: str | None, job_id: str,
+                  options: StorageOptions | None = None, hook=None, holding: set[tuple[str, str]] | None = None,
+                  map_fn: MapFn = map_local) -> TableVersion:
+    """Write a new table version = ``base`` minus ``drop_ids`` plus what is added; publish it last.
+
+    Added: ``sources`` (rows the units read from part files, with the source stat of ``stats`` set
+    when given) and ``add`` (tables this process already holds, written here). Parts of ``base``
+    holding a dropped id are rewritten without it under new names; small parts are compacted once
+    COMPACT_AT of them pile up. Rewrites, added sources and compaction are units of work run by
+    ``map_fn`` (see above): this process sees part names, row counts and the face ids dropped or
+    added, never rows. ``hook`` (tests) runs before ROOT/TABLE is written. Returns the new version;
+    the old parts stay until ``collect_garbage``. ``holding``: the (kind, part) of ``base`` that
+    hold a dropped id, when the caller knows them (rebuild's plan, erase's scan): the other parts
+    are kept from their footers, their ids unread; None has every part's ids read (by the units).
 
     The version records its distinct images with faces (``images``, what `status` shows), counted
-    from the change alone: ``base``'s count, less the dropped ids its faces held, plus the distinct
-    ids of ``add``'s faces (never already held: rebuild drops an id before adding it back). A base
-    written before the count was recorded leaves it None.
+    from the change alone: ``base``'s count, less the distinct dropped ids its faces held, plus the
+    distinct ids of the added faces (never already held: rebuild drops an id before adding it back).
+    A base written before the count was recorded leaves it None.
     """
     name = new_name()
     drop = pa.array(drop_ids, pa.string()) if not isinstance(drop_ids, pa.Array) else drop_ids.cast(pa.string())
-    lists: dict[str, list[str]] = {}
-    rows: dict[str, int] = {}
-    dropped_held: list[pa.Array] = []   # dropped ids the base's faces held (O(change))
-    for kind in KINDS:
-        counter = [0]
-
-        def emit(table: pa.Table) -> list[str]:
-            out = []
-            for start in range(0, table.num_rows, PART_ROWS):
-                part = f"part-{name}-{counter[0]:05d}.parquet"
-                storage.write_table(uri(root, kind, part), table.slice(start, PART_ROWS), options)
-                counter[0] += 1
-                out.append(part)
-            return out
-
-        kept: list[tuple[str, int]] = []
-        for part in (base.parts(kind) if base else ()):
-            if holding is not None and (kind, part) not in holding:
-                with storage.open_parquet(uri(root, kind, part), options) as parquet:
-                    kept.append((part, parquet.metadata.num_rows))
-                continue
-            ids = storage.read_file(uri(root, kind, part), ["image_id"], options)["image_id"]
-            if len(drop) and pc.any(pc.is_in(ids, value_set=drop)).as_py():
-                if kind == FACES:
-                    dropped_held.append(pc.unique(ids.filter(pc.is_in(ids, value_set=drop))).cast(pa.string()))
-                table = _read_parts(root, kind, (part,), None, options)
-                table = table.filter(pc.invert(pc.is_in(table["image_id"], value_set=drop)))
-                kept += [(p, min(PART_ROWS, table.num_rows - i)) for p, i in
-                         zip(emit(table), range(0, table.num_rows, PART_ROWS))]
-            else:
-                kept.append((part, len(ids)))
-        new = add.get(kind)
-        if new is not None and new.num_rows:
-            kept += [(p, min(PART_ROWS, new.num_rows - i)) for p, i in
-                     zip(emit(new), range(0, new.num_rows, PART_ROWS))]
-        small = [p for p, n in kept if n < PART_ROWS // 4]
-        if len(small) >= COMPACT_AT:
-            merged = _read_parts(root, kind, tuple(small), None, options)
-            kept = [(p, n) for p, n in kept if p not in small]
-            kept += [(p, min(PART_ROWS, merged.num_rows - i)) for p, i in
-                     zip(emit(merged), range(0, merged.num_rows, PART_ROWS))]
-        lists[kind] = [p for p, _ in kept]
-        rows[kind] = sum(n for _, n in kept)
+    units, slots = _units(root, base, drop, sources, stats, name, options, holding)
+    done = map_fn(units)
+    parts = {kind: [p for slot in slots[kind] for p in (done[slot].parts if isinstance(slot, int) else (slot,))]
+             for kind in KINDS}
+    for kind, table in (add or {}).items():
+        if table is not None and table.num_rows:
+            parts[kind] += _emit(root, kind, table, name, "d00000", options)
+    small = {kind: [p for p, n in parts[kind] if n < PART_ROWS // 4] for kind in KINDS}
+    small = {kind: names for kind, names in small.items() if len(names) >= COMPACT_AT}
+    merged = map_fn([(compact_parts, {"root": root, "kind": kind, "parts": names, "version": name,
+                                      "tag": "c00000", "options": options}) for kind, names in small.items()])
+    for (kind, names), written in zip(small.items(), merged):
+        parts[kind] = [(p, n) for p, n in parts[kind] if p not in set(names)] + list(written.parts)
     images = None
     if base is None or base.images is not None:
-        added = add.get(FACES)
-        images = ((base.images if base else 0)
-                  - (len(pc.unique(pa.chunked_array(dropped_held, pa.string()))) if dropped_held else 0)
-                  + (len(pc.unique(added["image_id"])) if added is not None and added.num_rows else 0))
-    version = TableVersion(name=name, faces=tuple(lists[FACES]), errors=tuple(lists[ERRORS]),
-                           face_rows=rows[FACES], error_rows=rows[ERRORS], model=model,
-                           created_at=utc_now(), job_id=job_id, images=images)
+        dropped = [w.image_ids for (fn, _), w in zip(units, done) if fn is rewrite_part]
+        added = [w.image_ids for (fn, _), w in zip(units, done) if fn is record_part]
+        held = (add or {}).get(FACES)
+        if held is not None:
+            added.append(_face_ids(FACES, held["image_id"]))
+        images = (base.images if base else 0) - _distinct(dropped) + _distinct(added)
+    version = TableVersion(name=name, faces=tuple(p for p, _ in parts[FACES]),
+                           errors=tuple(p for p, _ in parts[ERRORS]),
+                           face_rows=sum(n for _, n in parts[FACES]), error_rows=sum(n for _, n in parts[ERRORS]),
+                           model=model, created_at=utc_now(), job_id=job_id, images=images)
     storage.write_bytes_atomic(uri(root, TABLES, f"{name}.json"), json.dumps(version.to_dict(), indent=2).encode(),
                                options)
     if hook:
@@ -255,6 +345,33 @@ def write_version(root: str, base: TableVersion | None, *, drop_ids: pa.Array, a
     pointer = read_pointer(root, options) or {}
     write_pointer(root, {**pointer, "table_version": name, "index_version": None}, options)
     return version
+
+
+def _distinct(arrays: list[pa.Array]) -> int:
+    return len(pc.unique(pa.chunked_array(arrays, pa.string()))) if arrays else 0
+
+
+def _units(root: str, base: TableVersion | None, drop: pa.Array, sources: Sequence[Added], stats: pa.Table | None,
+           name: str, options: StorageOptions | None,
+           holding: set[tuple[str, str]] | None) -> tuple[list[Unit], dict[str, list[tuple[str, int] | int]]]:
+    """The units that rewrite ``base``'s parts and record ``sources``, and per kind the new version's
+    parts in order: (part, rows) kept from its footer, or the index of the unit that writes them."""
+    units: list[Unit] = []
+    slots: dict[str, list[tuple[str, int] | int]] = {kind: [] for kind in KINDS}
+    for kind in KINDS:
+        for i, part in enumerate(base.parts(kind) if base else ()):
+            if not len(drop) or (holding is not None and (kind, part) not in holding):
+                slots[kind].append((part, _rows_of(root, kind, part, options)))
+                continue
+            slots[kind].append(len(units))
+            units.append((rewrite_part, {"root": root, "kind": kind, "part": part, "drop": drop, "version": name,
+                                         "tag": f"r{i:05d}", "options": options}))
+        files = [(source, added.ids) for added in sources if added.kind == kind for source in added.uris]
+        for i, (source, ids) in enumerate(files):
+            slots[kind].append(len(units))
+            units.append((record_part, {"root": root, "kind": kind, "source": source, "ids": ids, "stats": stats,
+                                        "version": name, "tag": f"a{i:05d}", "options": options}))
+    return units, slots
 
 
 def collect_garbage(root: str, options: StorageOptions | None = None) -> list[str]:

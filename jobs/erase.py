@@ -16,7 +16,8 @@ list and refuse to publish a version holding one):
    publisher embeds or indexes them again, even while a manifest or faces table lists them.
 3. Remove staging runs (a killed rebuild's staged faces may include them).
 4. Write a table version of record without any erased id (only the parts the scan found holding
-   one are rewritten; the others are kept from their footers).
+   one are rewritten, each in a Ray task past DRIVER_ROWS rows of record (jobs/tasks.py); the
+   others are kept from their footers).
 5. Publish an index version without them: from the faces of record (rebuild's roots) or, on a
    root made by ``facelake embed`` + ``facelake index``, from the faces table the live version was
    built from (its manifest's ``source``), reusing the live trained quantizer. Shard files are
@@ -316,6 +317,7 @@ def _complete(config: EraseConfig, summary: EraseSummary, base, live: str | None
     and live shards holding an erased id: only those parts are rewritten, no other part's ids are read."""
     from facelake.index import layout
     from facelake.index.erasure import check_publishable, erased_ids_checked, versions_holding
+    from facelake.jobs import tasks
 
     erased = erased_ids_checked(config.root, options)
     erased_set = set(erased.to_pylist())
@@ -332,9 +334,13 @@ def _complete(config: EraseConfig, summary: EraseSummary, base, live: str | None
                 faults.point("erase.before_table_pointer", name)
                 lock.verify()
             drop = pa.array(sorted(set().union(*holding.values())), pa.string())
-            version = rootmod.write_version(config.root, base, drop_ids=drop, add={},
+            # the holding parts are rewritten in Ray tasks when the root is past the driver threshold
+            # (Ray is connected for the whole erase then: _ray_for), else here, one part at a time
+            version = rootmod.write_version(config.root, base, drop_ids=drop,
                                             model=base.model, job_id=summary.job_id, options=options,
-                                            hook=before_table_pointer, holding=set(holding))
+                                            hook=before_table_pointer, holding=set(holding),
+                                            map_fn=tasks.table_map(base.face_rows + base.error_rows,
+                                                                   config.driver_rows))
     live_holds = any(set(hit) & erased_set for (k, _), hit in scan.items() if k == INDEX)
     pointer = rootmod.read_pointer(config.root, options) or {}
     stale = version is not None and (version is not base or pointer.get("index_version") != live or live is None)

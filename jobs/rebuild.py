@@ -22,7 +22,10 @@ One run, under ROOT's lock (facelake.lock):
 2. Embed the new and changed photos with facelake embed's ``run_embed`` into
    ROOT/staging/<run>/. A killed run's staging is reused by the next run (run_embed skips the
    image ids already there), so nothing is embedded twice.
-3. Write a new table version of record (facelake.root) and point ROOT/TABLE at it.
+3. Write a new table version of record (facelake.root) and point ROOT/TABLE at it: the parts
+   holding a dropped id rewritten, the staged parts and re-stated rows recorded with their stat,
+   each part by its own unit, in Ray tasks past rebuild_plan.DRIVER_ROWS rows (jobs/tasks.py): no
+   embedding of the change passes through this process.
 4. Publish an index version of the faces of record, reusing the live version's trained
    quantizer while it fits: the collection is within [1/2, 2] x the size it was trained on, and
    the mean similarity of a sample of faces to their nearest centroid has not dropped by more
@@ -301,18 +304,6 @@ def _stats_from_columns(table: pa.Table, names: list[str]) -> pa.Table:
     return pa.table(columns, schema=SOURCE_STAT_SCHEMA)
 
 
-def with_stats(table: pa.Table | None, stats: pa.Table) -> pa.Table | None:
-    """``table`` (rows keyed by image_id) with the source stat columns of ``stats`` (image_id +
-    SOURCE_STAT_SCHEMA, one row per id) set, replacing any it had."""
-    if table is None:
-        return None
-    at = pc.index_in(table["image_id"].cast(pa.string()), value_set=stats["image_id"])
-    table = table.drop_columns([c for c in SOURCE_STAT_SCHEMA.names if c in table.column_names])
-    for f in SOURCE_STAT_SCHEMA:
-        table = table.append_column(f, stats[f.name].take(at))
-    return table
-
-
 def _stat_differs(table: pa.Table) -> pa.ChunkedArray:
     """Per row: the mtime (local) or ETag (S3) of now differs from the one of record, or only one
     side has it (the stat came from elsewhere: the bytes must decide)."""
@@ -560,19 +551,16 @@ def _staging_run(root: str, options: StorageOptions, model: str, fingerprint: st
     return chosen
 
 
-def _staged(out: str, kind: str, ids: pa.Array, options: StorageOptions) -> pa.Table | None:
-    folder = storage.join(out, kind)
-    if not storage.list_files(folder, ".parquet", options):
-        return None
-    tables = []
-    for file_uri in storage.list_files(folder, ".parquet", options):
-        tables.append(storage.read_file(file_uri, options=options))
-    table = pa.concat_tables(tables, promote_options="permissive")
-    return table.filter(pc.is_in(table["image_id"], value_set=ids))
+def _staged(out: str, kind: str, options: StorageOptions) -> tuple[str, ...]:
+    """The staged part files of ``kind`` (faces / errors) under the staging run ``out``; read by the
+    units that record them (facelake.root ``record_part``), never here."""
+    return tuple(sorted(storage.list_files(storage.join(out, kind), ".parquet", options)))
 
 
 def _embed(config: RebuildConfig, spec, the_plan: Plan, run: str,
-           options: StorageOptions) -> tuple[dict | None, pa.Table | None, pa.Table | None]:
+           options: StorageOptions) -> tuple[dict | None, tuple[str, ...], tuple[str, ...]]:
+    """Embed the plan's photos into the staging run (those not staged yet); returns run_embed's
+    summary (None when everything was staged already) and the staged faces and errors part files."""
     from facelake.jobs.embed import run_embed
 
     from facelake.jobs.embed import done_image_ids
@@ -581,15 +569,13 @@ def _embed(config: RebuildConfig, spec, the_plan: Plan, run: str,
     staged = done_image_ids(out, spec, options)
     if not pc.any(pc.invert(pc.is_in(the_plan.to_embed, value_set=staged))).as_py():
         # a killed run already staged every photo: no embed job (and no model load) at all
-        return None, _staged(out, "faces", the_plan.to_embed, options), _staged(out, "errors", the_plan.to_embed, options)
+        return None, _staged(out, "faces", options), _staged(out, "errors", options)
     _stage_stats(out, the_plan.stats, the_plan.to_embed, options)
     sub = the_plan.manifest.filter(pc.is_in(the_plan.manifest["image_id"], value_set=the_plan.to_embed))
     sub_uri = storage.join(out, "manifest", "to-embed.parquet")
     manifest.write(sub, sub_uri, options)
     summary = run_embed(_embed_config(config, spec, sub_uri, out))
-    faces = _staged(out, "faces", the_plan.to_embed, options)
-    errors = _staged(out, "errors", the_plan.to_embed, options)
-    return summary.to_dict(), faces, errors
+    return summary.to_dict(), _staged(out, "faces", options), _staged(out, "errors", options)
 
 
 STAGED_STATS = "stats"
@@ -621,22 +607,19 @@ def _stats_of_record(root: str, run: str | None, stats: pa.Table, options: Stora
     return table.take(first)
 
 
-def _restated(root: str, record: pa.Table | None, ids: pa.Array, kind: str, options: StorageOptions) -> pa.Table | None:
-    """The rows of record of ``ids`` (same bytes, new stat), read from the parts that hold them only
-    (``record``: rows of rootmod.record_ids naming at least those ids' parts)."""
-    if not len(ids) or record is None:
-        return None
-    holding = record.filter(pc.and_(pc.equal(record["kind"], kind), pc.is_in(record["image_id"], value_set=ids)))
-    tables = []
-    for part in pc.unique(holding["part"]).to_pylist():
-        table = storage.read_table(rootmod.uri(root, kind, part), options=options)
-        tables.append(table.filter(pc.is_in(table["image_id"], value_set=ids)))
-    return pa.concat_tables(tables, promote_options="permissive") if tables else None
-
-
-def _concat(*tables: pa.Table | None) -> pa.Table | None:
-    present = [t for t in tables if t is not None and t.num_rows]
-    return pa.concat_tables(present, promote_options="permissive") if present else None
+def _added(root: str, the_plan: Plan, faces: tuple[str, ...], errors: tuple[str, ...]) -> list[rootmod.Added]:
+    """What the new table version adds: the plan's embedded ids from the staged part files, and the
+    rows of record of the re-stated ids from the parts that hold them (``the_plan.restat_where``)."""
+    added = [rootmod.Added(rootmod.FACES, faces, the_plan.to_embed),
+             rootmod.Added(rootmod.ERRORS, errors, the_plan.to_embed)]
+    where = the_plan.restat_where
+    if len(the_plan.restat) and where is not None:
+        for kind in rootmod.KINDS:
+            held = where.filter(pc.and_(pc.equal(where["kind"], kind), pc.is_in(where["image_id"],
+                                                                                 value_set=the_plan.restat)))
+            parts = sorted(pc.unique(held["part"]).to_pylist())
+            added.append(rootmod.Added(kind, tuple(rootmod.uri(root, kind, p) for p in parts), the_plan.restat))
+    return added
 
 
 def _embed_config(config: RebuildConfig, spec, manifest_uri: str, out: str):
@@ -729,7 +712,7 @@ def _rebuild(config: RebuildConfig, spec, info: manifest.ManifestInfo, summary: 
                 return summary
             version = base
             if table_changes:
-                faces = errors = None
+                faces = errors = ()
                 run = None
                 if len(the_plan.to_embed):
                     run = _staging_run(config.root, options, spec.name,
@@ -740,14 +723,8 @@ def _rebuild(config: RebuildConfig, spec, info: manifest.ManifestInfo, summary: 
                 faults.point("rebuild.after_embed", job_id)
                 lock.verify()
                 t = time.monotonic()
-                stats = _stats_of_record(config.root, run, the_plan.stats, options)
-                add = {kind: _concat(with_stats(staged, stats), with_stats(restated, stats))
-                       for kind, staged, restated in ((rootmod.FACES, faces, _restated(config.root, the_plan.restat_where, the_plan.restat, rootmod.FACES, options)),
-                                                      (rootmod.ERRORS, errors, _restated(config.root, the_plan.restat_where, the_plan.restat, rootmod.ERRORS, options)))}
-                version = rootmod.write_version(
-                    config.root, base, drop_ids=the_plan.drop, add=add, holding=the_plan.drop_parts,
-                    model=spec.name, job_id=job_id, options=options,
-                    hook=lambda name: _before_table_pointer(lock, name))
+                version = _write_table(config.root, base, the_plan, run, faces, errors, info, job_id,
+                                       spec.name, lock, options)
                 summary.seconds["table"] = round(time.monotonic() - t, 3)
                 if run is not None:
                     _keep_runs(config.root, run, options)
@@ -774,6 +751,26 @@ def _rebuild(config: RebuildConfig, spec, info: manifest.ManifestInfo, summary: 
         finally:
             summary.seconds["total"] = round(time.monotonic() - clock, 3)
             runtime.shutdown_if_local(started_ray and config.address is None)
+
+
+def _write_table(root: str, base: rootmod.TableVersion | None, the_plan: Plan, run: str | None,
+                 faces: tuple[str, ...], errors: tuple[str, ...], info: manifest.ManifestInfo, job_id: str,
+                 model: str, lock: RootLock, options: StorageOptions) -> rootmod.TableVersion:
+    """The new table version: the plan's drops, the staged faces and errors of its embedded ids and
+    its re-stated rows, all with the stat of record. Parts are read and written by Ray tasks past
+    rebuild_plan.DRIVER_ROWS rows (jobs/tasks.py): this process ships the change's ids and stats
+    (no embedding) and gets part names and counts back."""
+    from facelake.jobs import rebuild_plan, tasks
+
+    stats = _stats_of_record(root, run, the_plan.stats, options)
+    stats = stats.filter(pc.is_in(stats["image_id"], value_set=pa.concat_arrays(
+        [the_plan.to_embed.cast(pa.string()), the_plan.restat.cast(pa.string())])))
+    rows = info.rows + ((base.face_rows + base.error_rows) if base is not None else 0)
+    return rootmod.write_version(
+        root, base, drop_ids=the_plan.drop, sources=_added(root, the_plan, faces, errors), stats=stats,
+        holding=the_plan.drop_parts, model=model, job_id=job_id, options=options,
+        hook=lambda name: _before_table_pointer(lock, name),
+        map_fn=tasks.table_map(rows, rebuild_plan.DRIVER_ROWS))
 
 
 def _before_table_pointer(lock: RootLock, name: str) -> None:
