@@ -2,8 +2,8 @@
 
 Shard ids are already global faiss ids, so merging is a top-k of the concatenated lists, done
 with faiss's own ``ResultHeap``. ``ShardSearcher`` is a Ray actor holding the shards of one
-group (``searcher_groups``: one group per node at least, as few as the nodes' memory allows; on
-a GPU when it has one); ``search_version`` fans a probe batch out to them and merges.
+group (``searcher_groups``: one group per CPU at least, each within the smallest node's memory;
+on a GPU when it has one); ``search_version`` fans a probe batch out to them and merges.
 
 Compressed (IVF-PQ) shards re-rank: the shard's PQ search returns ``rerank * k`` candidates,
 whose full vectors are read from the memory-mapped vectors file and scored exactly, so only
@@ -276,7 +276,9 @@ def merge_rows(shards: list[LoadedShard], results: list[Result], k: int) -> tupl
     return D, I, rows
 
 
-ShardSearcher = ray.remote(LocalShardSearcher)
+# Two calls at once: one search worker's batch is scanned while another's is merged (faiss
+# releases the GIL; concurrent searches of one index are read-only, parameters are per call).
+ShardSearcher = ray.remote(max_concurrency=2)(LocalShardSearcher)
 """Ray actor class holding one or several shards: ``ShardSearcher.remote(handle, shard_nos)``."""
 
 
@@ -297,14 +299,16 @@ def group_memory(handle: VersionHandle, shard_nos: Sequence[int]) -> int:
 
 
 def searcher_groups(handle: VersionHandle, nodes: Sequence[dict]) -> list[list[int]]:
-    """Shards split into consecutive groups, one searcher each: at least one group per node (every
-    node's CPUs search), each group within the smallest node's memory (so Ray can place it), as
-    few groups as that allows (fewer actor calls, fewer per-shard row takes per batch).
+    """Shards split into consecutive groups, one searcher each: at least one group per CPU of the
+    cluster (measured at 10M faces on 2 CPUs: one searcher per CPU, 5 shards each, searched
+    1,096 probes/s; one searcher with a thread per CPU 792; one per shard, two calls each, 544),
+    each group within the smallest node's memory (so
+    Ray can place it), never more groups than shards.
 
     ``nodes``: the alive nodes' Ray resources (``ray.nodes()[i]["Resources"]``)."""
     count = handle.shard_count
     capacity = min((n.get("memory", 0) for n in nodes), default=0) or None
-    wanted = min(count, max(1, len(nodes)))
+    wanted = min(count, max(1, int(sum(n.get("CPU", 1) for n in nodes))))
     while True:
         groups = [list(g) for g in np.array_split(np.arange(count), wanted) if len(g)]
         if wanted >= count or capacity is None or all(group_memory(handle, g) <= capacity for g in groups):

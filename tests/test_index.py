@@ -348,11 +348,12 @@ def test_searcher_groups_fit_the_smallest_node_and_use_every_node(ray_local, tmp
     make(tmp_path, xb, shards=4, nlist=16)
     handle = load.open_version(str(tmp_path))
     one = search.shard_memory(handle, 0)
-    big = {"CPU": 2, "memory": 100 * one}
-    assert search.searcher_groups(handle, [big]) == [[0, 1, 2, 3]]              # one node: one searcher
-    assert search.searcher_groups(handle, [big, big]) == [[0, 1], [2, 3]]       # one per node
+    big = {"CPU": 1, "memory": 100 * one}
+    assert search.searcher_groups(handle, [big]) == [[0, 1, 2, 3]]              # one CPU: one searcher
+    assert search.searcher_groups(handle, [big, big]) == [[0, 1], [2, 3]]       # one per CPU
+    assert search.searcher_groups(handle, [{"CPU": 2, "memory": 100 * one}]) == [[0, 1], [2, 3]]
     assert search.searcher_groups(handle, [big] * 9) == [[0], [1], [2], [3]]    # never more than shards
-    tight = {"CPU": 2, "memory": search.group_memory(handle, [0, 1])}
+    tight = {"CPU": 1, "memory": search.group_memory(handle, [0, 1])}
     assert search.searcher_groups(handle, [tight]) == [[0, 1], [2, 3]]          # split to fit a node
-    too_small = {"CPU": 2, "memory": one - 1}
+    too_small = {"CPU": 1, "memory": one - 1}
     assert search.searcher_groups(handle, [too_small]) == [[0], [1], [2], [3]]  # Ray then refuses, not swaps
