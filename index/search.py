@@ -300,8 +300,8 @@ def group_memory(handle: VersionHandle, shard_nos: Sequence[int]) -> int:
 
 def searcher_groups(handle: VersionHandle, nodes: Sequence[dict]) -> list[list[int]]:
     """Shards split into consecutive groups, one searcher each: at least one group per CPU of the
-    cluster (measured at 10M faces on 2 CPUs: one searcher per CPU, 5 shards each, searched
-    1,096 probes/s; one searcher with a thread per CPU 792; one per shard, two calls each, 544),
+    cluster (at 10M faces on 2 CPUs, quiet: 729 probes/s in A B A B rounds, one searcher per
+    node 742, the earlier one actor per shard 875 -- see README: at 10M this rule is slower),
     each group within the smallest node's memory (so
     Ray can place it), never more groups than shards.
 
