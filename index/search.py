@@ -31,6 +31,8 @@ SEARCHER_BASE_MEMORY = 256 << 20
 # Share of the cluster's CPUs the shard actors reserve together; the rest keeps room for the
 # search workers and probe reads (a full reservation deadlocks a one-node cluster).
 SEARCHER_CPU_SHARE = 0.5
+# Calls a CPU searcher actor runs at once (see start_searchers).
+SEARCHER_CALLS = 2
 
 Result = tuple[np.ndarray, np.ndarray]
 
@@ -276,9 +278,7 @@ def merge_rows(shards: list[LoadedShard], results: list[Result], k: int) -> tupl
     return D, I, rows
 
 
-# Two calls at once: one search worker's batch is scanned while another's is merged (faiss
-# releases the GIL; concurrent searches of one index are read-only, parameters are per call).
-ShardSearcher = ray.remote(max_concurrency=2)(LocalShardSearcher)
+ShardSearcher = ray.remote(LocalShardSearcher)
 """Ray actor class holding one or several shards: ``ShardSearcher.remote(handle, shard_nos)``."""
 
 
@@ -340,7 +340,12 @@ def start_searchers(handle: VersionHandle, *, use_gpu: bool | None = None, num_c
     if threads is None:   # Ray caps OpenMP at an actor's num_cpus: give faiss the node's share
         per_node = -(-len(groups) // len(nodes))
         threads = max(1, int(min(n.get("CPU", 1) for n in nodes) // per_node))
-    opts = {"num_cpus": num_cpus, "num_gpus": 1 if use_gpu else 0, "scheduling_strategy": "SPREAD"}
+    # CPU searchers take two calls at once: one search worker's batch is scanned while another's
+    # is merged (faiss releases the GIL; searches of one index are read-only, parameters per
+    # call). GPU ones one at a time: faiss GPU resources are not thread-safe, nprobe is set on
+    # the index.
+    opts = {"num_cpus": num_cpus, "num_gpus": 1 if use_gpu else 0, "scheduling_strategy": "SPREAD",
+            "max_concurrency": 1 if use_gpu else SEARCHER_CALLS}
     return [ShardSearcher.options(**opts, **({"memory": group_memory(handle, g)} if reserve_memory else {}))
             .remote(handle, g, use_gpu, threads) for g in groups]
 
