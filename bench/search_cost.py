@@ -1,13 +1,14 @@
 """Where a probe's search time goes: CPU per probe of each stage of a sharded search, in one
 process and one thread, with recall@10 against the exact top-10, per nprobe and per number of
-candidates each shard re-ranks.
+candidates re-ranked, with the shards searched apart (one index each, as GPU searchers do) and
+merged into the job's searchers (``index.search.MergedShards``: one index per searcher).
 
     python bench/search_cost.py --work bench/results/tmp/scale --faces 10000000 --probes 20000
 
 Reads a version built by bench/scale.py (``--phase build``) and its cached probes and exact
 top-10 (work/probes-N-Q.parquet, work/truth-N-Q.npy). Stages, as the search job runs them:
 ``assign`` (the shared coarse quantizer finds each probe's lists, once per batch), ``scan``
-(every shard's fast-scan PQ over those lists, ``candidates`` per shard), ``rerank`` (exact
+(each searcher's fast-scan PQ over those lists, ``candidates`` per searcher), ``rerank`` (exact
 inner products of the candidates from the memory-mapped vectors, sort), ``merge_rows`` (merge
 the shards' top-k and take the winners' id-table rows). The exact side is IndexFlatIP's CPU
 per probe on the same machine, taken from bench/results/scale.json's latest run (2 threads:
@@ -38,16 +39,17 @@ from facelake import storage  # noqa: E402
 from facelake.index import synthetic  # noqa: E402
 from facelake.index.build import embeddings  # noqa: E402
 from facelake.index.load import open_version  # noqa: E402
-from facelake.index.search import (CoarseQuantizer, LocalShardSearcher, _search_preassigned,  # noqa: E402
-                                   exact_scores, merge_rows)
+from facelake.index.search import (CoarseQuantizer, LocalShardSearcher, _rows_at,  # noqa: E402
+                                   _search_preassigned, exact_scores, merge_candidates, merged_candidates)
 
 K = 10
 BATCH = 1024
 
 
-def stage_costs(searcher: LocalShardSearcher, coarse: CoarseQuantizer, xq: np.ndarray, nprobe: int,
+def stage_costs(searchers: list[LocalShardSearcher], coarse: CoarseQuantizer, xq: np.ndarray, nprobe: int,
                 candidates: int) -> tuple[dict[str, float], np.ndarray]:
-    """CPU microseconds per probe of each stage, and the top-10 ids found."""
+    """CPU microseconds per probe of each stage, and the top-10 ids found. ``searchers`` hold one
+    shard each ("apart": ``candidates`` per shard) or several merged (``candidates`` per searcher)."""
     spent = dict.fromkeys(("assign", "scan", "rerank", "merge_rows"), 0.0)
     found = []
     for start in range(0, len(xq), BATCH):
@@ -56,17 +58,25 @@ def stage_costs(searcher: LocalShardSearcher, coarse: CoarseQuantizer, xq: np.nd
         lists = coarse.assign(x, nprobe)
         spent["assign"] += time.process_time() - t
         results = []
-        for shard in searcher.shards:
+        for searcher in searchers:
             t = time.process_time()
-            _, I0 = _search_preassigned(faiss.extract_index_ivf(shard.index), x, candidates, lists)
+            _, I0 = _search_preassigned(faiss.extract_index_ivf(searcher.index), x, candidates, lists)
             spent["scan"] += time.process_time() - t
             t = time.process_time()
-            scores = exact_scores(x, shard.vectors, np.where(I0 >= 0, np.searchsorted(shard.faiss_ids, I0), -1))
+            shards = searcher.merged.shards if searcher.merged else searcher.shards
+            owner, row = (searcher.merged.locator.locate(I0) if searcher.merged
+                          else (np.where(I0 >= 0, 0, -1), np.where(I0 >= 0, np.searchsorted(shards[0].faiss_ids, I0), -1)))
+            scores = np.full(I0.shape, -np.inf, np.float32)
+            for s in np.unique(owner[owner >= 0]):
+                scores = np.maximum(scores, exact_scores(x, shards[s].vectors, np.where(owner == s, row, -1)))
             order = np.argsort(-scores, axis=1, kind="stable")[:, :K]
-            results.append((np.take_along_axis(scores, order, 1), np.take_along_axis(I0, order, 1)))
+            D, I, owner, row = (np.take_along_axis(a, order, 1) for a in (scores, I0, owner, row))
             spent["rerank"] += time.process_time() - t
+            t = time.process_time()
+            results.append((D, I, _rows_at(shards, owner.reshape(-1), row.reshape(-1))))
+            spent["merge_rows"] += time.process_time() - t
         t = time.process_time()
-        _, I, _ = merge_rows(searcher.shards, results, K)
+        _, I, _ = merge_candidates(results, K)
         spent["merge_rows"] += time.process_time() - t
         found.append(I)
     return {name: round(seconds / len(xq) * 1e6, 1) for name, seconds in spent.items()}, np.concatenate(found)
@@ -88,8 +98,11 @@ def main() -> None:
     parser.add_argument("--faces", type=int, default=10_000_000)
     parser.add_argument("--probes", type=int, default=20_000, help="probe set of bench/scale.py to read")
     parser.add_argument("--use", type=int, default=4096, help="probes measured (the first ones)")
-    parser.add_argument("--nprobe", type=int, nargs="+", default=[128, 256, 384, 512])
-    parser.add_argument("--candidates", type=int, nargs="+", default=[50, 100])
+    parser.add_argument("--nprobe", type=int, nargs="+", default=[256, 384, 512])
+    parser.add_argument("--candidates", type=int, nargs="+", default=[50, 100],
+                        help="candidates each shard re-ranks when the shards are searched apart")
+    parser.add_argument("--groups", type=int, default=2,
+                        help="searchers the shards are merged into (the job's: one per CPU); 0 = apart only")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "search_cost.json"))
     args = parser.parse_args()
     load = os.getloadavg()[0]
@@ -98,20 +111,27 @@ def main() -> None:
     if not handle.rerank:
         sys.exit("the version is not compressed (no re-rank): nothing to take apart")
     faiss.omp_set_num_threads(1)
-    searcher = LocalShardSearcher(handle, list(range(handle.shard_count)))
+    shard_nos = list(range(handle.shard_count))
+    layouts = {"apart": ([LocalShardSearcher(handle, s) for s in shard_nos], args.candidates)}
+    if args.groups:
+        groups = [list(map(int, g)) for g in np.array_split(shard_nos, min(args.groups, len(shard_nos)))]
+        wanted = merged_candidates(K, handle.rerank, max(map(len, groups)))
+        layouts[f"merged into {len(groups)}"] = ([LocalShardSearcher(handle, g) for g in groups],
+                                                 sorted({wanted // 3 * 2, wanted}))
     coarse = CoarseQuantizer(handle)
     probes = storage.read_table(str(work / f"probes-{args.faces}-{args.probes}.parquet"))
     xq = embeddings(probes.slice(0, args.use))
     truth = np.load(work / f"truth-{args.faces}-{args.probes}.npy")[:args.use]
-    stage_costs(searcher, coarse, xq[:BATCH], max(args.nprobe), max(args.candidates))   # warm caches, discarded
     rows = []
-    for nprobe in args.nprobe:
-        for candidates in args.candidates:
-            costs, found = stage_costs(searcher, coarse, xq, nprobe, candidates)
-            rows.append({"nprobe": nprobe, "candidates_per_shard": candidates, "cpu_us_per_probe": costs,
-                         "total_us": round(sum(costs.values()), 1),
-                         "recall_at_10": round(synthetic.recall_at_k(found, truth, K), 4)})
-            print(json.dumps(rows[-1]), flush=True)
+    for layout, (searchers, candidate_counts) in layouts.items():
+        stage_costs(searchers, coarse, xq[:BATCH], max(args.nprobe), max(candidate_counts))   # warm caches
+        for nprobe in args.nprobe:
+            for candidates in candidate_counts:
+                costs, found = stage_costs(searchers, coarse, xq, nprobe, candidates)
+                rows.append({"layout": layout, "nprobe": nprobe, "candidates_per_searcher": candidates,
+                             "cpu_us_per_probe": costs, "total_us": round(sum(costs.values()), 1),
+                             "recall_at_10": round(synthetic.recall_at_k(found, truth, K), 4)})
+                print(json.dumps(rows[-1]), flush=True)
     exact = exact_cpu_us()
     report = {"faces": handle.total, "shards": handle.shard_count, "factory": handle.manifest["factory"],
               "tuned_nprobe": handle.nprobe, "rerank": handle.rerank, "probes": len(xq),
@@ -119,12 +139,13 @@ def main() -> None:
               "exact_cpu_us_per_probe": exact, "rows": rows}
     print(f"\n{handle.total:,} faces, {handle.shard_count} shards, {handle.manifest['factory']}, one thread, "
           f"{len(xq)} probes; exact IndexFlatIP {exact} us CPU/probe")
-    print("| nprobe | candidates/shard | assign | scan | rerank | merge+rows | total us | ceiling vs exact | recall@10 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| shards searched | nprobe | candidates per searcher | assign | scan | rerank | merge+rows | total us "
+          "| ceiling vs exact | recall@10 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         c = row["cpu_us_per_probe"]
         ceiling = f"{exact / row['total_us']:.1f}x" if exact else "-"
-        print(f"| {row['nprobe']} | {row['candidates_per_shard']} | {c['assign']} | {c['scan']} | {c['rerank']} "
+        print(f"| {row['layout']} | {row['nprobe']} | {row['candidates_per_searcher']} | {c['assign']} | {c['scan']} | {c['rerank']} "
               f"| {c['merge_rows']} | {row['total_us']} | {ceiling} | {row['recall_at_10']} |")
     if load > 0.5:
         print(f"load average at start was {load:.2f} > 0.5: not a result, {args.out} not written", file=sys.stderr)

@@ -322,25 +322,75 @@ def test_lists_found_once_per_batch_give_the_same_results(ray_local, tmp_path, p
     assert synthetic.recall_at_k(I1, exact(xb, xq, 10)[1]) > 0.99      # nprobe 64 of 64: exact lists
 
 
+def _by_score(D: np.ndarray, I: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row ordered by (similarity desc, id asc): equal similarities may come in any order."""
+    order = np.lexsort((I, -D), axis=1)
+    return np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1)
+
+
 @pytest.mark.parametrize("pq", [0, 16])
-def test_one_searcher_holding_every_shard_equals_one_searcher_per_shard(ray_local, tmp_path, pq):
-    """A searcher holding several shards merges them itself and takes only its winners' rows:
-    the same candidates, similarities and rows as one searcher per shard merged by the caller."""
+def test_one_searcher_holding_every_shard_merges_them_into_one_index(ray_local, tmp_path, pq):
+    """A searcher holding several shards joins their lists into one index (MergedShards). IVF-Flat:
+    the same candidates and similarities as one searcher per shard merged by the caller (ties in
+    any order). IVF-PQ: the joined index scores exactly what each shard scores (same codebooks),
+    the re-ranked similarities are the exact ones, and recall stays with the shards searched
+    apart. Either way each row taken is the winner's own id-table row."""
     xb = synthetic.clustered(9_000, 32, seed=41)
     make(tmp_path, xb, shards=3, nlist=32, pq=pq)
     handle = load.open_version(str(tmp_path))
     apart = [search.LocalShardSearcher(handle, s) for s in range(handle.shard_count)]
     together = [search.LocalShardSearcher(handle, [0, 1, 2], threads=2)]
-    assert together[0].ntotal() == 9_000
+    assert together[0].merged is not None and together[0].ntotal() == 9_000
+    assert all(shard.index is None for shard in together[0].shards)          # codes moved, not copied
     xq = synthetic.queries(xb, 150, seed=42)
     coarse = search.CoarseQuantizer(handle)
+    lists = coarse.assign(xq, 8)
+    if pq:                                     # the PQ scan itself: joined == apart, merged by score
+        scans = [search.search_shard(s.index, xq, 50, 8, lists) for s in apart]
+        D0, I0 = _by_score(*search.merge_topk(scans, 50))
+        D1, I1 = _by_score(*search.search_shard(together[0].index, xq, 50, 8, lists))
+        above_cut = D0 > D0[:, -1:]                     # equal scores at the cut may go either way
+        assert np.allclose(D0, D1) and np.array_equal(np.where(above_cut, I0, -1), np.where(above_cut, I1, -1))
+        assert above_cut.mean() > 0.5
+    truth = exact(xb, xq, 10)[1]
     for k, nprobe in ((10, 4), (10, 32), (3_100, 32)):          # k beyond one shard's size pads
         D0, I0, rows0 = search.search_rows(handle, xq, k, nprobe, searchers=apart, coarse=coarse)
         D1, I1, rows1 = search.search_rows(handle, xq, k, nprobe, searchers=together, coarse=coarse)
-        assert np.array_equal(I0, I1) and np.allclose(D0, D1)
-        assert rows0.select(["faiss_id", "image_id"]).equals(rows1.select(["faiss_id", "image_id"]))
-        assert rows1["faiss_id"].to_pylist()[:k] == I1[0].tolist()
-    assert synthetic.recall_at_k(I1[:, :10], exact(xb, xq, 10)[1]) >= (0.99 if not pq else 0.9)
+        found = I1 >= 0
+        assert rows1["faiss_id"].to_pylist() == [i if i >= 0 else None for i in I1.reshape(-1)]
+        assert np.allclose(D1[found], np.einsum("qd,qkd->qk", xq, xb[np.where(found, I1, 0)])[found], atol=1e-5)
+        if not pq:
+            assert all(map(np.array_equal, _by_score(D0, I0), _by_score(D1, I1)))
+        elif k == 10:
+            assert synthetic.recall_at_k(I1, truth) >= synthetic.recall_at_k(I0, truth) - 0.01
+        if k > 3_000:
+            assert (I1[:, 3_000:] >= 0).all() == (I0[:, 3_000:] >= 0).all()
+    assert synthetic.recall_at_k(I1[:, :10], truth) >= (0.99 if not pq else 0.9)
+
+
+def test_shards_of_another_training_are_not_merged(ray_local, tmp_path):
+    """Lists can be joined only over the same quantizer and codebooks: shards of two versions
+    trained apart stay separate (and search exactly as they would alone)."""
+    xb = synthetic.clustered(6_000, 32, seed=51)
+    make(tmp_path / "a", xb[:3_000], nlist=16, pq=16)
+    make(tmp_path / "b", xb[3_000:], nlist=16, pq=16)
+    shards = [load.open_shard(load.open_version(str(tmp_path / name)), 0) for name in ("a", "b")]
+    assert not search.MergedShards.possible(shards)
+    assert search.MergedShards.possible([shards[0], load.open_shard(load.open_version(str(tmp_path / "a")), 0)])
+
+
+def test_id_locator_finds_shard_and_row():
+    """Disjoint id ranges (a build) and interleaved ones (after rebuilds) find the same shard and
+    row; -1 and ids no shard holds give -1."""
+    columns = [np.array([0, 3, 7]), np.array([], np.int64), np.array([10, 11, 20])]
+    interleaved = [np.array([0, 11, 20]), np.array([3, 7]), np.array([10, 12])]
+    for ids in (columns, interleaved):
+        locator = search.IdLocator(ids)
+        every = np.concatenate(ids)
+        owner, row = locator.locate(np.concatenate([every, [-1, 5, 99]]).reshape(1, -1))
+        assert [ids[o][r] for o, r in zip(owner[0, :len(every)], row[0, :len(every)])] == every.tolist()
+        assert owner[0, len(every):].tolist() == [-1, -1, -1] and row[0, len(every):].tolist() == [-1, -1, -1]
+    assert search.IdLocator([np.array([], np.int64)]).locate(np.array([1, -1]))[0].tolist() == [-1, -1]
 
 
 def test_searcher_groups_fit_the_smallest_node_and_use_every_node(ray_local, tmp_path):
