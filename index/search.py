@@ -259,6 +259,56 @@ def _same_training(a: faiss.IndexIVF, b: faiss.IndexIVF) -> bool:
                                           faiss.vector_to_array(pq_b.centroids))
 
 
+def join_lists(ivfs: Sequence[faiss.IndexIVF]) -> None:
+    """Move the inverted lists of ``ivfs[1:]`` into ``ivfs[0]`` (same training), list by list.
+
+    Fast-scan lists (``BlockInvertedLists``: codes packed 32 to a block) are joined here, not by
+    faiss's ``merge_from``: its ``BlockInvertedLists::add_entries`` tests an entry count against
+    the block's byte size and, for a list already holding a multiple of 1,024 entries, copies a
+    whole list's bytes past the end of the buffer (heap corruption, seen merging ten 1M shards;
+    faiss 1.15.1 and its main branch). Each list's codes are unpacked and packed again with the
+    index's own code packer, so the layout is faiss's."""
+    base = ivfs[0]
+    lists = [faiss.downcast_InvertedLists(ivf.invlists) for ivf in ivfs]
+    if not isinstance(lists[0], faiss.BlockInvertedLists):
+        for ivf in ivfs[1:]:
+            base.merge_from(ivf, 0)
+        return
+    packer = lists[0].packer
+    per_block, block_bytes, code_size = lists[0].n_per_block, lists[0].block_size, packer.code_size
+    blocks = lambda n: -(-n // per_block)                     # noqa: E731
+    unpacked = np.empty(per_block * code_size, np.uint8)
+    total = 0
+    for list_no in range(base.nlist):
+        sizes = [il.list_size(list_no) for il in lists]
+        total += sum(sizes)
+        if sum(sizes) == sizes[0]:
+            continue
+        codes = np.zeros((blocks(sum(sizes)) * per_block, code_size), np.uint8)
+        ids = np.empty(sum(sizes), np.int64)
+        at = 0
+        for il, size in zip(lists, sizes):
+            if not size:
+                continue
+            packed = faiss.rev_swig_ptr(il.get_codes(list_no), blocks(size) * block_bytes)
+            for b in range(blocks(size)):
+                packer.unpack_all(faiss.swig_ptr(packed[b * block_bytes:]), faiss.swig_ptr(unpacked))
+                take = min(per_block, size - b * per_block)
+                codes[at + b * per_block:at + b * per_block + take] = unpacked.reshape(per_block, code_size)[:take]
+            ids[at:at + size] = faiss.rev_swig_ptr(il.get_ids(list_no), size)
+            at += size
+        lists[0].resize(list_no, len(ids))
+        target = faiss.rev_swig_ptr(lists[0].get_codes(list_no), blocks(len(ids)) * block_bytes)
+        for b in range(blocks(len(ids))):
+            packer.pack_all(faiss.swig_ptr(codes[b * per_block:(b + 1) * per_block]), faiss.swig_ptr(target[b * block_bytes:]))
+        faiss.rev_swig_ptr(lists[0].get_ids(list_no), len(ids))[:] = ids
+        for il in lists[1:]:
+            il.resize(list_no, 0)
+    base.ntotal = total
+    for ivf in ivfs[1:]:
+        ivf.ntotal = 0
+
+
 class MergedShards:
     """Several shards of one version searched as one faiss index.
 
@@ -272,13 +322,11 @@ class MergedShards:
     """
 
     def __init__(self, shards: Sequence[LoadedShard]) -> None:
-        ivfs = [_ivf_of(s.index) for s in shards]
         self.shards = list(shards)
         self.index = shards[0].index
-        for shard, ivf in zip(shards[1:], ivfs[1:]):
-            ivfs[0].merge_from(ivf, 0)
+        join_lists([_ivf_of(s.index) for s in shards])
+        for shard in shards:
             shard.index = None
-        shards[0].index = None
         self.rerank = shards[0].rerank if all(s.vectors is not None for s in shards) else 0
         self.locator = IdLocator([s.faiss_ids for s in shards])
 

@@ -368,6 +368,23 @@ def test_one_searcher_holding_every_shard_merges_them_into_one_index(ray_local, 
     assert synthetic.recall_at_k(I1[:, :10], truth) >= (0.99 if not pq else 0.9)
 
 
+def test_joined_fast_scan_lists_keep_every_code_past_1024_entries(ray_local, tmp_path):
+    """One list per shard holding exactly 1,024 codes, joined three times over: faiss's own
+    merge_from overflows there (BlockInvertedLists::add_entries); join_lists must give the codes
+    each shard scores, so the joined scan equals the shards' scans merged."""
+    xb = synthetic.clustered(3 * 1024, 32, seed=61)
+    make(tmp_path, xb, shard_size=1024, nlist=1, pq=16)
+    handle = load.open_version(str(tmp_path))
+    assert [entry["count"] for entry in handle.manifest["shards"]] == [1024] * 3
+    apart = [search.LocalShardSearcher(handle, s) for s in range(3)]
+    together = search.LocalShardSearcher(handle, [0, 1, 2])
+    assert together.merged is not None and together.ntotal() == 3 * 1024
+    xq = synthetic.queries(xb, 100, seed=62)
+    D0, I0 = _by_score(*search.merge_topk([search.search_shard(s.index, xq, 3 * 1024, 1) for s in apart], 3 * 1024))
+    D1, I1 = _by_score(*search.search_shard(together.index, xq, 3 * 1024, 1))
+    assert np.allclose(D0, D1) and np.array_equal(I0, I1)          # every code, every score
+
+
 def test_shards_of_another_training_are_not_merged(ray_local, tmp_path):
     """Lists can be joined only over the same quantizer and codebooks: shards of two versions
     trained apart stay separate (and search exactly as they would alone)."""
