@@ -2,8 +2,9 @@
 
 Shard ids are already global faiss ids, so merging is a top-k of the concatenated lists, done
 with faiss's own ``ResultHeap``. ``ShardSearcher`` is a Ray actor holding the shards of one
-group (``searcher_groups``: one group per CPU at least, each within the smallest node's memory;
-on a GPU when it has one); ``search_version`` fans a probe batch out to them and merges.
+group (``searcher_groups``: one group per node at least, each within the smallest node's memory;
+on a GPU when it has one); ``search_version`` cuts a probe batch into one piece per call a
+searcher runs at once, fans the pieces out to them and merges.
 
 Compressed (IVF-PQ) shards re-rank: the shard's PQ search returns ``rerank * k`` candidates,
 whose full vectors are read from the memory-mapped vectors file and scored exactly, so only
@@ -32,7 +33,7 @@ SEARCHER_BASE_MEMORY = 256 << 20
 # Share of the cluster's CPUs the shard actors reserve together; the rest keeps room for the
 # search workers and probe reads (a full reservation deadlocks a one-node cluster).
 SEARCHER_CPU_SHARE = 0.5
-# Calls a CPU searcher actor runs at once (see start_searchers).
+# Fewest calls a CPU searcher actor runs at once (see start_searchers).
 SEARCHER_CALLS = 2
 
 Result = tuple[np.ndarray, np.ndarray]
@@ -487,16 +488,18 @@ def group_memory(handle: VersionHandle, shard_nos: Sequence[int]) -> int:
 
 
 def searcher_groups(handle: VersionHandle, nodes: Sequence[dict]) -> list[list[int]]:
-    """Shards split into consecutive groups, one searcher each: at least one group per CPU of the
-    cluster (at 10M faces on 2 CPUs, quiet: 729 probes/s in A B A B rounds, one searcher per
-    node 742, the earlier one actor per shard 875 -- see README: at 10M this rule is slower),
-    each group within the smallest node's memory (so
-    Ray can place it), never more groups than shards.
+    """Shards split into consecutive groups, one searcher each: one group per node at least,
+    each within the smallest node's memory (so Ray can place it), never more groups than shards.
+
+    A searcher joins its group's lists (``MergedShards``), so fewer, larger groups scan less:
+    at 10M faces on one 2-CPU node (quiet, one thread, nprobe 512) a probe costs 0.97 ms of CPU
+    with one group of ten shards, 1.15 ms with two groups of five, 1.94 ms searched shard by shard.
+    A node's CPUs are used by concurrent calls instead (``start_searchers``).
 
     ``nodes``: the alive nodes' Ray resources (``ray.nodes()[i]["Resources"]``)."""
     count = handle.shard_count
     capacity = min((n.get("memory", 0) for n in nodes), default=0) or None
-    wanted = min(count, max(1, int(sum(n.get("CPU", 1) for n in nodes))))
+    wanted = min(count, max(1, len(nodes)))
     while True:
         groups = [list(g) for g in np.array_split(np.arange(count), wanted) if len(g)]
         if wanted >= count or capacity is None or all(group_memory(handle, g) <= capacity for g in groups):
@@ -504,17 +507,30 @@ def searcher_groups(handle: VersionHandle, nodes: Sequence[dict]) -> list[list[i
         wanted += 1
 
 
+class Searchers(list):
+    """The searcher actors of a version (a list), and ``calls``: how many calls each runs at once,
+    so a batch is split into that many pieces (``search_rows``) and one batch keeps every CPU of
+    the searchers' nodes busy."""
+
+    calls: int = 1
+
+    def __init__(self, actors: Sequence = (), calls: int = 1) -> None:
+        super().__init__(actors)
+        self.calls = calls
+
+
 def start_searchers(handle: VersionHandle, *, use_gpu: bool | None = None, num_cpus: float | None = None,
                     threads: int | None = None, reserve_memory: bool = True,
-                    groups: list[list[int]] | None = None) -> list:
+                    groups: list[list[int]] | None = None) -> Searchers:
     """``ShardSearcher`` actors holding the version's shards (GPU ones when faiss and the cluster
     have GPUs), spread over the nodes, each asking Ray for the memory its shards need, so a
     gallery larger than one node's memory is placed over several nodes (or refused by Ray,
     never swapped). ``groups`` (default ``searcher_groups``): the shards each actor holds.
 
     ``num_cpus`` per actor defaults to half the cluster's CPUs shared by the actors (at most 1),
-    so the search workers and probe reads that feed them can still be scheduled (faiss threads
-    are not bound by it: each actor searches with its node's CPUs shared by the actors there).
+    so the search workers and probe reads that feed them can still be scheduled (calls are not
+    bound by it: each actor runs as many calls at once as its node has CPUs for it, ``threads``
+    OpenMP threads each, default 1).
     """
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")] or [{"CPU": 1}]
     groups = groups or searcher_groups(handle, nodes)
@@ -525,17 +541,25 @@ def start_searchers(handle: VersionHandle, *, use_gpu: bool | None = None, num_c
         from facelake.device import faiss_on_gpu
 
         use_gpu = faiss_on_gpu() and not handle.manifest.get("pq")
-    if threads is None:   # Ray caps OpenMP at an actor's num_cpus: give faiss the node's share
-        per_node = -(-len(groups) // len(nodes))
-        threads = max(1, int(min(n.get("CPU", 1) for n in nodes) // per_node))
-    # CPU searchers take two calls at once: one search worker's batch is scanned while another's
-    # is merged (faiss releases the GIL; searches of one index are read-only, parameters per
-    # call). GPU ones one at a time: faiss GPU resources are not thread-safe, nprobe is set on
-    # the index.
+    # CPU searchers run as many one-thread calls at once as their node has CPUs for them (at least
+    # SEARCHER_CALLS: one batch scanned while another's is merged; faiss releases the GIL and a
+    # search only reads the index, with per-call parameters): calls, unlike OpenMP threads in one
+    # call, also run the re-rank and merge side by side. GPU ones one call at a time: faiss GPU
+    # resources are not thread-safe and nprobe is set on the index.
+    per_node = -(-len(groups) // len(nodes))
+    calls = 1 if use_gpu else max(SEARCHER_CALLS, int(min(n.get("CPU", 1) for n in nodes) // per_node))
+    threads = threads or 1
     opts = {"num_cpus": num_cpus, "num_gpus": 1 if use_gpu else 0, "scheduling_strategy": "SPREAD",
-            "max_concurrency": 1 if use_gpu else SEARCHER_CALLS}
-    return [ShardSearcher.options(**opts, **({"memory": group_memory(handle, g)} if reserve_memory else {}))
-            .remote(handle, g, use_gpu, threads) for g in groups]
+            "max_concurrency": calls}
+    return Searchers([ShardSearcher.options(**opts, **({"memory": group_memory(handle, g)} if reserve_memory else {}))
+                      .remote(handle, g, use_gpu, threads) for g in groups], calls)
+
+
+def _pieces(n: int, actors: Sequence) -> list[slice]:
+    """A batch of ``n`` probes cut into one piece per call each searcher runs at once."""
+    count = max(1, min(n, getattr(actors, "calls", 1)))
+    bounds = np.linspace(0, n, count + 1).astype(int)
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
 def search_version(handle: VersionHandle, xq: np.ndarray, k: int, nprobe: int | None = None,
@@ -549,10 +573,12 @@ def search_version(handle: VersionHandle, xq: np.ndarray, k: int, nprobe: int | 
     xq = _check(xq, handle.dim, k)
     nprobe = _nprobe(handle, nprobe)
     if actors:
-        ref = ray.put(xq)
-        results = ray.get([actor.search.remote(ref, k, nprobe) for actor in actors])
-    else:
-        results = [search_reranked(open_shard(handle, s), xq, k, nprobe) for s in range(handle.shard_count)]
+        pieces = _pieces(len(xq), actors)
+        refs = [ray.put(xq[piece]) for piece in pieces]
+        pending = [[actor.search.remote(ref, k, nprobe) for actor in actors] for ref in refs]
+        merged = [merge_topk(ray.get(calls), k) for calls in pending]
+        return np.concatenate([D for D, _ in merged]), np.concatenate([I for _, I in merged])
+    results = [search_reranked(open_shard(handle, s), xq, k, nprobe) for s in range(handle.shard_count)]
     return merge_topk(results, k)
 
 
@@ -566,8 +592,16 @@ def search_rows(handle: VersionHandle, xq: np.ndarray, k: int, nprobe: int | Non
     nprobe = _nprobe(handle, nprobe)
     assigned = coarse.assign(xq, nprobe) if coarse is not None else None
     if actors:
-        ref, lists = ray.put(xq), ray.put(assigned) if assigned is not None else None
-        results = ray.get([actor.search_rows.remote(ref, k, nprobe, lists) for actor in actors])
+        pending = []
+        for piece in _pieces(len(xq), actors):
+            ref = ray.put(xq[piece])
+            lists = ray.put((assigned[0][piece], assigned[1][piece])) if assigned is not None else None
+            pending.append([actor.search_rows.remote(ref, k, nprobe, lists) for actor in actors])
+        merged = [merge_candidates(ray.get(calls), k) for calls in pending]
+        if len(merged) == 1:
+            return merged[0]
+        return (np.concatenate([D for D, _, _ in merged]), np.concatenate([I for _, I, _ in merged]),
+                pa.concat_tables([rows for _, _, rows in merged], promote_options="permissive"))
     else:
         searchers = searchers or [LocalShardSearcher(handle, list(range(handle.shard_count)))]
         results = [s.search_rows(xq, k, nprobe, assigned) for s in searchers]

@@ -109,6 +109,15 @@ def test_merged_shards_equal_exact_and_unsharded(ray_local, tmp_path):
     ids = load.load_ids(h4)
     assert ids.column("faiss_id").to_pylist() == list(range(6000))
     assert ids.column("image_id")[int(I4[0, 0])].as_py() == f"img-{I4[0, 0]:07d}"
+    # a batch cut into one piece per call a searcher runs at once: the same rows in probe order
+    assert actors.calls >= 2
+    for calls in (1, 3, 7):
+        cut = search.Searchers(list(actors), calls)
+        Dc, Ic, rows = search.search_rows(h4, xq, 10, nprobe=32, actors=cut)
+        np.testing.assert_array_equal(Ic, Ie)
+        np.testing.assert_almost_equal(Dc, De, decimal=4)
+        assert rows["faiss_id"].to_pylist() == Ic.reshape(-1).tolist()
+        np.testing.assert_array_equal(search.search_version(h4, xq, 10, nprobe=32, actors=cut)[1], Ie)
 
 
 def test_crash_before_pointer_leaves_old_version_live(ray_local, tmp_path):
@@ -417,8 +426,8 @@ def test_searcher_groups_fit_the_smallest_node_and_use_every_node(ray_local, tmp
     one = search.shard_memory(handle, 0)
     big = {"CPU": 1, "memory": 100 * one}
     assert search.searcher_groups(handle, [big]) == [[0, 1, 2, 3]]              # one CPU: one searcher
-    assert search.searcher_groups(handle, [big, big]) == [[0, 1], [2, 3]]       # one per CPU
-    assert search.searcher_groups(handle, [{"CPU": 2, "memory": 100 * one}]) == [[0, 1], [2, 3]]
+    assert search.searcher_groups(handle, [big, big]) == [[0, 1], [2, 3]]       # one per node
+    assert search.searcher_groups(handle, [{"CPU": 2, "memory": 100 * one}]) == [[0, 1, 2, 3]]
     assert search.searcher_groups(handle, [big] * 9) == [[0], [1], [2], [3]]    # never more than shards
     tight = {"CPU": 1, "memory": search.group_memory(handle, [0, 1])}
     assert search.searcher_groups(handle, [tight]) == [[0, 1], [2, 3]]          # split to fit a node
