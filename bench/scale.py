@@ -191,7 +191,7 @@ def role_facelake(root: str, probes: str, out: str) -> dict:
     started = time.perf_counter()
     runtime.connect(None)
     ray_start = time.perf_counter() - started
-    with WorkerPeak("ray::ShardSearcher") as searchers:
+    with WorkerPeak("ray::LocalShardSearcher") as searchers:   # ShardSearcher = ray.remote(LocalShardSearcher)
         summary = run_search(SearchConfig(probes=probes, root=root, out=out, top_k=K,
                                           purpose="bench/scale.py benchmark"))
     wall = time.perf_counter() - started
@@ -295,14 +295,15 @@ def bench_size(n: int, work: Path, nq: int, rounds: int, phase: str) -> dict:
             "ratio_range": [round(min(ratios), 2), round(max(ratios), 2)],
             "median_steady_ratio": round(statistics.median(steady_ratios), 2),
             "median_job_wall_ratio": round(statistics.median(job_ratios), 2),
-            "median_first_batch_seconds": statistics.median(r["first_batch_seconds"] for r in sides["facelake"])}
+            "median_first_batch_seconds": statistics.median(r["first_batch_seconds"] for r in sides["facelake"]),
+            "largest_searcher_peak_rss_mib": max(r["searcher_peak_rss_mib"] for r in sides["facelake"])}
 
 
 def table(report: dict) -> str:
     lines = ["| faces | build s | driver peak MiB | largest worker MiB | bytes/face resident | factory, nprobe | "
              "recall@10 | probes | facelake probes/s (whole search; after 1st batch) | exact probes/s | "
-             "ratio (median, range) | ratio after 1st batch | whole-job ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "ratio (median, range) | ratio after 1st batch | whole-job ratio | largest searcher MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["sizes"]:
         b = r["build"]
         lines.append(f"| {r['faces']:,} | {b['seconds']} | {b['driver_peak_rss_mib']} | {b['largest_worker_peak_rss_mib']} "
@@ -310,7 +311,8 @@ def table(report: dict) -> str:
                      f"| {r['probes']:,} | {r['median_probes_per_s']['facelake']}; "
                      f"{r['median_probes_per_s']['facelake_steady']} | {r['median_probes_per_s']['exact']} "
                      f"| {r['median_ratio']}x ({r['ratio_range'][0]}-{r['ratio_range'][1]}) "
-                     f"| {r['median_steady_ratio']}x | {r['median_job_wall_ratio']}x |")
+                     f"| {r['median_steady_ratio']}x | {r['median_job_wall_ratio']}x "
+                     f"| {r.get('largest_searcher_peak_rss_mib', '-')} |")
     return "\n".join(lines)
 
 

@@ -101,8 +101,8 @@ def main() -> None:
     parser.add_argument("--nprobe", type=int, nargs="+", default=[256, 384, 512])
     parser.add_argument("--candidates", type=int, nargs="+", default=[50, 100],
                         help="candidates each shard re-ranks when the shards are searched apart")
-    parser.add_argument("--groups", type=int, default=2,
-                        help="searchers the shards are merged into (the job's: one per CPU); 0 = apart only")
+    parser.add_argument("--groups", type=int, nargs="*", default=[1, 2],
+                        help="searcher counts the shards are joined into (the job's: one per node)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "search_cost.json"))
     args = parser.parse_args()
     load = os.getloadavg()[0]
@@ -113,10 +113,10 @@ def main() -> None:
     faiss.omp_set_num_threads(1)
     shard_nos = list(range(handle.shard_count))
     layouts = {"apart": ([LocalShardSearcher(handle, s) for s in shard_nos], args.candidates)}
-    if args.groups:
-        groups = [list(map(int, g)) for g in np.array_split(shard_nos, min(args.groups, len(shard_nos)))]
+    for count in args.groups:
+        groups = [list(map(int, g)) for g in np.array_split(shard_nos, min(count, len(shard_nos)))]
         wanted = merged_candidates(K, handle.rerank, max(map(len, groups)))
-        layouts[f"merged into {len(groups)}"] = ([LocalShardSearcher(handle, g) for g in groups],
+        layouts[f"joined into {len(groups)}"] = ([LocalShardSearcher(handle, g) for g in groups],
                                                  sorted({wanted // 3 * 2, wanted}))
     coarse = CoarseQuantizer(handle)
     probes = storage.read_table(str(work / f"probes-{args.faces}-{args.probes}.parquet"))
