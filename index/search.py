@@ -16,7 +16,7 @@ winners only (``merge_rows``), and ``merge_candidates`` keeps the global winners
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import faiss
@@ -260,54 +260,59 @@ def _same_training(a: faiss.IndexIVF, b: faiss.IndexIVF) -> bool:
                                           faiss.vector_to_array(pq_b.centroids))
 
 
-def join_lists(ivfs: Sequence[faiss.IndexIVF]) -> None:
-    """Move the inverted lists of ``ivfs[1:]`` into ``ivfs[0]`` (same training), list by list.
+def join_lists(base: faiss.IndexIVF, others: Sequence[faiss.IndexIVF],
+               release: Callable[[int], None] = lambda i: None) -> None:
+    """Move the inverted lists of ``others`` (same training as ``base``) into ``base``, one index
+    after the other; ``release(i)`` is called once ``others[i]`` has been read, so its memory can
+    go before the next one is (``others[i]`` must not be used after it).
 
     Fast-scan lists (``BlockInvertedLists``: codes packed 32 to a block) are joined here, not by
     faiss's ``merge_from``: its ``BlockInvertedLists::add_entries`` tests an entry count against
     the block's byte size and, for a list already holding a multiple of 1,024 entries, copies a
-    whole list's bytes past the end of the buffer (heap corruption, seen merging ten 1M shards;
-    faiss 1.15.1 and its main branch). Each list's codes are unpacked and packed again with the
+    whole list's bytes past the end of the buffer (heap corruption, seen joining ten 1M shards;
+    faiss 1.15.1 and its main branch). Each list is sized once for all (no growth by doubling),
+    and the codes are unpacked and packed again, from a list's last partial block on, with the
     index's own code packer, so the layout is faiss's."""
-    base = ivfs[0]
-    lists = [faiss.downcast_InvertedLists(ivf.invlists) for ivf in ivfs]
-    if not isinstance(lists[0], faiss.BlockInvertedLists):
-        for ivf in ivfs[1:]:
-            base.merge_from(ivf, 0)
+    into = faiss.downcast_InvertedLists(base.invlists)
+    if not isinstance(into, faiss.BlockInvertedLists):
+        for i, other in enumerate(others):
+            base.merge_from(other, 0)
+            release(i)
         return
-    packer = lists[0].packer
-    per_block, block_bytes, code_size = lists[0].n_per_block, lists[0].block_size, packer.code_size
+    sources = [faiss.downcast_InvertedLists(other.invlists) for other in others]
+    sizes = np.array([[il.list_size(n) for n in range(base.nlist)] for il in sources], np.int64).reshape(-1, base.nlist)
+    cursor = np.array([into.list_size(n) for n in range(base.nlist)], np.int64)
+    for list_no in np.flatnonzero(sizes.sum(axis=0)):
+        into.resize(int(list_no), int(cursor[list_no] + sizes[:, list_no].sum()))
+    for i, (other, source) in enumerate(zip(others, sources)):
+        for list_no in np.flatnonzero(sizes[i]):
+            _append_list(into, source, int(list_no), int(cursor[list_no]), int(sizes[i, list_no]))
+            cursor[list_no] += sizes[i, list_no]
+        base.ntotal += other.ntotal
+        release(i)
+
+
+def _append_list(into: faiss.BlockInvertedLists, source: faiss.BlockInvertedLists, list_no: int, at: int,
+                 size: int) -> None:
+    """Write ``size`` codes and ids of ``source``'s list at entry ``at`` of ``into``'s (sized)."""
+    packer = into.packer
+    per_block, block_bytes, code_size = into.n_per_block, into.block_size, packer.code_size
     blocks = lambda n: -(-n // per_block)                     # noqa: E731
-    unpacked = np.empty(per_block * code_size, np.uint8)
-    total = 0
-    for list_no in range(base.nlist):
-        sizes = [il.list_size(list_no) for il in lists]
-        total += sum(sizes)
-        if sum(sizes) == sizes[0]:
-            continue
-        codes = np.zeros((blocks(sum(sizes)) * per_block, code_size), np.uint8)
-        ids = np.empty(sum(sizes), np.int64)
-        at = 0
-        for il, size in zip(lists, sizes):
-            if not size:
-                continue
-            packed = faiss.rev_swig_ptr(il.get_codes(list_no), blocks(size) * block_bytes)
-            for b in range(blocks(size)):
-                packer.unpack_all(faiss.swig_ptr(packed[b * block_bytes:]), faiss.swig_ptr(unpacked))
-                take = min(per_block, size - b * per_block)
-                codes[at + b * per_block:at + b * per_block + take] = unpacked.reshape(per_block, code_size)[:take]
-            ids[at:at + size] = faiss.rev_swig_ptr(il.get_ids(list_no), size)
-            at += size
-        lists[0].resize(list_no, len(ids))
-        target = faiss.rev_swig_ptr(lists[0].get_codes(list_no), blocks(len(ids)) * block_bytes)
-        for b in range(blocks(len(ids))):
-            packer.pack_all(faiss.swig_ptr(codes[b * per_block:(b + 1) * per_block]), faiss.swig_ptr(target[b * block_bytes:]))
-        faiss.rev_swig_ptr(lists[0].get_ids(list_no), len(ids))[:] = ids
-        for il in lists[1:]:
-            il.resize(list_no, 0)
-    base.ntotal = total
-    for ivf in ivfs[1:]:
-        ivf.ntotal = 0
+    one_block = np.empty((per_block, code_size), np.uint8)
+    first, kept = divmod(at, per_block)                       # repacked from block `first` on
+    codes = np.zeros((blocks(kept + size) * per_block, code_size), np.uint8)
+    target = faiss.rev_swig_ptr(into.get_codes(list_no), blocks(into.list_size(list_no)) * block_bytes)
+    if kept:
+        packer.unpack_all(faiss.swig_ptr(target[first * block_bytes:]), faiss.swig_ptr(one_block))
+        codes[:kept] = one_block[:kept]
+    packed = faiss.rev_swig_ptr(source.get_codes(list_no), blocks(size) * block_bytes)
+    for b in range(blocks(size)):
+        packer.unpack_all(faiss.swig_ptr(packed[b * block_bytes:]), faiss.swig_ptr(one_block))
+        take = min(per_block, size - b * per_block)
+        codes[kept + b * per_block:kept + b * per_block + take] = one_block[:take]
+    for b in range(len(codes) // per_block):
+        packer.pack_all(faiss.swig_ptr(codes[b * per_block:]), faiss.swig_ptr(target[(first + b) * block_bytes:]))
+    faiss.rev_swig_ptr(into.get_ids(list_no), at + size)[at:] = faiss.rev_swig_ptr(source.get_ids(list_no), size)
 
 
 class MergedShards:
@@ -325,9 +330,11 @@ class MergedShards:
     def __init__(self, shards: Sequence[LoadedShard]) -> None:
         self.shards = list(shards)
         self.index = shards[0].index
-        join_lists([_ivf_of(s.index) for s in shards])
-        for shard in shards:
-            shard.index = None
+        def release(i: int) -> None:            # frees that shard's codes before the next one's
+            shards[i + 1].index = None
+
+        join_lists(_ivf_of(self.index), [_ivf_of(s.index) for s in shards[1:]], release)
+        shards[0].index = None
         self.rerank = shards[0].rerank if all(s.vectors is not None for s in shards) else 0
         self.locator = IdLocator([s.faiss_ids for s in shards])
 
