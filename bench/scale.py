@@ -142,11 +142,22 @@ def exact_topk(folder: Path, xq: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------------------ measured roles
 
+def _anon_rss(pid: int) -> int:
+    """Anonymous resident bytes of a process (RssAnon: its own memory, not the file pages it
+    maps, such as a searcher's memory-mapped vectors that the page cache can drop)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 class WorkerPeak:
-    """Peak RSS of the single largest Ray worker process (children of this process), sampled."""
+    """Peak RSS of the single largest Ray worker process (children of this process), sampled;
+    ``anon_peak``: the largest anonymous part of it (RssAnon)."""
 
     def __init__(self, match: str = "ray::") -> None:
-        self.match, self.peak, self._stop = match, 0, threading.Event()
+        self.match, self.peak, self.anon_peak, self._stop = match, 0, 0, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
@@ -156,7 +167,8 @@ class WorkerPeak:
                 try:
                     if self.match in " ".join(proc.cmdline()[:1]):
                         self.peak = max(self.peak, proc.memory_info().rss)
-                except psutil.Error:
+                        self.anon_peak = max(self.anon_peak, _anon_rss(proc.pid))
+                except (psutil.Error, OSError):
                     pass
             time.sleep(0.2)
 
@@ -206,7 +218,8 @@ def role_facelake(root: str, probes: str, out: str) -> dict:
             "search_seconds": summary.search_seconds, "first_batch_seconds": summary.first_batch_seconds,
             "job_wall_seconds": round(wall, 1),
             "ray_start_seconds": round(ray_start, 1), "driver_peak_rss_mib": round(_self_peak() / 2**20),
-            "searcher_peak_rss_mib": round(searchers.peak / 2**20)}
+            "searcher_peak_rss_mib": round(searchers.peak / 2**20),
+            "searcher_peak_anon_mib": round(searchers.anon_peak / 2**20)}
 
 
 def role_exact(faces: str, probes: str) -> dict:
@@ -296,23 +309,24 @@ def bench_size(n: int, work: Path, nq: int, rounds: int, phase: str) -> dict:
             "median_steady_ratio": round(statistics.median(steady_ratios), 2),
             "median_job_wall_ratio": round(statistics.median(job_ratios), 2),
             "median_first_batch_seconds": statistics.median(r["first_batch_seconds"] for r in sides["facelake"]),
-            "largest_searcher_peak_rss_mib": max(r["searcher_peak_rss_mib"] for r in sides["facelake"])}
+            "largest_searcher_peak_rss_mib": max(r["searcher_peak_rss_mib"] for r in sides["facelake"]),
+            "largest_searcher_peak_anon_mib": max(r.get("searcher_peak_anon_mib", 0) for r in sides["facelake"])}
 
 
 def table(report: dict) -> str:
     lines = ["| faces | build s | driver peak MiB | largest worker MiB | bytes/face resident | factory, nprobe | "
              "recall@10 | probes | facelake probes/s (whole search; after 1st batch) | exact probes/s | "
-             "ratio (median, range) | ratio after 1st batch | whole-job ratio | largest searcher MiB |",
+             "ratio (median, range) | ratio after 1st batch | whole-job ratio | largest searcher MiB (RSS; anonymous) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["sizes"]:
         b = r["build"]
         lines.append(f"| {r['faces']:,} | {b['seconds']} | {b['driver_peak_rss_mib']} | {b['largest_worker_peak_rss_mib']} "
                      f"| {b['resident_bytes_per_face']} | {b['factory']}, {b['nprobe']} | {r['recall_at_10']} "
-                     f"| {r['probes']:,} | {r['median_probes_per_s']['facelake']}; "
-                     f"{r['median_probes_per_s']['facelake_steady']} | {r['median_probes_per_s']['exact']} "
+                     f"| {r['probes']:,} | {r['median_probes_per_s']['facelake']:,.0f}; "
+                     f"{r['median_probes_per_s']['facelake_steady']:,.0f} | {r['median_probes_per_s']['exact']:,.1f} "
                      f"| {r['median_ratio']}x ({r['ratio_range'][0]}-{r['ratio_range'][1]}) "
                      f"| {r['median_steady_ratio']}x | {r['median_job_wall_ratio']}x "
-                     f"| {r.get('largest_searcher_peak_rss_mib', '-')} |")
+                     f"| {r.get('largest_searcher_peak_rss_mib', '-')}; {r.get('largest_searcher_peak_anon_mib', '-')} |")
     return "\n".join(lines)
 
 
