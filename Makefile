@@ -26,7 +26,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
-# GPU nodes: faiss-gpu-cu12 and onnxruntime-gpu install the same modules as their CPU
+# GPU nodes: faiss-gpu and onnxruntime-gpu install the same modules as their CPU
 # wheels, so the CPU wheels are removed first.
 install-gpu: $(VENV)/.installed
 	$(BIN)/pip uninstall --yes faiss-cpu onnxruntime

@@ -2,7 +2,7 @@
 (index build and search), so no job guesses on its own.
 
 - ``onnx_cuda``: onnxruntime has its CUDA provider (onnxruntime-gpu is installed).
-- ``faiss_gpu``: faiss was built with GPU support (faiss-gpu-cu12).
+- ``faiss_gpu``: faiss was built with GPU support (faiss-gpu).
 - ``cluster_gpus``: the GPUs the connected Ray cluster offers (0 without Ray).
 - ``embed_on_gpu``: embed asks Ray for GPU actors: the cluster has a GPU and onnxruntime can use it.
 - ``faiss_on_gpu``: index build and shard searchers go to GPUs: faiss can, and the cluster has one.

@@ -485,7 +485,7 @@ def build_version(faces: FacesInput, root: str, *, model: str, weights_sha256: s
                           f"builds {params.factory}: build without --trained-from (`facelake rebuild --full` "
                           f"retrains)")
     if use_gpu and not device.faiss_gpu():
-        raise ConfigError("use_gpu=True but this faiss has no GPU support: install faiss-gpu-cu12 "
+        raise ConfigError("use_gpu=True but this faiss has no GPU support: install faiss-gpu "
                           "(make install-gpu) or leave use_gpu unset")
     use_gpu = gpu_available() if use_gpu is None else use_gpu
     if use_gpu and ray.cluster_resources().get("GPU", 0) < 1:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -422,8 +423,9 @@ class LocalShardSearcher:
         self.shard_nos = [shards] if isinstance(shards, int) else list(shards)
         if not self.shard_nos:
             raise ConfigError("a searcher needs at least one shard")
-        # files are hashed while read: the threads overlap the shards' verification and parsing
-        with ThreadPoolExecutor(max_workers=min(len(self.shard_nos), threads or 1)) as pool:
+        # files are hashed while read: one thread per CPU overlaps the shards' verification and
+        # parsing (``threads`` is faiss's per call, usually 1: calls run side by side instead)
+        with ThreadPoolExecutor(max_workers=min(len(self.shard_nos), max(threads or 1, os.cpu_count() or 1))) as pool:
             self.shards = list(pool.map(lambda s: open_shard(handle, s, cache_dir), self.shard_nos))
         self.merged: MergedShards | None = None
         if use_gpu:
