@@ -71,21 +71,43 @@ class TableVersion:
     created_at: str
     job_id: str | None = None
     images: int | None = None   # distinct images with faces; None: written before it was recorded
+    # rows of each part, in the order of faces / errors; None: written before they were recorded
+    face_part_rows: tuple[int, ...] | None = None
+    error_part_rows: tuple[int, ...] | None = None
 
     def to_dict(self) -> dict:
         return {"name": self.name, "faces": list(self.faces), "errors": list(self.errors),
                 "face_rows": self.face_rows, "error_rows": self.error_rows, "model": self.model,
-                "created_at": self.created_at, "job_id": self.job_id, "images": self.images}
+                "created_at": self.created_at, "job_id": self.job_id, "images": self.images,
+                "face_part_rows": _listed(self.face_part_rows), "error_part_rows": _listed(self.error_part_rows)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "TableVersion":
         return cls(name=data["name"], faces=tuple(data["faces"]), errors=tuple(data["errors"]),
                    face_rows=int(data["face_rows"]), error_rows=int(data["error_rows"]),
                    model=data.get("model"), created_at=data["created_at"], job_id=data.get("job_id"),
-                   images=None if data.get("images") is None else int(data["images"]))
+                   images=None if data.get("images") is None else int(data["images"]),
+                   face_part_rows=_counts(data.get("face_part_rows"), data["faces"]),
+                   error_part_rows=_counts(data.get("error_part_rows"), data["errors"]))
 
     def parts(self, kind: str) -> tuple[str, ...]:
         return self.faces if kind == FACES else self.errors
+
+    def part_rows(self, kind: str) -> tuple[int, ...] | None:
+        """Rows of each of ``parts(kind)``, as recorded when the version was written (None for
+        versions written before: their parts' footers hold them)."""
+        return self.face_part_rows if kind == FACES else self.error_part_rows
+
+
+def _listed(counts: tuple[int, ...] | None) -> list[int] | None:
+    return None if counts is None else list(counts)
+
+
+def _counts(counts: list | None, parts: list) -> tuple[int, ...] | None:
+    """Recorded part row counts, or None when absent or not one per part (then footers count)."""
+    if counts is None or len(counts) != len(parts):
+        return None
+    return tuple(int(n) for n in counts)
 
 
 def read_pointer(root: str, options: StorageOptions | None = None) -> dict | None:
@@ -304,7 +326,8 @@ def write_version(root: str, base: TableVersion | None, *, drop_ids: pa.Array,
     added, never rows. ``hook`` (tests) runs before ROOT/TABLE is written. Returns the new version;
     the old parts stay until ``collect_garbage``. ``holding``: the (kind, part) of ``base`` that
     hold a dropped id, when the caller knows them (rebuild's plan, erase's scan): the other parts
-    are kept from their footers, their ids unread; None has every part's ids read (by the units).
+    are kept, their ids unread, their row counts taken from ``base``'s record (from their footers
+    for a base written before counts were recorded); None has every part's ids read (by the units).
 
     The version records its distinct images with faces (``images``, what `status` shows), counted
     from the change alone: ``base``'s count, less the distinct dropped ids its faces held, plus the
@@ -337,7 +360,9 @@ def write_version(root: str, base: TableVersion | None, *, drop_ids: pa.Array,
     version = TableVersion(name=name, faces=tuple(p for p, _ in parts[FACES]),
                            errors=tuple(p for p, _ in parts[ERRORS]),
                            face_rows=sum(n for _, n in parts[FACES]), error_rows=sum(n for _, n in parts[ERRORS]),
-                           model=model, created_at=utc_now(), job_id=job_id, images=images)
+                           model=model, created_at=utc_now(), job_id=job_id, images=images,
+                           face_part_rows=tuple(n for _, n in parts[FACES]),
+                           error_part_rows=tuple(n for _, n in parts[ERRORS]))
     storage.write_bytes_atomic(uri(root, TABLES, f"{name}.json"), json.dumps(version.to_dict(), indent=2).encode(),
                                options)
     if hook:
@@ -355,13 +380,15 @@ def _units(root: str, base: TableVersion | None, drop: pa.Array, sources: Sequen
            name: str, options: StorageOptions | None,
            holding: set[tuple[str, str]] | None) -> tuple[list[Unit], dict[str, list[tuple[str, int] | int]]]:
     """The units that rewrite ``base``'s parts and record ``sources``, and per kind the new version's
-    parts in order: (part, rows) kept from its footer, or the index of the unit that writes them."""
+    parts in order: (part, rows) kept as it is, or the index of the unit that writes them."""
     units: list[Unit] = []
     slots: dict[str, list[tuple[str, int] | int]] = {kind: [] for kind in KINDS}
     for kind in KINDS:
+        recorded = base.part_rows(kind) if base else None
         for i, part in enumerate(base.parts(kind) if base else ()):
             if not len(drop) or (holding is not None and (kind, part) not in holding):
-                slots[kind].append((part, _rows_of(root, kind, part, options)))
+                rows = recorded[i] if recorded is not None else _rows_of(root, kind, part, options)
+                slots[kind].append((part, rows))
                 continue
             slots[kind].append(len(units))
             units.append((rewrite_part, {"root": root, "kind": kind, "part": part, "drop": drop, "version": name,

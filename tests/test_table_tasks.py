@@ -193,3 +193,40 @@ def test_rebuild_and_erase_write_the_same_record_in_tasks_and_in_the_driver(ray_
     faces = assert_record_consistent(in_tasks)
     assert set(faces["image_id"].to_pylist()) == {"img2"}
     assert rootmod.current(in_tasks).images == len(pc.unique(faces["image_id"]))
+
+
+def _footers(root: str, version: rootmod.TableVersion, kind: str) -> tuple[int, ...]:
+    return tuple(rootmod._rows_of(root, kind, part, None) for part in version.parts(kind))
+
+
+def test_kept_parts_take_their_row_counts_from_the_record(tmp_path, monkeypatch):
+    """A version records each part's rows; the next version keeps the untouched parts without
+    reading their footers (one read per part of the archive, every night, in the driver); a
+    version written before counts were recorded still counts from its footers."""
+    import dataclasses
+
+    root = str(tmp_path / "root")
+    base = _base(root)
+    for kind in rootmod.KINDS:
+        assert base.part_rows(kind) == _footers(root, base, kind) and sum(base.part_rows(kind)) > 0
+    assert rootmod.current(root).face_part_rows == base.face_part_rows          # as read back from JSON
+    footer_reads = []
+    read_footer = rootmod._rows_of
+    monkeypatch.setattr(rootmod, "_rows_of", lambda *a: footer_reads.append(a[2]) or read_footer(*a))
+
+    drop = pa.array(["b03-0000"], pa.string())
+    new = rootmod.write_version(root, base, drop_ids=drop, holding={(rootmod.FACES, base.faces[3])},
+                                model="m", job_id="y")
+    assert footer_reads == []
+    for kind in rootmod.KINDS:
+        assert new.part_rows(kind) == _footers(root, new, kind)
+    assert new.face_rows == rootmod.read_faces(root).num_rows == base.face_rows - 2     # both its faces
+
+    footer_reads.clear()                                # _footers above read them through the spy
+    legacy = dataclasses.replace(new, face_part_rows=None, error_part_rows=None)
+    drop = pa.array(["b04-0001"], pa.string())
+    newer = rootmod.write_version(root, legacy, drop_ids=drop, holding={(rootmod.FACES, new.faces[4])},
+                                  model="m", job_id="z")
+    assert len(footer_reads) == len(new.faces) + len(new.errors) - 1
+    assert newer.face_rows == rootmod.read_faces(root).num_rows == new.face_rows - 2
+    assert rootmod.TableVersion.from_dict({**newer.to_dict(), "face_part_rows": [1]}).face_part_rows is None
