@@ -52,12 +52,13 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from machine_info import cpu_name, gpu_info  # bench/ is on sys.path: these run as scripts
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -101,26 +102,6 @@ def clustered_head(n: int, dim: int, m: int, *, seed: int = 0) -> np.ndarray:
         take = min(stop, m) - start
         out[start:start + take] = unit(block)[:take]
     return out
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _gpu() -> dict:
-    try:
-        row = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
-                              "--format=csv,noheader"], capture_output=True, text=True, timeout=30).stdout.strip()
-        name, driver, memory = [part.strip() for part in row.split(",")]
-        return {"name": name, "driver": driver, "memory": memory}
-    except (OSError, ValueError, subprocess.SubprocessError):
-        return {}
 
 
 def trained_index(factory: str, sample: np.ndarray, *, gpu: bool,
@@ -284,8 +265,8 @@ def main() -> None:
     RESULT.update({
         "what": "faiss GPU paths of facelake (index.build.train use_gpu, GPU add, GPU IVF-Flat shard search) vs CPU",
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "faiss": faiss.__version__, "faiss_gpus": gpus, "gpu": {} if args.cpu_only else _gpu(),
-        "cpu": {"name": _cpu_name(), "cores": os.cpu_count(), "threads": args.cpu_threads},
+        "faiss": faiss.__version__, "faiss_gpus": gpus, "gpu": {} if args.cpu_only else gpu_info(),
+        "cpu": {"name": cpu_name(), "cores": os.cpu_count(), "threads": args.cpu_threads},
         "numpy": np.__version__, "python": platform.python_version(), "args": {
             k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "loadavg_start": list(os.getloadavg()),

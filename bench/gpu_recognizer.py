@@ -37,12 +37,13 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from machine_info import cpu_name, gpu_info  # bench/ is on sys.path: these run as scripts
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -108,29 +109,9 @@ def prepare(out: Path, photos: int) -> None:
         "passing the default quality floor, facelake.faces.FaceEngine detect + align",
         "first": names[0], "last": names[-1], "model": MODEL, "graph": graph.name, "graph_sha256": sha256(graph),
         "reference": f"OrtRecognizer(cuda=False, threads=None), batch {REF_BATCH}, onnxruntime {ort.__version__}, "
-                     f"{platform.machine()} {_cpu_name()}",
+                     f"{platform.machine()} {cpu_name()}",
     }, indent=2) + "\n")
     print(f"prepared {len(stack)} crops from {scanned} photos ({names[0]} .. {names[-1]}) in {out}")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _gpu() -> dict:
-    try:
-        row = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
-                              "--format=csv,noheader"], capture_output=True, text=True, timeout=30).stdout.strip()
-        name, driver, memory = [part.strip() for part in row.split(",")]
-        return {"name": name, "driver": driver, "memory": memory}
-    except (OSError, ValueError, subprocess.SubprocessError):
-        return {}
 
 
 def agreement(embeddings: np.ndarray, reference: np.ndarray) -> dict:
@@ -190,7 +171,7 @@ def measure(inputs: Path, model: Path, cpu_only: bool, repeats: int, cpu_threads
         "what": "facelake's recognizer (sface-yunet float SFace graph) on onnxruntime's CUDA provider "
                 "(facelake.inference.OrtRecognizer(cuda=True)) vs onnxruntime CPU",
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "gpu": _gpu(), "cpu": {"name": _cpu_name(), "cores": os.cpu_count(), "loadavg_start": os.getloadavg()},
+        "gpu": gpu_info(), "cpu": {"name": cpu_name(), "cores": os.cpu_count(), "loadavg_start": os.getloadavg()},
         "onnxruntime": {"version": ort.__version__, "available_providers": ort.get_available_providers()},
         "graph": {"file": model.name, "sha256": graph_sha},
         "faces": meta, "reference": meta["reference"],
