@@ -17,7 +17,6 @@ import pytest
 
 from facelake import faults, root as rootmod, storage
 from facelake.jobs import tasks
-from facelake.schema import SOURCE_STAT_SCHEMA
 from tests.helpers import fails_at_armed_fault
 # imported here, not in a test: importing tests.conftest again (as this does) sets a new
 # FACELAKE_FAULTS folder, which must happen before Ray starts so that workers see the same one
