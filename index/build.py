@@ -29,7 +29,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import faiss
 import numpy as np
@@ -245,10 +245,16 @@ def _similarity_task(trained: np.ndarray, *samples: tuple[np.ndarray, np.ndarray
 
 
 def sampled_similarity(faces: FacesInput, trained: bytes | np.ndarray, size: int,
-                       options: StorageOptions | None = None) -> float:
+                       options: StorageOptions | None = None, rows: Sequence[int] | None = None) -> float:
     """Mean inner product of ``size`` sampled faces to their nearest centroid of ``trained`` (how
-    well a trained quantizer still fits the collection), computed in Ray tasks."""
-    parts, _ = list_parts(faces, options)
+    well a trained quantizer still fits the collection), computed in Ray tasks. ``rows``: each
+    part's row count when ``faces`` is a list of parts whose counts are known (a table version's
+    record), so no footer is read here."""
+    if rows is not None and isinstance(faces, list) and len(rows) == len(faces):
+        first = np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(int)
+        parts = [Part(uri=u, rows=int(n), first_row=int(f)) for u, n, f in zip(faces, rows, first)]
+    else:
+        parts, _ = list_parts(faces, options)
     samples = [_sample_task.options(num_cpus=0.5).remote(p, n, i, options)
                for i, (p, n) in enumerate(zip(parts, _sample_sizes(parts, size))) if n]
     return ray.get(_similarity_task.remote(np.frombuffer(trained, np.uint8), *samples))

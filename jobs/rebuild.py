@@ -463,6 +463,7 @@ def publish_index(root: str, version: rootmod.TableVersion | None, *, model: str
     pointer = rootmod.read_pointer(root, options) or {}
     erased = erased_ids_checked(root, options)   # refuses a tampered erasure list
     parts = [rootmod.uri(root, rootmod.FACES, p) for p in version.faces] if version is not None else []
+    rows = version.face_part_rows if version is not None else None     # recorded: no footer read
     n = version.face_rows if version is not None else 0     # before erasure: at most this many
 
     def withdraw() -> dict:
@@ -479,7 +480,7 @@ def publish_index(root: str, version: rootmod.TableVersion | None, *, model: str
     similarity = None
     if not full and live_manifest is not None and quantizer and live_manifest.get("model") == model:
         similarity = sampled_similarity(parts, read_verified(open_version(root, live, options=options),
-                                                             layout.TRAINED), DRIFT_SAMPLE, options)
+                                                             layout.TRAINED), DRIFT_SAMPLE, options, rows)
     reason = retrain_reason(n, quantizer, live_manifest, model, similarity, full)
     shards = min(n, math.ceil(n / (shard_size or DEFAULT_SHARD_SIZE)))
     pq_m = live_manifest.get("pq") if live_manifest else None
@@ -493,7 +494,7 @@ def publish_index(root: str, version: rootmod.TableVersion | None, *, model: str
         if reason is not None:
             trained = read_verified(open_version(root, version_name, options=options), layout.TRAINED)
             q = {"trained_in": version_name, "faces": n,
-                 "mean_similarity": sampled_similarity(parts, trained, DRIFT_SAMPLE, options)}
+                 "mean_similarity": sampled_similarity(parts, trained, DRIFT_SAMPLE, options, rows)}
         rootmod.write_pointer(root, {**(rootmod.read_pointer(root, options) or {}), "index_version": version_name,
                                      "quantizer": q}, options)
 

@@ -433,3 +433,22 @@ def test_searcher_groups_fit_the_smallest_node_and_use_every_node(ray_local, tmp
     assert search.searcher_groups(handle, [tight]) == [[0, 1], [2, 3]]          # split to fit a node
     too_small = {"CPU": 1, "memory": one - 1}
     assert search.searcher_groups(handle, [too_small]) == [[0], [1], [2], [3]]  # Ray then refuses, not swaps
+
+
+def test_drift_sample_takes_recorded_part_rows_without_footers(ray_local, tmp_path, monkeypatch):
+    """The nightly drift check samples the faces of record; given the table version's recorded
+    row counts it reads no footer, and measures exactly what it measures from the footers."""
+    xb = synthetic.clustered(3_000, 32, seed=71)
+    uris = []
+    for i, (a, b) in enumerate(((0, 1_000), (1_000, 1_700), (1_700, 3_000))):
+        uris.append(str(tmp_path / f"part-{i}.parquet"))
+        storage.write_table(uris[-1], faces_table(xb[a:b]))
+    trained = faiss.serialize_index(build.train(xb, params.choose_params(3_000, 32, nlist=16)))
+    from_footers = build.sampled_similarity(uris, trained, 500)
+
+    def no_footers(*_a, **_k):
+        raise AssertionError("a footer was read")
+
+    monkeypatch.setattr(build, "list_parts", no_footers)
+    assert build.sampled_similarity(uris, trained, 500, rows=[1_000, 700, 1_300]) == from_footers
+    assert 0.5 < from_footers <= 1.0
