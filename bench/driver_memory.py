@@ -11,7 +11,7 @@ validated: every job's first step, streamed since issue 9):
   tasks) against ``jobs/embed.done_image_ids`` (what the driver gathered before).
 - ``status``: `facelake status` of a root whose table of record holds N faces of N/2 images:
   ``collect`` on a recorded table version, on a version written before image counts were
-  recorded (counted by jobs/counts.py tasks), against reading every image id (before).
+  recorded (counted by jobs/work/counts.py tasks), against reading every image id (before).
 - ``rebuild``: rebuild's change detection (the manifest carries size and mtime, so no photo is
   statted; the record holds two faces per photo; nothing changed, so all of it is compared):
   ``jobs/rebuild_plan.plan_in_tasks`` (hash-partitioned tasks) against the driver's plan
@@ -24,7 +24,7 @@ validated: every job's first step, streamed since issue 9):
 - ``table_write``: the table version that erase and rebuild then write, in that root: the parts
   holding the 10 ids (found by ``_scan``) rewritten without them, and 3 of them added back from
   their parts of record with a new stat (as a rebuild re-states a touched photo), by units in Ray
-  tasks (jobs/tasks.py ``ray_map``) against the same units in the driver (``table_write_before``:
+  tasks (jobs/work/units.py ``ray_map``) against the same units in the driver (``table_write_before``:
   rootmod.map_local, what runs below 200,000 rows). Stopped just before ROOT/TABLE moves, so the
   root stays as generated.
 
@@ -68,7 +68,8 @@ def generate(folder: str, n: int) -> None:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from facelake import root as rootmod, storage
+    from facelake import storage
+    from facelake.record import tables as rootmod
 
     def write(path: str, table: pa.Table) -> None:
         storage.write_table(os.path.join(folder, path), table)
@@ -151,7 +152,8 @@ def measure(case: str, folder: str) -> dict:
     """One step in this (fresh) process: its result and the driver's memory."""
     import ray
 
-    from facelake import manifest, storage
+    from facelake import storage
+    from facelake.faces import manifest
     from facelake.cluster import runtime
 
     runtime.connect(None)
@@ -159,11 +161,12 @@ def measure(case: str, folder: str) -> dict:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from facelake import root as rootmod
-    from facelake.jobs import rebuild, resume
+    from facelake.record import tables as rootmod
+    from facelake.jobs import rebuild
+    from facelake.jobs.work import resume
     from facelake.jobs.embed import done_image_ids
     from facelake.jobs.status import collect
-    from facelake.registry import get_model
+    from facelake.faces.registry import get_model
 
     m = os.path.join(folder, "manifest")
     info = manifest.validate(m)     # every job's first step (streamed; issue 9), not measured here
@@ -181,7 +184,7 @@ def measure(case: str, folder: str) -> dict:
         faces = rootmod.read_faces(os.path.join(folder, "recorded"), ["image_id"])
         out = {"images": len(pc.unique(faces["image_id"])), "faces": faces.num_rows}
     elif case == "rebuild_plan":
-        from facelake.jobs import rebuild_plan
+        from facelake.jobs.work import changes as rebuild_plan
 
         root = os.path.join(folder, "recorded")
         plan = rebuild_plan.plan_in_tasks(rebuild.RebuildConfig(manifest=m, root=root), info, rootmod.current(root),
@@ -236,8 +239,10 @@ def _table_write(root: str, in_tasks: bool) -> dict:
     """The parts holding ERASE_IDS rewritten without them, 3 of them added back with a new stat."""
     import pyarrow as pa
 
-    from facelake import root as rootmod, storage
-    from facelake.jobs import erase, tasks
+    from facelake import storage
+    from facelake.record import tables as rootmod
+    from facelake.jobs import erase
+    from facelake.jobs.work import units as tasks
 
     base = rootmod.current(root)
     scan = erase._scan(root, base, None, pa.array(ERASE_IDS), storage.StorageOptions())

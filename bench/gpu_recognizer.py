@@ -6,17 +6,17 @@
 
 ``prepare`` (on the machine holding the photos; onnxruntime CPU): the first N LFW photos in name
 order (../shared/faces/lfw_deepfunneled), each photo's largest face passing the default quality
-floor, cut by facelake's own detector and alignment (facelake.faces.FaceEngine: YuNet, 5-point
+floor, cut by facelake's own detector and alignment (facelake.faces.models.FaceEngine: YuNet, 5-point
 similarity transform to SFace's 112x112 template), saved as uint8 BGR crops (crops.npy, n x 112 x
 112 x 3), and the reference: the raw embeddings of the same crops from
-``facelake.inference.OrtRecognizer(path, threads=None, cuda=False)`` (cpu_ref.npy), batches of 64.
+``facelake.faces.inference.OrtRecognizer(path, threads=None, cuda=False)`` (cpu_ref.npy), batches of 64.
 
 ``measure`` (on the GPU machine): opens the same graph with
 ``OrtRecognizer(path, threads=None, cuda=True)`` -- facelake's "cuda" runtime -- and reports
 
 1. the providers onnxruntime offers and the ones the session really uses;
 2. correctness: cosine of each CUDA embedding to the CPU reference (min, median), against
-   facelake.inference.COSINE_TOLERANCE, and how far every pairwise similarity moved (median,
+   facelake.faces.inference.COSINE_TOLERANCE, and how far every pairwise similarity moved (median,
    p99, max), against SIMILARITY_TOLERANCE; the same for onnxruntime CPU on this machine;
 3. throughput: faces/s of the CUDA recognizer at batch 1, 16, 64 and 256 (warm-up first; wall
    clock around ``run``, which returns only once the embeddings are back on the host; median
@@ -24,7 +24,7 @@ similarity transform to SFace's 112x112 template), saved as uint8 BGR crops (cro
    (``OrtRecognizer(path, threads=T, cuda=False)``, T = all cores) against CUDA at batch 64,
    alternated A B A B.
 
-Input blobs are built once (facelake.faces.preprocessing); the times are the recognizer call
+Input blobs are built once (facelake.faces.models.preprocessing); the times are the recognizer call
 alone: host-to-device copy, the graph, device-to-host copy. ``--cpu-only`` skips the CUDA side
 (to test the script without a GPU).
 """
@@ -48,8 +48,8 @@ from machine_info import cpu_name, gpu_info  # bench/ is on sys.path: these run 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from facelake.inference import COSINE_TOLERANCE, SIMILARITY_TOLERANCE, OrtRecognizer  # noqa: E402
-from facelake.registry import get_model  # noqa: E402
+from facelake.faces.inference import COSINE_TOLERANCE, SIMILARITY_TOLERANCE, OrtRecognizer  # noqa: E402
+from facelake.faces.registry import get_model  # noqa: E402
 
 LFW = REPO.parent / "shared" / "faces" / "lfw_deepfunneled" / "lfw-deepfunneled"
 MODEL = "sface-yunet"
@@ -58,7 +58,7 @@ REF_BATCH = 64  # facelake's embed batch (FaceEmbedder.embed)
 
 
 def _blob(crops: np.ndarray) -> np.ndarray:
-    from facelake.faces import preprocessing
+    from facelake.faces.models import preprocessing
 
     return preprocessing(get_model(MODEL))(crops)
 
@@ -78,7 +78,7 @@ def sha256(path: str | Path) -> str:
 def prepare(out: Path, photos: int) -> None:
     import cv2
 
-    from facelake.faces import FaceEngine, QualityFloor
+    from facelake.faces.models import FaceEngine, QualityFloor
 
     engine = FaceEngine(MODEL, runtime="onnxruntime", recognizer=False, threads=1)
     floor = QualityFloor()
@@ -93,7 +93,7 @@ def prepare(out: Path, photos: int) -> None:
             crops.append(engine.align(image, faces[0].landmarks))
             names.append(str(path.relative_to(LFW)))
     stack = np.stack(crops).astype(np.uint8)
-    from facelake.weights import provision
+    from facelake.faces.weights import provision
 
     spec = get_model(MODEL)
     graph = provision(spec)[spec.recognizer_weight.file_name]
@@ -106,7 +106,7 @@ def prepare(out: Path, photos: int) -> None:
     np.save(out / "cpu_ref.npy", reference)
     (out / "meta.json").write_text(json.dumps({
         "faces": len(stack), "photos_scanned": scanned, "photos_source": "LFW deep-funneled, first photos in name order, largest face "
-        "passing the default quality floor, facelake.faces.FaceEngine detect + align",
+        "passing the default quality floor, facelake.faces.models.FaceEngine detect + align",
         "first": names[0], "last": names[-1], "model": MODEL, "graph": graph.name, "graph_sha256": sha256(graph),
         "reference": f"OrtRecognizer(cuda=False, threads=None), batch {REF_BATCH}, onnxruntime {ort.__version__}, "
                      f"{platform.machine()} {cpu_name()}",
@@ -169,7 +169,7 @@ def measure(inputs: Path, model: Path, cpu_only: bool, repeats: int, cpu_threads
     blob = _blob(crops)
     result: dict = {
         "what": "facelake's recognizer (sface-yunet float SFace graph) on onnxruntime's CUDA provider "
-                "(facelake.inference.OrtRecognizer(cuda=True)) vs onnxruntime CPU",
+                "(facelake.faces.inference.OrtRecognizer(cuda=True)) vs onnxruntime CPU",
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "gpu": gpu_info(), "cpu": {"name": cpu_name(), "cores": os.cpu_count(), "loadavg_start": os.getloadavg()},
         "onnxruntime": {"version": ort.__version__, "available_providers": ort.get_available_providers()},

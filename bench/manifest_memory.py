@@ -3,7 +3,7 @@
 Generates a manifest of ``--rows`` rows (image_id, uri, one carried column) as Parquet files in a
 temporary folder, then measures, each in a fresh process so that peaks do not mix:
 
-- ``validate``: ``facelake.manifest.validate`` (what every job runs on the driver first):
+- ``validate``: ``facelake.faces.manifest.validate`` (what every job runs on the driver first):
   peak RSS of the process, and the growth over the interpreter with facelake imported.
 - ``ray_count``: Ray Data reading the manifest the way the embed job does (V1 reader, small
   blocks) and counting rows: the driver's peak RSS and the peak RSS summed over the driver and

@@ -8,15 +8,15 @@
    job does (YuNet, 5-point alignment, the largest face). LFW is never used.
 2. Runs NNCF post-training quantization (ONNX backend, preset "performance": symmetric int8
    weights per output channel and activations; MinMax statistics over every calibration face,
-   fast bias correction) on the provisioned float SFace graph (facelake.onnx_rewrite.fix_sface
+   fast bias correction) on the provisioned float SFace graph (facelake.faces.onnx_rewrite.fix_sface
    with its constant weight reshapes folded).
 3. Keeps only the scales NNCF chose, per quantized node input, in the recipe JSON. Provisioning
-   (facelake.onnx_rewrite.sface_int8) rebuilds the int8 graph from the checksum-verified float
+   (facelake.faces.onnx_rewrite.sface_int8) rebuilds the int8 graph from the checksum-verified float
    weights and that recipe with numpy and onnx alone, so NNCF is not a run-time dependency.
 
 --check rebuilds the graph from the recipe and compares its outputs with NNCF's own graph on
 the calibration faces (they must agree to float rounding). A new recipe changes the int8 file's
-sha256: register it in facelake/registry.py and re-run bench/eval.py --model sface-int8-yunet,
+sha256: register it in facelake/faces/registry.py and re-run bench/eval.py --model sface-int8-yunet,
 which writes that model's calibration.
 """
 
@@ -40,7 +40,7 @@ def calibration_faces() -> np.ndarray:
     """Aligned 112x112 BGR faces of ORL and the sample (largest face per photo), in name order."""
     import cv2
 
-    from facelake.faces import FaceEngine
+    from facelake.faces.models import FaceEngine
 
     paths = sorted(ORL.glob("s*/*.pgm"), key=str) + sorted(SAMPLE.glob("*.jpg"))
     if not any(p.suffix == ".pgm" for p in paths):
@@ -56,7 +56,7 @@ def calibration_faces() -> np.ndarray:
 
 
 def blob(faces: np.ndarray) -> np.ndarray:
-    """SFace's input as facelake.faces.FaceEmbedder feeds it: RGB, channels first, 0..255."""
+    """SFace's input as facelake.faces.models.FaceEmbedder feeds it: RGB, channels first, 0..255."""
     return np.ascontiguousarray(faces[..., ::-1].transpose(0, 3, 1, 2), dtype=np.float32)
 
 
@@ -64,9 +64,9 @@ def float_graph():
     """The provisioned float SFace graph with its constant weight reshapes folded."""
     import onnx
 
-    from facelake.onnx_rewrite import _fold_constant_reshapes
-    from facelake.registry import SFACE_INT8_FOLDED, get_model
-    from facelake.weights import provision
+    from facelake.faces.onnx_rewrite import _fold_constant_reshapes
+    from facelake.faces.registry import SFACE_INT8_FOLDED, get_model
+    from facelake.faces.weights import provision
 
     path = provision(get_model("sface-yunet"))[SFACE_INT8_FOLDED.file_name]
     model = onnx.load(str(path))
@@ -87,7 +87,7 @@ def extract_recipe(quantized, float_model) -> dict:
     """The scales of NNCF's QuantizeLinear/DequantizeLinear pairs, keyed by the inputs they feed."""
     from onnx import numpy_helper
 
-    from facelake.onnx_rewrite import quantize_weight
+    from facelake.faces.onnx_rewrite import quantize_weight
 
     graph = quantized.graph
     inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
@@ -134,7 +134,7 @@ def main() -> int:
     import nncf
     import onnxruntime as ort
 
-    from facelake.onnx_rewrite import apply_int8_recipe
+    from facelake.faces.onnx_rewrite import apply_int8_recipe
 
     inputs = blob(calibration_faces())
     print(f"{len(inputs)} calibration faces; NNCF {nncf.__version__}", file=sys.stderr)

@@ -7,7 +7,7 @@ files (scan + embed + publish), against the plain full rebuild (`rebuild --full`
 The archive: N photo files made as hard links (one directory entry each, no bytes, no inode) to
 the bundled sample photos under distinct names, 1,000 per folder. Its faces of record are seeded
 without embedding N photos: one synthetic clustered 128-d face per photo, with the photo's real
-size, mtime and content sha256, written as a real table of record through facelake.root's
+size, mtime and content sha256, written as a real table of record through facelake.record.tables's
 table-version code in parts of 100,000 rows, then an index version published from it with the
 same ``publish_index`` a rebuild uses (a full build: train + every shard). None of that is timed.
 
@@ -77,11 +77,11 @@ def manifest_table(photos: Path, n: int) -> pa.Table:
 def seed_root(root: str, photos: Path, n: int, sources: list[Path]) -> dict:
     """Faces of record for photos 0..n-1 (synthetic embeddings, real stat and sha256), then a
     published index version, through the root / table-version / publish code a rebuild uses."""
-    from facelake import root as rootmod
+    from facelake.record import tables as rootmod
     from facelake.index.synthetic import clustered
     from facelake.jobs.rebuild import publish_index
-    from facelake.lock import RootLock
-    from facelake.registry import get_model, weights_fingerprint
+    from facelake.record.lock import RootLock
+    from facelake.faces.registry import get_model, weights_fingerprint
     from facelake.schema import faces_schema
     from facelake.storage import StorageOptions
 
@@ -181,8 +181,8 @@ def main() -> int:
 
     from facelake import storage
     from facelake.cluster import runtime
-    from facelake.registry import get_model
-    from facelake.weights import provision
+    from facelake.faces.registry import get_model
+    from facelake.faces.weights import provision
 
     provision(get_model())
     sources = sample_photos()

@@ -54,7 +54,7 @@ import pyarrow as pa  # noqa: E402
 
 from facelake import storage  # noqa: E402
 from facelake.index import synthetic  # noqa: E402
-from facelake.registry import get_model, weights_fingerprint  # noqa: E402
+from facelake.faces.registry import get_model, weights_fingerprint  # noqa: E402
 
 MODEL = "sface-yunet"
 DIM = 128

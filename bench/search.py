@@ -45,7 +45,7 @@ import pyarrow as pa  # noqa: E402
 
 from facelake import storage  # noqa: E402
 from facelake.index import build, synthetic  # noqa: E402
-from facelake.registry import get_model, weights_fingerprint  # noqa: E402
+from facelake.faces.registry import get_model, weights_fingerprint  # noqa: E402
 
 CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 LFW = "/work/shared/faces/lfw_deepfunneled/lfw-deepfunneled"
@@ -236,7 +236,7 @@ def main() -> None:
 
     from facelake.cluster import runtime
     from facelake.jobs.evaluate import embed_largest_faces_local
-    from facelake.weights import provision
+    from facelake.faces.weights import provision
 
     provision(get_model(MODEL))
     runtime.connect(None)

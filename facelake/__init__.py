@@ -1,23 +1,21 @@
 """facelake: distributed batch face search over large image archives.
 
-Core modules shared by ``facelake.jobs``, ``facelake.index`` and ``facelake.cluster`` (they import
-nothing above them; tests/test_layers.py checks it). Each job's options are a typed config in the
-job's own module (``facelake.jobs.embed.EmbedConfig``, ...), validated before any work starts.
+Data flows one way: manifest -> faces table -> index version -> results. This package is the
+core every layer above it uses (``facelake.index``, then ``facelake.cluster``, then
+``facelake.jobs``); it imports nothing above it (tests/test_layers.py checks every import).
 
-- ``storage``: local / file:// / s3:// paths through fsspec, atomic and write-if-absent writes,
-  the one Parquet writer and readers, names, times and hashes of stored objects.
-- ``schema``: the one definition of every table and record format (faces, errors, results, id
-  tables, erasure list, embed fingerprints, index manifest keys, audit records).
-- ``manifest``: manifest validation (streamed), fingerprint, the folder relative uris start from.
-- ``reader``: the one door for photo reads (allowed roots, regular files, size, timeout).
-- ``registry``: the supported (recognizer, detector) pairs and their weight files.
-- ``weights``: offline provisioning of those weights into deepface's folder, sha256-checked.
-- ``imaging``: safe image decoding (pixel limit, EXIF orientation, grey, alpha, 16-bit, frames).
-- ``faces`` / ``inference``: detect, align and embed faces in batches; recognizer runtimes.
-- ``calibration``: similarity -> measured false-match rate, and thresholds by target.
-- ``audit``, ``lock``, ``root``: the audit log, the root lock, the tables of record.
-- ``faults``: named fault points, no-ops unless a test arms them.
-- ``review``: reading outputs in notebooks; face crops and the review grid.
+- ``faces/``: the per-photo face pipeline: manifests, the one photo reader, decoding, models,
+  weights, runtimes.
+- ``record/``: the root of record: table versions, erasure list, lock, audit log.
+- ``calibration``: similarity -> measured false-match rate, thresholds by target
+  (tests/test_calibration.py).
+- ``review``: reading outputs in notebooks, face crops and review grids; it sits above
+  ``facelake.index`` (tests/test_review.py).
+- ``storage``: local / file:// / s3:// paths through fsspec, atomic writes, the Parquet writer
+  (tests/test_hardening_secrets.py, test_embed_parts.py).
+- ``schema``: the one definition of every table and record format.
+- ``errors``, ``faults``, ``progress``, ``device``: user-facing errors, named fault points for
+  tests, the progress line, the GPU/CPU policy.
 """
 
 import os

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from facelake.errors import FacelakeError
-from facelake.registry import ModelSpec, get_model, weights_fingerprint
+from facelake.faces.registry import ModelSpec, get_model, weights_fingerprint
 
 SCHEMA_VERSION = 1
 CONFIDENCE = 0.95

@@ -8,7 +8,7 @@
 - ``faiss_on_gpu``: index build and shard searchers go to GPUs: faiss can, and the cluster has one.
 
 Within a process, whether the recognizer may use a GPU Ray did not give it is decided by
-``facelake.inference.cuda_visible``, which asks ``onnx_cuda`` last. `make install-gpu` swaps the
+``facelake.faces.inference.cuda_visible``, which asks ``onnx_cuda`` last. `make install-gpu` swaps the
 CPU wheels for the GPU ones. Tested in tests/test_device.py (which also checks no other module
 probes the providers itself).
 """

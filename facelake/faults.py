@@ -42,7 +42,7 @@ POINTS = {
     "rebuild.locked": "rebuild, right after ROOT/lock is taken",
     "rebuild.after_embed": "rebuild, new photos staged, before the table version is written",
     "rebuild.before_table_pointer": "rebuild, table version written, before ROOT/TABLE moves",
-    "table.part": "a unit of a table version's write (facelake.root: rewrite, record or compact one part; a "
+    "table.part": "a unit of a table version's write (facelake.record.tables: rewrite, record or compact one part; a "
                   "Ray task when the job runs them in tasks), before it writes its parts",
     "erase.after_erasure_list": "erase, ids appended to the erasure list, before anything is rewritten",
     "erase.before_table_pointer": "erase, rewritten parts written, before ROOT/TABLE moves",

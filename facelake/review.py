@@ -8,11 +8,11 @@
 
 Tables come back as pandas DataFrames (pandas is in the ``notebooks`` and ``test`` extras);
 ``read_results`` keeps the search job's metadata (threshold, how it was chosen, mode, index
-version) in ``DataFrame.attrs["search"]``. Photos are read through ``facelake.reader`` (the one
+version) in ``DataFrame.attrs["search"]``. Photos are read through ``facelake.faces.reader`` (the one
 door: allowed roots, regular files, size and time limits; local, file:// or s3://) and decoded by
-``facelake.imaging.decode_bgr``, so a bbox, which is in the pixels of the EXIF-upright image,
+``facelake.faces.imaging.decode_bgr``, so a bbox, which is in the pixels of the EXIF-upright image,
 crops the same face the embed job saw. Manifest uris may be relative to the manifest's folder:
-pass that folder as ``base_dir`` (``facelake.reader.resolve`` makes them absolute).
+pass that folder as ``base_dir`` (``facelake.faces.reader.resolve`` makes them absolute).
 
 The review grid is a candidate list for a person to check, never an identification: every
 panel shows similarity, the estimated false-match rate (95% upper bound from the calibration)
@@ -35,10 +35,12 @@ import pyarrow.compute as pc
 from PIL import Image
 
 import facelake
-from facelake import audit, reader, samples, storage
+from facelake import samples, storage
+from facelake.record import audit
+from facelake.faces import reader
 from facelake.errors import ConfigError
-from facelake.imaging import DEFAULT_MAX_PIXELS, decode_bgr
-from facelake.reader import ReadLimits
+from facelake.faces.imaging import DEFAULT_MAX_PIXELS, decode_bgr
+from facelake.faces.reader import ReadLimits
 from facelake.schema import RESULT_METADATA_KEY
 from facelake.storage import StorageOptions
 
@@ -259,9 +261,9 @@ def _table_or_empty(uri: str, schema: pa.Schema, options: StorageOptions | None,
 
 def _of_record(folder: str, kind: str, columns: list[str] | None, options: StorageOptions | None
                ) -> tuple[bool, pa.Table | None]:
-    """(True, table or None) when FOLDER is a ROOT of record (ROOT/TABLE), read through facelake.root
+    """(True, table or None) when FOLDER is a ROOT of record (ROOT/TABLE), read through facelake.record.tables
     (never by listing ROOT/faces, which may hold orphaned parts); (False, None) otherwise."""
-    from facelake import root as record
+    from facelake.record import tables as record
 
     if record.read_pointer(folder, options) is None:
         return False, None
@@ -397,7 +399,7 @@ def resolve_uri(uri: str, base_dir: str | None = None) -> str:
 
 def load_photo(uri: str, base_dir: str | None = None, *, max_pixels: int = DEFAULT_MAX_PIXELS,
                options: StorageOptions | None = None, limits: ReadLimits | None = None) -> np.ndarray:
-    """A photo as an upright RGB uint8 array (H, W, 3), read through facelake.reader
+    """A photo as an upright RGB uint8 array (H, W, 3), read through facelake.faces.reader
     (regular files and objects only, at most ``limits.max_bytes``, under ``limits.allowed_roots``)."""
     full = resolve_uri(uri, base_dir)
     bgr = decode_bgr(reader.read(full, limits or ReadLimits(), options), max_pixels)

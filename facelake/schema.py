@@ -112,7 +112,7 @@ RESULT_METADATA_KEY = b"facelake.search"
 RESULT_METADATA_FIELDS = ("job_id", "mode", "index_version", "model", "gallery_size", "threshold",
                           "threshold_how", "calibration")
 
-# The erasure list of record (ROOT/erasures/<seq>.parquet, facelake.root): one row per erased id.
+# The erasure list of record (ROOT/erasures/<seq>.parquet, facelake.record.tables): one row per erased id.
 ERASURE_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("reason", pa.string()), ("user", pa.string()), ("claimed_user", pa.string()),
     ("erased_at", pa.string()), ("job_id", pa.string()),
@@ -210,7 +210,7 @@ AUDIT_STATUSES = ("started", "succeeded", "failed", "interrupted", "skipped")   
 
 @dataclass(frozen=True)
 class AuditRecord:
-    """One record of ROOT/audit/ (facelake.audit): common fields typed, job-specific ones in ``details``.
+    """One record of ROOT/audit/ (facelake.record.audit): common fields typed, job-specific ones in ``details``.
 
     ``seq`` numbers the records of a root from 1; ``prev_sha256`` is the sha256 of the bytes of
     record ``seq - 1`` (None for the first), which makes the log a hash chain.

@@ -5,7 +5,7 @@ Publishers (``facelake index``, ``rebuild``, ``erase``; any future one) call, un
 ``erased_ids_checked`` before building (and pass the result to ``build_version(erased_ids=)``),
 ``check_publishable`` just before CURRENT is written (a ``before_pointer`` hook), and
 ``drop_versions_holding`` after publishing, so versions kept by --keep never hold an erased face.
-The erasure list itself (chained, anchored) is ``facelake.root``'s. The id tables are matched
+The erasure list itself (chained, anchored) is ``facelake.record.tables``'s. The id tables are matched
 against the list shard by shard: in Ray tasks (SHARDS_PER_TASK shards each, returning only the
 numbers of the shards holding an erased id) when Ray is connected (publishers connect it to build)
 and the version holds more than DRIVER_ROWS faces, else in the driver, one shard in memory at a
@@ -17,13 +17,14 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from facelake import root as rootmod, storage
+from facelake import storage
+from facelake.record import tables as rootmod
 from facelake.errors import FacelakeError
 from facelake.index import layout
 from facelake.index.load import open_version, shard_ids
 from facelake.storage import StorageOptions
 
-# Faces of a version at most this many are matched in the driver (as jobs/counts.py DRIVER_ROWS).
+# Faces of a version at most this many are matched in the driver (as jobs/work/counts.py DRIVER_ROWS).
 DRIVER_ROWS = 200_000
 SHARDS_PER_TASK = 16
 # A fraction of a CPU: the tasks run beside the job's actors on 1-2 CPU nodes.

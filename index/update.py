@@ -3,7 +3,7 @@
 A version built by ``build_version`` records per shard its ``sources`` (the faces-table part
 files, by name, and row ranges it was built from, with each range's first faiss id) and the
 version's ``next_id`` (every faiss id of the version is below it). Parts of record are immutable
-(facelake.root: a part that loses rows is rewritten under a new name), so a shard whose parts are
+(facelake.record.tables: a part that loses rows is rewritten under a new name), so a shard whose parts are
 all still in the table of record holds exactly the faces it would be built from again.
 ``update_version`` builds the next version from the live one:
 

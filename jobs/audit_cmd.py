@@ -7,7 +7,7 @@ FACELAKE_USER is shown as "os-user (as claimed)"), purpose, mode, index version,
 ("started" alone means the job is running or was killed outright). ``--json`` prints the jobs'
 latest records (one JSON list). A malformed file is reported on stderr and skipped (exit 1 at
 the end). ``--verify`` checks the hash chain and names the first broken link (exit 1).
-Reading never changes the log. Library: ``facelake.audit.read_log`` / ``verify``; ``rows(records)``
+Reading never changes the log. Library: ``facelake.record.audit.read_log`` / ``verify``; ``rows(records)``
 gives the table's rows. Tested in tests/test_audit.py and tests/test_search.py.
 """
 
@@ -17,7 +17,8 @@ import json
 
 import typer
 
-from facelake import audit, storage
+from facelake import storage
+from facelake.record import audit
 
 COLUMNS = ("time", "job_id", "kind", "user", "purpose", "mode", "version", "counts", "status")
 # Purpose is free text; the table shows its start (the full text is in --json).

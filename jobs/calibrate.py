@@ -40,9 +40,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import typer
 
-from facelake import audit, calibration, storage
+from facelake import calibration, storage
+from facelake.record import audit
 from facelake.errors import ConfigError, FacelakeError, IndexVersionError
-from facelake.registry import get_model, weights_fingerprint
+from facelake.faces.registry import get_model, weights_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +237,7 @@ def _faces_sha256(faces: pa.Table) -> str:
 
 
 def _embed_manifest(config: CalibrateConfig, options, model: str, summary: CalibrateSummary) -> pa.Table:
-    from facelake import manifest
+    from facelake.faces import manifest
     from facelake.jobs.embed import EmbedConfig, run_embed
     from facelake.jobs.embed import outputs as embed_outputs
 
@@ -366,7 +367,7 @@ def _nonmated_max(D: np.ndarray, I: np.ndarray, same: np.ndarray | None, summary
 # ------------------------------------------------------------------------------ audit and CLI
 
 def _audit_record(config: CalibrateConfig, summary: CalibrateSummary) -> dict:
-    """The audit record's details (facelake.audit.Job adds job id, status, who and when): why,
+    """The audit record's details (facelake.record.audit.Job adds job id, status, who and when): why,
     against which version, with what probes and outcome. No secrets."""
     return {
         "purpose": (config.purpose or "").strip(),

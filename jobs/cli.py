@@ -16,7 +16,7 @@ import traceback
 
 import typer
 
-from facelake.audit import interruption
+from facelake.record.audit import interruption
 from facelake.errors import ConfigError, FacelakeError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,

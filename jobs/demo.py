@@ -51,7 +51,7 @@ def run_demo(out: str, manifest_uri: str | None = None, fresh: bool = True) -> d
             bar.describe(DEMO_STEPS[1])
             _step(f"index {archive}/faces -> {root}")
             faces_uri = outputs(archive)["faces"]
-            from facelake.registry import get_model, weights_fingerprint
+            from facelake.faces.registry import get_model, weights_fingerprint
 
             spec = get_model(summary.model)
             manifest = build_version(faces_uri, root, model=spec.name, weights_sha256=weights_fingerprint(spec))

@@ -10,7 +10,7 @@ Two executors run the same ChunkEmbedder on chunks of manifest rows (``chunk_ima
   cluster is named (choose_executor).
 
 A ChunkEmbedder fetches the image bytes itself (fsspec: s3fs or local) and runs them through the
-face pipeline (facelake.pipeline: decode, detect, quality floor, align, embed ``batch_size``
+face pipeline (facelake.faces.pipeline: decode, detect, quality floor, align, embed ``batch_size``
 images per model call), then writes the chunk's own Parquet part files, each atomically
 (temporary name then rename; one PUT on S3):
 
@@ -27,7 +27,7 @@ the first part; a rerun with other such options is refused before any work, nami
 The driver receives one row of counts per chunk, never face rows (with either executor). Every
 manifest row ends in exactly one of faces or errors. An image's rows always land in one part file, so a run killed
 at any point leaves whole images only and loses at most the chunk each actor was working on; a
-rerun embeds only the manifest rows whose ids OUT does not hold yet (jobs/resume.py: an
+rerun embeds only the manifest rows whose ids OUT does not hold yet (jobs/work/resume.py: an
 anti-join in Ray tasks, no id gathered in the driver), so nothing is duplicated. ``<chunk>`` is
 derived from the chunk's image ids, so a chunk that Ray retries after losing an actor rewrites
 the same files rather than adding a second copy.
@@ -50,12 +50,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import typer
 
-from facelake import device, faults, manifest, progress, reader, storage
+from facelake import device, faults, progress, storage
+from facelake.faces import manifest
+from facelake.faces import reader
 from facelake.errors import ConfigError
-from facelake.imaging import DEFAULT_MAX_PIXELS
-from facelake.jobs import resume
-from facelake.pipeline import DEFAULT_BATCH_SIZE
-from facelake.registry import MODELS, ModelSpec, get_model, weights_fingerprint
+from facelake.faces.imaging import DEFAULT_MAX_PIXELS
+from facelake.jobs.work import resume
+from facelake.faces.pipeline import DEFAULT_BATCH_SIZE
+from facelake.faces.registry import MODELS, ModelSpec, get_model, weights_fingerprint
 from facelake.schema import (DROPPED_SCHEMA, EMBED_COUNTS_SCHEMA, ERRORS_SCHEMA, OutputFingerprint, faces_schema,
                              with_carried)
 
@@ -64,7 +66,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Images per model call: facelake.pipeline.DEFAULT_BATCH_SIZE.
+# Images per model call: facelake.faces.pipeline.DEFAULT_BATCH_SIZE.
 # Images per actor call, and so the most an actor holds unwritten: each call writes its own part
 # files. bench/embed.py measured 15.5 images/s for two CPU actors on two cores, about 7.8 per
 # actor, so 512 images is about a minute of one CPU actor's work (about 35 s for an actor that
@@ -193,7 +195,7 @@ class EmbedSummary:
 
 class ChunkEmbedder:
     """One loaded model; embeds a chunk of manifest rows per call through the face pipeline
-    (facelake.pipeline), writes the chunk's faces, errors and dropped part files itself and
+    (facelake.faces.pipeline), writes the chunk's faces, errors and dropped part files itself and
     returns one row of counts. The Ray actor (EmbedWorker) and the local executor both call it."""
 
     def __init__(self, *, model: str, weights_from: str | None, min_face: int, min_score: float,
@@ -202,8 +204,8 @@ class ChunkEmbedder:
                  carried_schema: pa.Schema, out: str, run_id: str, batch_size: int, shard_rows: int,
                  weights_sha256: str, limits: reader.ReadLimits | None = None, prepare_threads: int = 1,
                  recognizer_threads: int | None = None) -> None:
-        from facelake.faces import FaceEngine, QualityFloor
-        from facelake.pipeline import FacePipeline
+        from facelake.faces.models import FaceEngine, QualityFloor
+        from facelake.faces.pipeline import FacePipeline
 
         engine = FaceEngine(model, weights_from=weights_from, threads=threads, recognizer_threads=recognizer_threads)
         self.spec = engine.spec
@@ -396,7 +398,7 @@ def _start(config: EmbedConfig) -> _Start:
     claim_output(config.out, config.fingerprint(), options, overwrite=config.overwrite)
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     # resume, the one place both executors learn it: the rows not yet in OUT, found in the driver
-    # for small manifests and by tasks for large ones (jobs/resume.py); the manifest on a first run
+    # for small manifests and by tasks for large ones (jobs/work/resume.py); the manifest on a first run
     todo = resume.left_to_embed(info, config.out, spec.name, run_id, options, address=config.address)
     summary = EmbedSummary(run_id=run_id, model=spec.name, manifest_rows=info.rows, skipped_done=todo.done)
     return _Start(spec, options, info, todo, summary)
@@ -482,7 +484,7 @@ def _local_counts(config: EmbedConfig, start: _Start) -> Iterator[pa.Table]:
     align (each with its own detector, OpenCV at one thread each) while the recognizer runs
     with as many threads on the batch before.
     """
-    from facelake.faces import default_threads
+    from facelake.faces.models import default_threads
 
     threads = config.workers or default_threads()
     worker = ChunkEmbedder(**_worker_options(config, start), threads=1, prepare_threads=threads,

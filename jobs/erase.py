@@ -1,22 +1,22 @@
 """`facelake erase`: remove photos' faces for good and publish an index version without them.
 
-Audited first (facelake.audit.Job: a "started" record, then succeeded / failed / interrupted),
+Audited first (facelake.record.audit.Job: a "started" record, then succeeded / failed / interrupted),
 then under ROOT's lock, in this order (each step safe to crash after; rerunning the same erase,
 or any later index / rebuild, completes it, because all of them purge every id of the erasure
 list and refuse to publish a version holding one):
 
 1. Count, per id, the faces and error rows the root holds of it (faces and errors of record,
-   the live index version), in Ray tasks past jobs/counts.py DRIVER_ROWS rows (``_scan``: each
+   the live index version), in Ray tasks past jobs/work/counts.py DRIVER_ROWS rows (``_scan``: each
    task filters its parts or shards against the ids and returns only the matches; the driver
    never holds the archive's ids). Ids the root does not hold are not recorded and are reported as
    not found (exit 1 in the CLI). Ids already on the erasure list (an earlier or killed erase)
    report the counts recorded when they were listed.
 2. Append the new ids with their counts, reason and user to the erasure list of record
-   (facelake.root: append-only, hash-chained, anchored in the audit log). From here on no
+   (facelake.record.tables: append-only, hash-chained, anchored in the audit log). From here on no
    publisher embeds or indexes them again, even while a manifest or faces table lists them.
 3. Remove staging runs (a killed rebuild's staged faces may include them).
 4. Write a table version of record without any erased id (only the parts the scan found holding
-   one are rewritten, each in a Ray task past DRIVER_ROWS rows of record (jobs/tasks.py); the
+   one are rewritten, each in a Ray task past DRIVER_ROWS rows of record (jobs/work/units.py); the
    others are kept from their footers).
 5. Publish an index version without them: from the faces of record (rebuild's roots) or, on a
    root made by ``facelake embed`` + ``facelake index``, from the faces table the live version was
@@ -42,11 +42,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import typer
 
-from facelake import audit, faults, root as rootmod, storage
+from facelake import faults, storage
+from facelake.record import audit
+from facelake.record import tables as rootmod
 from facelake.errors import ConfigError, FacelakeError
-from facelake.lock import DEFAULT_TTL_S, RootLock
-from facelake.manifest import MAX_ID_CHARS, id_rule_violation
-from facelake.registry import get_model, weights_fingerprint
+from facelake.record.lock import DEFAULT_TTL_S, RootLock
+from facelake.faces.manifest import MAX_ID_CHARS, id_rule_violation
+from facelake.faces.registry import get_model, weights_fingerprint
 from facelake.storage import StorageOptions
 
 log = logging.getLogger(__name__)
@@ -65,7 +67,7 @@ class EraseConfig:
     lock_ttl_s: float = DEFAULT_TTL_S
     purge_results: bool = False
     # Rows (record plus live shards) at most this many are scanned for the ids in the driver, without
-    # Ray; None: jobs/counts.py DRIVER_ROWS. Tests set 0 to force the task path.
+    # Ray; None: jobs/work/counts.py DRIVER_ROWS. Tests set 0 to force the task path.
     driver_rows: int | None = None
 
     def validate(self) -> None:
@@ -128,7 +130,7 @@ INDEX = "index"
 
 
 def _sources(root: str, base, live: str | None, options: StorageOptions) -> tuple[list[Place], list, int]:
-    """Every part of record and every live shard (as jobs/counts.py sources), and their rows (from
+    """Every part of record and every live shard (as jobs/work/counts.py sources), and their rows (from
     the table version and the live manifest: no file is read)."""
     from facelake.index.load import open_version
 
@@ -153,10 +155,10 @@ def _scan(root: str, base, live: str | None, ids: pa.Array, options: StorageOpti
           driver_rows: int | None = None) -> dict[Place, dict[str, int]]:
     """{place: {id: rows}} for the ``ids`` each part of record and each live shard holds.
 
-    The filtering runs where jobs/counts.py ``held`` puts it (Ray tasks past its DRIVER_ROWS rows):
+    The filtering runs where jobs/work/counts.py ``held`` puts it (Ray tasks past its DRIVER_ROWS rows):
     the driver receives only the matches, O(ids + parts), never the archive's ids.
     """
-    from facelake.jobs import counts
+    from facelake.jobs.work import counts
 
     places, sources, rows = _sources(root, base, live, options)
     found = counts.held(sources, ids, rows, options, driver_rows=driver_rows)
@@ -181,7 +183,7 @@ def _publish_from_source(root: str, live: str, erased: pa.Array, keep: int, lock
     from facelake.index.build import build_version, list_parts
     from facelake.index.erasure import check_publishable
     from facelake.index.load import open_version
-    from facelake.jobs import counts
+    from facelake.jobs.work import counts
 
     manifest = open_version(root, live, options=options).manifest
     source = manifest.get("source") or ""
@@ -289,7 +291,7 @@ def _ray_for(config: EraseConfig, options: StorageOptions):
     """Ray connected for the whole erase when the root is past the driver threshold (the scan, the
     erasure checks of index/erasure.py and the republish share it), else nothing is started."""
     from facelake.index import layout
-    from facelake.jobs import counts
+    from facelake.jobs.work import counts
 
     rows = _sources(config.root, rootmod.current(config.root, options), layout.current_version(config.root, options),
                     options)[2]
@@ -317,7 +319,7 @@ def _complete(config: EraseConfig, summary: EraseSummary, base, live: str | None
     and live shards holding an erased id: only those parts are rewritten, no other part's ids are read."""
     from facelake.index import layout
     from facelake.index.erasure import check_publishable, erased_ids_checked, versions_holding
-    from facelake.jobs import tasks
+    from facelake.jobs.work import units as tasks
 
     erased = erased_ids_checked(config.root, options)
     erased_set = set(erased.to_pylist())

@@ -8,7 +8,7 @@ Three steps, each callable from a notebook:
 1. ``embed_labeled`` embeds the largest face of every labeled photo (face_index 0; or the most
    central face, ``face="central"``, for centred data sets such as LFW) through the
    embed job (``facelake.jobs.embed.run_embed``, on Ray) or, with ``embedder="local"``, through
-   the same face pipeline (facelake.pipeline) in this process. Photos that fail or hold no usable face are counted, by type.
+   the same face pipeline (facelake.faces.pipeline) in this process. Photos that fail or hold no usable face are counted, by type.
 2. ``evaluate_embeddings`` (numpy only) measures verification (all genuine pairs and every
    impostor pair, or a seeded sample of them when there are more than ``max_impostor_pairs``;
    or the pairs of an LFW-format pairs file with the 10-fold accuracy protocol), 1:N
@@ -39,8 +39,8 @@ import typer
 from facelake import storage
 from facelake.calibration import Calibration, CalibrationError, wilson_upper
 from facelake.errors import ConfigError, ManifestError
-from facelake.registry import MODELS, get_model
-from facelake.reader import DEFAULT_MAX_BYTES, ReadLimits
+from facelake.faces.registry import MODELS, get_model
+from facelake.faces.reader import DEFAULT_MAX_BYTES, ReadLimits
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class EvaluateConfig:
     seed: int = DEFAULT_SEED
     dataset: str | None = None  # name recorded in the calibration; default: the manifest's file name
     plots: bool = True
-    allowed_roots: tuple[str, ...] = ()  # photos are read only under these (facelake.reader)
+    allowed_roots: tuple[str, ...] = ()  # photos are read only under these (facelake.faces.reader)
     max_bytes: int = DEFAULT_MAX_BYTES
 
     def validate(self) -> None:
@@ -128,7 +128,7 @@ class LabeledEmbeddings:
 
 def read_labeled_manifest(uri: str, group_by: str | None = None) -> pa.Table:
     """Read a manifest and check it has identity labels (and the group column, when asked)."""
-    from facelake import manifest
+    from facelake.faces import manifest
 
     info = manifest.validate(uri)
     if IDENTITY not in info.schema.names:
@@ -198,7 +198,7 @@ def _embed_with_job(config: EvaluateConfig, ids: list[str], dim: int) -> tuple[n
 
 
 def _embed_local(config: EvaluateConfig, labeled: pa.Table, dim: int) -> tuple[np.ndarray, dict[str, int]]:
-    from facelake.manifest import base_dir
+    from facelake.faces.manifest import base_dir
 
     vectors, errors = embed_largest_faces_local(labeled["uri"].to_pylist(), config.model, face=config.face,
                                                 limits=ReadLimits(config.allowed_roots, config.max_bytes),
@@ -214,7 +214,7 @@ def embed_largest_faces_local(uris: list[str], model: str | None = None, *, thre
                               face: Literal["largest", "central"] = "largest",
                               limits: ReadLimits = ReadLimits(), base: str = ""):
     """Embed one usable face of each image in this process (no Ray), through the embed job's face
-    pipeline (facelake.pipeline: same reads, detector, quality floor, alignment and recognizer):
+    pipeline (facelake.faces.pipeline: same reads, detector, quality floor, alignment and recognizer):
     the largest (face_index 0), or with ``face="central"`` the one whose box centre is nearest
     the image centre (the labeled face of centred data sets such as LFW, where the largest face
     is sometimes a bystander's). ``threads`` (default: this process's CPUs) prepare images while
@@ -223,8 +223,8 @@ def embed_largest_faces_local(uris: list[str], model: str | None = None, *, thre
     Returns (embeddings (n, d) float32 with NaN rows for failures, list of error dicts: row, uri,
     stage, error_type, message).
     """
-    from facelake.faces import FaceEngine, default_threads
-    from facelake.pipeline import DEFAULT_BATCH_SIZE, FacePipeline
+    from facelake.faces.models import FaceEngine, default_threads
+    from facelake.faces.pipeline import DEFAULT_BATCH_SIZE, FacePipeline
 
     threads = threads or default_threads()
     engine = FaceEngine(model, threads=1, recognizer_threads=threads)

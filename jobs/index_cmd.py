@@ -10,9 +10,10 @@ from __future__ import annotations
 import pyarrow as pa
 import typer
 
-from facelake import audit, progress, storage
+from facelake import progress, storage
+from facelake.record import audit
 from facelake.errors import ConfigError
-from facelake.lock import RootLock
+from facelake.record.lock import RootLock
 from facelake.storage import StorageOptions
 
 

@@ -1,6 +1,6 @@
 """`facelake rebuild`: bring ROOT's tables of record and live index up to date with a manifest.
 
-One run, under ROOT's lock (facelake.lock):
+One run, under ROOT's lock (facelake.record.lock):
 
 1. Plan. Compare the manifest with the images of record (faces and errors) and the erasure
    list: ids not in record are new; ids in record whose (resolved) uri changed are changed; ids
@@ -9,7 +9,7 @@ One run, under ROOT's lock (facelake.lock):
    of record stores what its photo looked like when embedded (facelake.schema.SOURCE_STAT_SCHEMA:
    size and mtime for local files, size and ETag for S3), and the stat of now comes from the
    manifest's own ``size`` / ``etag`` / ``mtime`` columns when it has them, else from
-   facelake.reader.source_stats (stat per file, S3 LIST per folder or HEAD per object) in Ray
+   facelake.faces.reader.source_stats (stat per file, S3 LIST per folder or HEAD per object) in Ray
    tasks, whole folders per task (``stat_images``). Another size: changed. Same size and same
    mtime / ETag: unchanged, never read. Same size, other mtime / ETag: its bytes alone are hashed
    (sha256, no decoding); same hash: only the new stat is recorded ("restat": its rows are
@@ -22,9 +22,9 @@ One run, under ROOT's lock (facelake.lock):
 2. Embed the new and changed photos with facelake embed's ``run_embed`` into
    ROOT/staging/<run>/. A killed run's staging is reused by the next run (run_embed skips the
    image ids already there), so nothing is embedded twice.
-3. Write a new table version of record (facelake.root) and point ROOT/TABLE at it: the parts
+3. Write a new table version of record (facelake.record.tables) and point ROOT/TABLE at it: the parts
    holding a dropped id rewritten, the staged parts and re-stated rows recorded with their stat,
-   each part by its own unit, in Ray tasks past rebuild_plan.DRIVER_ROWS rows (jobs/tasks.py): no
+   each part by its own unit, in Ray tasks past rebuild_plan.DRIVER_ROWS rows (jobs/work/units.py): no
    embedding of the change passes through this process.
 4. Publish an index version of the faces of record, reusing the live version's trained
    quantizer while it fits: the collection is within [1/2, 2] x the size it was trained on, and
@@ -56,10 +56,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import typer
 
-from facelake import audit, faults, manifest, reader, root as rootmod, storage
+from facelake import faults, storage
+from facelake.record import audit
+from facelake.faces import manifest
+from facelake.faces import reader
+from facelake.record import tables as rootmod
 from facelake.errors import ConfigError
-from facelake.lock import DEFAULT_TTL_S, RootLock
-from facelake.registry import get_model, weights_fingerprint
+from facelake.record.lock import DEFAULT_TTL_S, RootLock
+from facelake.faces.registry import get_model, weights_fingerprint
 from facelake.schema import SOURCE_STAT_SCHEMA
 from facelake.storage import StorageOptions
 
@@ -186,7 +190,7 @@ def resolved_rows(table: pa.Table, base: str) -> pa.Table:
 
 def _hash_chunk(uris: list[str], options: StorageOptions,
                 limits: reader.ReadLimits = reader.ReadLimits()) -> list[str | None]:
-    from facelake.imaging import content_sha256
+    from facelake.faces.imaging import content_sha256
 
     out = []
     for value in uris:
@@ -201,7 +205,7 @@ def hash_images(uris: list[str], options: StorageOptions,
                 limits: reader.ReadLimits = reader.ReadLimits()) -> list[str | None]:
     """sha256 of each image's bytes (None when unreadable or refused), in parallel Ray tasks.
 
-    Every read goes through facelake.reader: nothing outside ``limits.allowed_roots``, no FIFO
+    Every read goes through facelake.faces.reader: nothing outside ``limits.allowed_roots``, no FIFO
     or device, nothing over ``limits.max_bytes`` is read or hashed.
     """
     import ray
@@ -249,7 +253,7 @@ def stat_images(uris: list[str], options: StorageOptions,
     each photo, in ``uris`` order, without reading a byte of any, in parallel Ray tasks.
 
     Photos are grouped by folder and whole folders are packed into tasks of about STAT_CHUNK
-    photos, so an S3 folder is listed by one task (facelake.reader.source_stats chooses LIST or
+    photos, so an S3 folder is listed by one task (facelake.faces.reader.source_stats chooses LIST or
     HEAD) and 1M-10M photos spread over the cluster's CPUs instead of one process's stat calls.
     """
     import ray
@@ -320,7 +324,7 @@ def _stat_differs(table: pa.Table) -> pa.ChunkedArray:
 def plan(config: RebuildConfig, table: pa.Table, record: pa.Table, erased: pa.Array,
          options: StorageOptions, *, now: pa.Table | None = None, hasher=None) -> Plan:
     """What to embed, drop and re-stat (see the module docstring). ``now``: the stat of now per
-    row of ``table`` when the caller took it (jobs/rebuild_plan.py); ``hasher`` replaces
+    row of ``table`` when the caller took it (jobs/work/changes.py); ``hasher`` replaces
     hash_images (the same there, inside a task)."""
     ids = table["image_id"]
     is_erased = pc.is_in(ids, value_set=erased)
@@ -554,7 +558,7 @@ def _staging_run(root: str, options: StorageOptions, model: str, fingerprint: st
 
 def _staged(out: str, kind: str, options: StorageOptions) -> tuple[str, ...]:
     """The staged part files of ``kind`` (faces / errors) under the staging run ``out``; read by the
-    units that record them (facelake.root ``record_part``), never here."""
+    units that record them (facelake.record.tables ``record_part``), never here."""
     return tuple(sorted(storage.list_files(storage.join(out, kind), ".parquet", options)))
 
 
@@ -643,7 +647,7 @@ def _keep_runs(root: str, run: str, options: StorageOptions) -> None:
 def run_rebuild(config: RebuildConfig) -> RebuildSummary:
     """Bring ROOT up to date with the manifest (see the module docstring); return what it did.
 
-    Audited like every job (facelake.audit.Job): "started" before the lock is taken, then
+    Audited like every job (facelake.record.audit.Job): "started" before the lock is taken, then
     succeeded / failed / interrupted with the summary."""
     spec = config.validate()
     options = StorageOptions.from_env(config.endpoint_url)
@@ -665,7 +669,7 @@ def _rebuild(config: RebuildConfig, spec, info: manifest.ManifestInfo, summary: 
 
     from facelake.cluster import runtime
     from facelake.index import layout
-    from facelake.jobs import rebuild_plan
+    from facelake.jobs.work import changes as rebuild_plan
 
     job_id = summary.job_id
     clock = time.monotonic()
@@ -759,9 +763,10 @@ def _write_table(root: str, base: rootmod.TableVersion | None, the_plan: Plan, r
                  model: str, lock: RootLock, options: StorageOptions) -> rootmod.TableVersion:
     """The new table version: the plan's drops, the staged faces and errors of its embedded ids and
     its re-stated rows, all with the stat of record. Parts are read and written by Ray tasks past
-    rebuild_plan.DRIVER_ROWS rows (jobs/tasks.py): this process ships the change's ids and stats
+    rebuild_plan.DRIVER_ROWS rows (jobs/work/units.py): this process ships the change's ids and stats
     (no embedding) and gets part names and counts back."""
-    from facelake.jobs import rebuild_plan, tasks
+    from facelake.jobs.work import changes as rebuild_plan
+    from facelake.jobs.work import units as tasks
 
     stats = _stats_of_record(root, run, the_plan.stats, options)
     stats = stats.filter(pc.is_in(stats["image_id"], value_set=pa.concat_arrays(
@@ -780,8 +785,8 @@ def _before_table_pointer(lock: RootLock, name: str) -> None:
 
 
 def _images(root: str, version, options: StorageOptions) -> int:
-    """Recorded with the version (facelake.root); counted by tasks for versions written before."""
-    from facelake.jobs import counts
+    """Recorded with the version (facelake.record.tables); counted by tasks for versions written before."""
+    from facelake.jobs.work import counts
 
     if version.images is not None:
         return version.images

@@ -59,10 +59,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import typer
 
-from facelake import audit, calibration, faults, progress, storage
+from facelake import calibration, faults, progress, storage
+from facelake.record import audit
 from facelake.errors import ConfigError, FacelakeError, IndexVersionError
-from facelake.reader import DEFAULT_MAX_BYTES
-from facelake.registry import get_model, weights_fingerprint
+from facelake.faces.reader import DEFAULT_MAX_BYTES
+from facelake.faces.registry import get_model, weights_fingerprint
 from facelake.schema import (ERRORS_SCHEMA, FACE_COLUMNS, ID_TABLE_SCHEMA, RESULT_COLUMNS, RESULT_METADATA_FIELDS,
                              RESULT_METADATA_KEY, carried_columns)
 
@@ -116,7 +117,7 @@ class SearchConfig:
     executor: Executor = "ray"
     search_workers: int | None = None  # None: SEARCH_WORKERS
     progress: bool = False
-    allowed_roots: tuple[str, ...] = ()  # probe photos are read only under these (facelake.reader)
+    allowed_roots: tuple[str, ...] = ()  # probe photos are read only under these (facelake.faces.reader)
     max_bytes: int = DEFAULT_MAX_BYTES
 
     def validate(self) -> None:
@@ -531,7 +532,7 @@ def _read_file(uri: str, columns: list[str] | None, options) -> pa.Table:
 
 def _manifest_probes(config, options, model, summary) -> ProbeSource:
     """Probe photos embedded by the embed job (its workers write RESULTS/probe_faces/)."""
-    from facelake import manifest
+    from facelake.faces import manifest
     from facelake.jobs.embed import EmbedConfig
     from facelake.jobs.embed import outputs as embed_outputs
     from facelake.jobs.embed import run_embed
@@ -751,7 +752,7 @@ def _metadata(summary: SearchSummary) -> dict:
 # ------------------------------------------------------------------------------ audit
 
 def _audit_record(config: SearchConfig, summary: SearchSummary) -> dict:
-    """The details of a search's audit records (facelake.audit.Job adds job id, status, who and
+    """The details of a search's audit records (facelake.record.audit.Job adds job id, status, who and
     when): what was searched, why, how, into which --out. No secrets: URIs are redacted and no
     address, endpoint or credential is recorded."""
     return {
@@ -791,8 +792,8 @@ DEMO_PROBES = 5   # one photo each of the first identities of the sample
 def demo_search(manifest_uri: str, root: str, out: str, *, top_k: int = 3) -> dict:
     """`facelake demo`'s last step: one photo per identity of the sample searched against the
     sample index; prints the top candidates per probe and returns what was made."""
-    from facelake.manifest import base_dir
-    from facelake.reader import resolve
+    from facelake.faces.manifest import base_dir
+    from facelake.faces.reader import resolve
 
     table = storage.read_table(manifest_uri)
     base = base_dir(manifest_uri)

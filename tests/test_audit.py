@@ -12,13 +12,14 @@ import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
-from facelake import audit, faults, storage
+from facelake import faults, storage
+from facelake.record import audit
 from facelake.errors import IndexVersionError
 from facelake.index import build, layout, synthetic
 from facelake.index.load import open_version
 from facelake.jobs import cli, search
 from facelake.jobs.status import collect
-from facelake.registry import get_model, weights_fingerprint
+from facelake.faces.registry import get_model, weights_fingerprint
 from facelake.schema import AuditRecord
 
 MODEL = "sface-yunet"

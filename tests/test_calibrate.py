@@ -13,7 +13,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from facelake import audit, calibration, storage
+from facelake import calibration, storage
+from facelake.record import audit
 from facelake.errors import ConfigError
 from facelake.index import build
 from facelake.index.load import open_version

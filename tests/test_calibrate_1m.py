@@ -21,7 +21,7 @@ from facelake.index.search import search_version
 from facelake.jobs import search
 from facelake.jobs.calibrate import CalibrateConfig, run_calibrate
 from facelake.jobs.embed import EmbedConfig, outputs, run_embed
-from facelake.registry import get_model, weights_fingerprint
+from facelake.faces.registry import get_model, weights_fingerprint
 from tests.helpers import sample_manifest
 from tests.test_search import faces_table
 

@@ -10,7 +10,7 @@ import pytest
 
 from facelake.calibration import (SCHEMA_VERSION, Calibration, CalibrationError, fmr_for_fpir, load,
                                   load_default, shipped_path, wilson_upper)
-from facelake.registry import get_model
+from facelake.faces.registry import get_model
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,7 @@ def test_shipped_lfw_calibration():
 
 from facelake.calibration import (GalleryCalibration, clopper_pearson_upper, find_gallery,  # noqa: E402
                                   fit_tail, fpir_at_calibrated_size, gpd_pwm, load_any, save_gallery)
-from facelake.registry import weights_fingerprint  # noqa: E402
+from facelake.faces.registry import weights_fingerprint  # noqa: E402
 
 
 def gallery_cal(scores, *, version="v1", size=1_000_000, model=None) -> GalleryCalibration:

@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from facelake import storage
 from facelake.index.synthetic import clustered
-from facelake.registry import get_model, weights_fingerprint
+from facelake.faces.registry import get_model, weights_fingerprint
 from facelake.schema import faces_schema
 
 COMMANDS = ("weights", "embed", "index", "search", "audit", "rebuild", "erase", "status",

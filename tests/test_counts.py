@@ -1,5 +1,5 @@
-"""Counts without gathering ids: jobs/counts.py (driver and Ray tasks) and the image counts table
-versions record (facelake.root), each against a brute-force count; `status` shows them."""
+"""Counts without gathering ids: jobs/work/counts.py (driver and Ray tasks) and the image counts table
+versions record (facelake.record.tables), each against a brute-force count; `status` shows them."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from facelake import root as rootmod, storage
-from facelake.jobs import counts
+from facelake import storage
+from facelake.record import tables as rootmod
+from facelake.jobs.work import counts
 from facelake.jobs.status import collect
-from facelake.registry import get_model, weights_fingerprint
+from facelake.faces.registry import get_model, weights_fingerprint
 from tests.test_cli import synthetic_faces
 
 

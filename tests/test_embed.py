@@ -91,7 +91,7 @@ def test_s3_archive_on_two_nodes_every_row_ends_once(s3_endpoint, s3_bucket, two
 
 
 def test_killed_run_resumes_without_duplicates(tmp_path, ray_local, provisioned_weights, monkeypatch):
-    from facelake.jobs import resume
+    from facelake.jobs.work import resume
 
     monkeypatch.setattr(resume, "DRIVER_ROWS", 0)   # the rerun plans in hash-partitioned tasks (archive scale)
     names = ["img1.jpg", "img2.jpg", "img3.jpg", "img5.jpg", "img6.jpg", "img7.jpg", "couple.jpg"]
@@ -151,7 +151,7 @@ def test_rerun_with_other_options_is_refused_or_overwritten_never_mixed(tmp_path
 
 
 def test_rebuild_staging_is_reused_only_for_the_same_fingerprint(tmp_path):
-    from facelake import root as rootmod
+    from facelake.record import tables as rootmod
     from facelake.jobs.rebuild import _staging_run
 
     root, options = str(tmp_path / "root"), storage.StorageOptions()

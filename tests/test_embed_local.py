@@ -139,7 +139,7 @@ def test_cli_embed_of_a_small_manifest_runs_without_importing_ray(tmp_path, prov
     assert done.returncode == 0, done.stderr[-2000:]
     assert "local executor" in done.stdout and "3 face(s)" in done.stdout, done.stdout
     imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
-    assert "facelake.pipeline" in imported
+    assert "facelake.faces.pipeline" in imported
     assert not {name for name in imported if name == "ray" or name.startswith("ray.")}, "the local path imported Ray"
 
 

@@ -26,7 +26,7 @@ import s3fs
 from facelake import storage
 from facelake.schema import EMBED_COUNTS_SCHEMA
 from facelake.jobs.embed import EmbedConfig, EmbedWorker, add_counts, embed_dataset, outputs
-from facelake.registry import get_model, weights_fingerprint
+from facelake.faces.registry import get_model, weights_fingerprint
 from facelake.storage import StorageOptions
 from tests.helpers import SAMPLE_DIR, sample_manifest
 from tests.test_hardening_faults import FaultProxy, _kill_tree, assert_exactly_once

@@ -13,7 +13,9 @@ import pyarrow.compute as pc
 import pytest
 from typer.testing import CliRunner
 
-from facelake import audit, faults, root as rootmod, storage
+from facelake import faults, storage
+from facelake.record import audit
+from facelake.record import tables as rootmod
 from facelake.errors import ConfigError, ManifestError
 from facelake.index import layout
 from facelake.index.build import build_version
@@ -25,7 +27,7 @@ from facelake.index.erasure import check_publishable
 from facelake.jobs.erase import EraseConfig, read_ids_file, run_erase
 from facelake.jobs.rebuild import RebuildConfig, run_rebuild
 from facelake.jobs.status import collect
-from facelake.manifest import validate
+from facelake.faces.manifest import validate
 from tests.helpers import sample_manifest
 
 NAMES = ["img1.jpg", "img2.jpg", "img4.jpg", "img3.jpg", "img6.jpg"]   # img1, img2, img4: one person

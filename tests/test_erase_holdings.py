@@ -1,5 +1,5 @@
 """What `erase` removes and where, found without reading the archive's ids into the driver:
-jobs/erase.py's scan (jobs/counts.py ``held``, Ray tasks when forced with a zero threshold) and
+jobs/erase.py's scan (jobs/work/counts.py ``held``, Ray tasks when forced with a zero threshold) and
 index/erasure.py's ``shards_holding``, each against a brute-force scan of every file, on local
 files and on the loopback S3 endpoint; then a whole erase planned in tasks."""
 
@@ -10,13 +10,14 @@ from collections import Counter
 import pyarrow as pa
 import pytest
 
-from facelake import root as rootmod, storage
+from facelake import storage
+from facelake.record import tables as rootmod
 from facelake.index import layout
 from facelake.index.build import build_version
 from facelake.index.erasure import shards_holding
 from facelake.index.load import load_ids, open_version, shard_ids
 from facelake.jobs import erase
-from facelake.registry import get_model, weights_fingerprint
+from facelake.faces.registry import get_model, weights_fingerprint
 from tests.test_counts import _errors, _faces
 
 # a: 3 faces an image over parts of 100 rows, so a-000033 (rows 99-101) spans two parts;

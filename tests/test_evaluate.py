@@ -12,7 +12,7 @@ import random
 import pyarrow as pa
 import pytest
 
-from facelake import manifest as manifest_mod
+from facelake.faces import manifest as manifest_mod
 from facelake.calibration import Calibration
 from facelake.errors import ManifestError
 from facelake.jobs.evaluate import (EvaluateConfig, evaluate, evaluate_embeddings, read_labeled_manifest,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from facelake.imaging import decode_bgr
+from facelake.faces.imaging import decode_bgr
 from tests.helpers import SAMPLE_DIR, sample_identities
 
 

@@ -12,7 +12,7 @@ import pyarrow as pa
 from facelake.index import build, synthetic
 from facelake.index.load import load_ids, open_version
 from facelake.index.search import search_version
-from facelake.registry import get_model, weights_fingerprint
+from facelake.faces.registry import get_model, weights_fingerprint
 
 MODEL = "sface-yunet"
 WEIGHTS = weights_fingerprint(get_model(MODEL))

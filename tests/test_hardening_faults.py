@@ -25,9 +25,10 @@ import pyarrow as pa
 import pytest
 import s3fs
 
-from facelake import audit, faults, storage
+from facelake import faults, storage
+from facelake.record import audit
 from facelake.jobs.embed import EmbedConfig, outputs, run_embed
-from facelake.registry import get_model, weights_fingerprint
+from facelake.faces.registry import get_model, weights_fingerprint
 from facelake.schema import NO_FACE, NO_USABLE_FACE
 from tests.helpers import SAMPLE_DIR, sample_manifest
 

@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from facelake import manifest
+from facelake.faces import manifest
 from facelake.errors import ConfigError, ManifestError
-from facelake.imaging import DecodeError, decode_bgr
+from facelake.faces.imaging import DecodeError, decode_bgr
 from tests.helpers import SAMPLE_DIR
 
 FUZZ = settings(max_examples=120, deadline=None, derandomize=True,

@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from facelake import storage
-from facelake.imaging import DecodeError, ImageTooLarge, decode_bgr
+from facelake.faces.imaging import DecodeError, ImageTooLarge, decode_bgr
 from facelake.jobs.embed import EmbedConfig, outputs, run_embed
 from facelake.schema import NO_FACE
 from tests.helpers import SAMPLE_DIR
@@ -107,7 +107,7 @@ def test_bomb_of_a_few_kb_refused_before_decoding_fast_and_small():
     assert len(bomb) < 4096
     script = textwrap.dedent("""
         import json, resource, sys, time
-        from facelake.imaging import decode_bgr, ImageTooLarge
+        from facelake.faces.imaging import decode_bgr, ImageTooLarge
         data = sys.stdin.buffer.read()
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         started = time.perf_counter()

@@ -21,7 +21,7 @@ import s3fs
 from facelake import storage
 from facelake.errors import ConfigError, IndexVersionError
 from facelake.index import layout
-from facelake.registry import get_model, weights_fingerprint
+from facelake.faces.registry import get_model, weights_fingerprint
 from tests.helpers import SAMPLE_DIR, sample_manifest
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facelake.imaging import (DEFAULT_MAX_FRAMES, DecodeError, ImageTooLarge, MultiFrame, UnsupportedFormat,
+from facelake.faces.imaging import (DEFAULT_MAX_FRAMES, DecodeError, ImageTooLarge, MultiFrame, UnsupportedFormat,
                               decode_bgr, decode_frames)
 from tests.helpers import SAMPLE_DIR
 

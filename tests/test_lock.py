@@ -10,10 +10,11 @@ import threading
 
 import pytest
 
-from facelake import audit, faults, storage
+from facelake import faults, storage
+from facelake.record import audit
 from facelake.errors import LockError
 from facelake.jobs.rebuild import RebuildConfig, run_rebuild
-from facelake.lock import RootLock, lock_uri, read_lock
+from facelake.record.lock import RootLock, lock_uri, read_lock
 from tests.helpers import sample_manifest
 
 
@@ -44,7 +45,7 @@ def test_second_holder_fails_naming_owner_and_expiry(root):
 
 def test_stale_lock_is_taken_over_logged_and_audited(root, caplog):
     _write_lock(root)
-    with caplog.at_level("WARNING", logger="facelake.lock"):
+    with caplog.at_level("WARNING", logger="facelake.record.lock"):
         with RootLock(root, "rebuild-new") as lock:
             assert lock.taken_over["job_id"] == "rebuild-old"
             assert read_lock(root)["job_id"] == "rebuild-new"

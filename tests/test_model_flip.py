@@ -16,11 +16,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from facelake import manifest as manifest_mod
+from facelake.faces import manifest as manifest_mod
 from facelake import storage
 from facelake.calibration import Calibration, CalibrationError, load_default
-from facelake.imaging import decode_bgr
-from facelake.registry import get_model, weights_fingerprint
+from facelake.faces.imaging import decode_bgr
+from facelake.faces.registry import get_model, weights_fingerprint
 from tests.helpers import SHARED_FACES
 from tests.helpers import SAMPLE_DIR, sample_identities, sample_manifest
 
@@ -30,7 +30,7 @@ LFW = SHARED_FACES / "lfw_deepfunneled"
 
 @pytest.fixture(scope="module")
 def flip_engine(provisioned_weights):
-    from facelake.faces import FaceEngine
+    from facelake.faces.models import FaceEngine
 
     return FaceEngine(FLIP)
 

@@ -22,8 +22,8 @@ import json, sys
 import pyarrow.parquet as pq
 import facelake
 from facelake.jobs.demo import SAMPLE_MANIFEST
-from facelake.manifest import base_dir, validate
-from facelake.reader import resolve
+from facelake.faces.manifest import base_dir, validate
+from facelake.faces.reader import resolve
 
 info = validate(str(SAMPLE_MANIFEST))
 base = base_dir(str(SAMPLE_MANIFEST))

@@ -1,4 +1,4 @@
-"""The one per-image face pipeline (facelake/pipeline.py), on the bundled photos.
+"""The one per-image face pipeline (facelake/faces/pipeline.py), on the bundled photos.
 
 - its embeddings are bit-identical to the model's parts composed one face at a time (detect,
   floor, align, embed a single face): neither batching nor its preparing threads change a bit
@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 from facelake.errors import ConfigError
-from facelake.faces import FaceEngine, QualityFloor
-from facelake.imaging import decode_bgr
-from facelake.pipeline import FacePipeline
-from facelake.registry import get_model
+from facelake.faces.models import FaceEngine, QualityFloor
+from facelake.faces.imaging import decode_bgr
+from facelake.faces.pipeline import FacePipeline
+from facelake.faces.registry import get_model
 from facelake.schema import NO_FACE, STAGE_DECODE, STAGE_DETECT, STAGE_FETCH, STAGE_VALIDATE
 from tests.helpers import SAMPLE_DIR, faceless_jpeg
 
@@ -62,7 +62,7 @@ def test_each_image_ends_in_faces_dropped_or_one_error(face_engine, tmp_path):
             {"image_id": "faceless", "uri": str(faceless)},
             {"image_id": "notes", "uri": str(tmp_path / "notes.jpg")},
             {"image_id": "outside", "uri": "/etc/hostname"}]
-    from facelake.reader import ReadLimits
+    from facelake.faces.reader import ReadLimits
 
     limits = ReadLimits(allowed_roots=(str(SAMPLE_DIR), str(tmp_path)))
     # the couple's faces are 620 and 577 px wide: a 600 px floor drops the second one only

@@ -1,4 +1,4 @@
-"""facelake.reader, the one door for photo reads: roots, file type, size and time before bytes.
+"""facelake.faces.reader, the one door for photo reads: roots, file type, size and time before bytes.
 
 Real files, FIFOs, devices, /proc, sparse files and a loopback S3 (moto server); each refusal must
 come before any byte is read (a FIFO with no writer would hang a plain open forever).
@@ -10,7 +10,8 @@ import os
 
 import pytest
 
-from facelake import reader, storage
+from facelake import storage
+from facelake.faces import reader
 from facelake.schema import STAGE_FETCH, STAGE_VALIDATE
 from tests.helpers import SAMPLE_DIR
 

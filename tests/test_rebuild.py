@@ -16,12 +16,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from facelake import faults, root as rootmod, storage
+from facelake import faults, storage
+from facelake.record import tables as rootmod
 from facelake.index import layout
 from facelake.index.load import load_ids, open_version
 from facelake.index.search import search_version
 from facelake.jobs.embed import done_image_ids
-from facelake.registry import get_model
+from facelake.faces.registry import get_model
 from facelake.jobs.rebuild import RebuildConfig, retrain_reason, run_rebuild
 from tests.conftest import start_local_ray
 from tests.helpers import SAMPLE_DIR, fails_at_armed_fault, sample_manifest
@@ -106,7 +107,7 @@ def test_add_change_remove_and_nothing_changed(ray_local, provisioned_weights, t
     assert (changed.new, changed.changed, changed.removed) == (0, 1, 0) and changed.embed["images"] == 1
     faces = assert_record_consistent(root)
     sha = faces.filter(pc.equal(faces["image_id"], ADDED[0].split(".")[0]))["content_sha256"].to_pylist()
-    from facelake.imaging import content_sha256
+    from facelake.faces.imaging import content_sha256
     assert set(sha) == {content_sha256((SAMPLE_DIR / "img4.jpg").read_bytes())}
 
     # a photo no longer listed: its faces leave the record and the search
@@ -125,9 +126,10 @@ def test_add_change_remove_and_nothing_changed(ray_local, provisioned_weights, t
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_crash_at_each_stage_then_resume_without_duplicates(where, ray_local, provisioned_weights, tmp_path, request,
                                                             monkeypatch):
-    # archive-scale paths, forced: the change detection (jobs/rebuild_plan.py) and the staging's
-    # resume (jobs/resume.py) run in hash-partitioned tasks (the other tests here plan in the driver)
-    from facelake.jobs import rebuild_plan, resume
+    # archive-scale paths, forced: the change detection (jobs/work/changes.py) and the staging's
+    # resume (jobs/work/resume.py) run in hash-partitioned tasks (the other tests here plan in the driver)
+    from facelake.jobs.work import changes as rebuild_plan
+    from facelake.jobs.work import resume
     monkeypatch.setattr(rebuild_plan, "DRIVER_ROWS", 0)
     monkeypatch.setattr(resume, "DRIVER_ROWS", 0)
     base = str(tmp_path) if where == "local" else request.getfixturevalue("s3_bucket")

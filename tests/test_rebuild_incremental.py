@@ -19,14 +19,15 @@ import pytest
 
 from facelake import faults
 
-from facelake import root as rootmod, storage
+from facelake import storage
+from facelake.record import tables as rootmod
 from facelake.index import layout
 from facelake.index.build import build_version
 from facelake.index.load import load_ids, open_version
 from facelake.index.search import search_version
 from facelake.index.update import _Group, _merge_tiers, _split, plan_groups
 from facelake.jobs.erase import EraseConfig, run_erase
-from facelake.registry import get_model, weights_fingerprint
+from facelake.faces.registry import get_model, weights_fingerprint
 from facelake.schema import SOURCE_STAT_SCHEMA
 from tests.helpers import SAMPLE_DIR
 from tests.test_rebuild import BASE, ADDED, assert_record_consistent, put_photos, rebuild, write_manifest
@@ -104,7 +105,7 @@ def test_changed_size_reembedded_unchanged_never_read(ray_local, provisioned_wei
     assert second.hashed == 0 and second.embed["images"] == 1
     faces = assert_record_consistent(root)
     assert ids_of([BASE[1]])[0] in faces["image_id"].to_pylist()
-    from facelake.imaging import content_sha256
+    from facelake.faces.imaging import content_sha256
     changed = faces.filter(pc.equal(faces["image_id"], ids_of([ADDED[0]])[0]))
     assert set(changed["content_sha256"].to_pylist()) == {content_sha256((SAMPLE_DIR / "img4.jpg").read_bytes())}
     assert set(changed["source_size"].to_pylist()) == {os.path.getsize(f"{photos}/{ADDED[0]}")}
@@ -245,7 +246,7 @@ def test_plan_groups_and_tiered_merges():
 
 
 def test_source_stats_local_never_outside_roots(tmp_path):
-    from facelake import reader
+    from facelake.faces import reader
 
     inside, outside = tmp_path / "in", tmp_path / "out"
     inside.mkdir()
@@ -263,7 +264,7 @@ def test_source_stats_local_never_outside_roots(tmp_path):
 
 
 def test_source_stats_s3_list_and_head_agree(s3_bucket):
-    from facelake import reader
+    from facelake.faces import reader
 
     many = [f"{s3_bucket}/photos/big/p{i:03d}.jpg" for i in range(reader.LIST_FROM + 2)]    # listed
     few = [f"{s3_bucket}/photos/small/q{i}.jpg" for i in range(3)]                         # HEADed
@@ -301,7 +302,7 @@ def test_killed_incremental_rebuild_resumes_without_duplicates(ray_local, provis
 
 
 def test_within_each_agrees_with_within(tmp_path):
-    from facelake import reader
+    from facelake.faces import reader
 
     (tmp_path / "in" / "sub").mkdir(parents=True)
     (tmp_path / "out").mkdir()

@@ -1,4 +1,4 @@
-"""jobs/rebuild_plan.py: the change detection planned in hash-partitioned Ray tasks finds exactly
+"""jobs/work/changes.py: the change detection planned in hash-partitioned Ray tasks finds exactly
 the new, changed, removed, erased, touched and unreadable photos, the same as the driver's plan,
 with the stat of now from stat tasks (whole folders) or from the manifest's own columns."""
 
@@ -9,9 +9,11 @@ import os
 import pyarrow as pa
 import pytest
 
-from facelake import manifest, root as rootmod, storage
-from facelake.imaging import content_sha256
-from facelake.jobs import rebuild_plan
+from facelake import storage
+from facelake.faces import manifest
+from facelake.record import tables as rootmod
+from facelake.faces.imaging import content_sha256
+from facelake.jobs.work import changes as rebuild_plan
 from facelake.jobs.rebuild import RebuildConfig, _resolve_manifest, plan
 
 N, HELD = 300, 250

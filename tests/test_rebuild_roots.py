@@ -1,4 +1,4 @@
-"""`facelake rebuild` reads photos only through facelake.reader: under the allowed roots, which
+"""`facelake rebuild` reads photos only through facelake.faces.reader: under the allowed roots, which
 ROOT remembers, and never hashes a file outside them (real Ray, real model, real photos)."""
 
 from __future__ import annotations
@@ -8,7 +8,9 @@ import os
 import pyarrow as pa
 import pytest
 
-from facelake import reader, root as rootmod, storage
+from facelake import storage
+from facelake.faces import reader
+from facelake.record import tables as rootmod
 from facelake.jobs.rebuild import ALLOWED_ROOTS_FILE, _hash_chunk, remembered_roots
 from tests.test_rebuild import put_photos, rebuild, write_manifest
 

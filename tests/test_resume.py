@@ -1,4 +1,4 @@
-"""jobs/resume.py: the todo manifest of a rerun is exactly the manifest less the ids OUT holds
+"""jobs/work/resume.py: the todo manifest of a rerun is exactly the manifest less the ids OUT holds
 (compared with a set difference), in the driver and in hash-partitioned Ray tasks, locally and
 on the loopback S3 endpoint; a first run pays nothing; another model's OUT is refused."""
 
@@ -11,9 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from facelake import manifest, storage
+from facelake import storage
+from facelake.faces import manifest
 from facelake.errors import ConfigError
-from facelake.jobs import resume
+from facelake.jobs.work import resume
 
 MODEL = "sface-yunet"
 

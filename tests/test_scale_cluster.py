@@ -13,7 +13,8 @@ import threading
 import numpy as np
 import pytest
 
-from facelake import audit, faults, storage
+from facelake import faults, storage
+from facelake.record import audit
 from facelake.index import build, load, search, synthetic
 from facelake.jobs import search as search_job
 from tests.test_search import MODEL, WEIGHTS, exact, faces_table, ranked_ids, results

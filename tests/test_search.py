@@ -15,12 +15,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from facelake import audit, calibration, faults, storage
+from facelake import calibration, faults, storage
+from facelake.record import audit
 from facelake.errors import ConfigError, IndexVersionError
 from facelake.index import build, synthetic
 from facelake.jobs import search
 from facelake.jobs.embed import EmbedConfig, outputs, run_embed
-from facelake.registry import get_model, weights_fingerprint
+from facelake.faces.registry import get_model, weights_fingerprint
 from facelake.schema import RESULT_COLUMNS
 from tests.helpers import SAMPLE_DIR, faceless_jpeg, sample_manifest
 
@@ -275,7 +276,7 @@ def test_identify_mode_on_a_manifest_of_probe_photos(sample_root, tmp_path):
     [record] = [r for r in audit.list_records(str(base / "root")) if r["job_id"] == summary.job_id]
     assert record["status"] == "succeeded" and record["mode"] == "identify"
     assert record["threshold"] == pytest.approx(expected) and "threshold_for_fpir" in record["threshold_how"]
-    assert record["probes"]["sha256"] == __import__("facelake.manifest").manifest.validate(
+    assert record["probes"]["sha256"] == __import__("facelake.faces.manifest").manifest.validate(
         str(tmp_path / "probes.parquet")).fingerprint
     # an explicit threshold is taken and recorded as such; faces without a candidate get a null row
     probe_faces = storage.read_table(outputs(search.outputs(str(tmp_path / "out"))["probe_faces"])["faces"])

@@ -1,5 +1,5 @@
-"""A table version written by units in Ray tasks (jobs/tasks.py) equals the one written in the
-driver (facelake.root map_local), and a unit killed in a task leaves the old version live.
+"""A table version written by units in Ray tasks (jobs/work/units.py) equals the one written in the
+driver (facelake.record.tables map_local), and a unit killed in a task leaves the old version live.
 
 Real files, real local Ray: synthetic parts here (rewrites, staged sources with stats,
 compaction), then whole rebuilds and erases on sample photos (task path forced by thresholds 0).
@@ -15,8 +15,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from facelake import faults, root as rootmod, storage
-from facelake.jobs import tasks
+from facelake import faults, storage
+from facelake.record import tables as rootmod
+from facelake.jobs.work import units as tasks
 from tests.helpers import fails_at_armed_fault
 # imported here, not in a test: importing tests.conftest again (as this does) sets a new
 # FACELAKE_FAULTS folder, which must happen before Ray starts so that workers see the same one
@@ -139,7 +140,7 @@ def test_a_unit_killed_before_the_pointer_leaves_the_old_version_live(path, ray_
 
 def test_rebuild_and_erase_write_the_same_record_in_tasks_and_in_the_driver(ray_local, provisioned_weights,
                                                                            tmp_path, monkeypatch):
-    from facelake.jobs import rebuild_plan
+    from facelake.jobs.work import changes as rebuild_plan
     from facelake.jobs.erase import EraseConfig, run_erase
 
     photos, manifest_uri = str(tmp_path / "photos"), str(tmp_path / "m.parquet")

@@ -9,11 +9,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from facelake import weights
+from facelake.faces import weights
 from facelake.errors import WeightsError
-from facelake.onnx_rewrite import fix_sface
-from facelake.registry import SFACE_INT8_FOLDED, get_model
-from facelake.weights import provision, provision_file, sha256_file, verify
+from facelake.faces.onnx_rewrite import fix_sface
+from facelake.faces.registry import SFACE_INT8_FOLDED, get_model
+from facelake.faces.weights import provision, provision_file, sha256_file, verify
 
 
 @pytest.fixture
@@ -79,8 +79,8 @@ def test_rewritten_sface_matches_the_shipped_graph(provisioned_weights):
 
 
 def test_every_model_names_one_recognizer_file():
-    """facelake.inference opens the weight file the registry marks as the recognizer."""
-    from facelake.registry import MODELS
+    """facelake.faces.inference opens the weight file the registry marks as the recognizer."""
+    from facelake.faces.registry import MODELS
 
     for spec in MODELS.values():
         assert sum(w.role == "recognizer" for w in spec.weights) == 1
@@ -90,7 +90,7 @@ def test_every_model_names_one_recognizer_file():
 
 def test_prelu_rewrite_gives_the_same_outputs(provisioned_weights):
     """onnxruntime CPU runs SFace with PRelu written as Relu + slope * Min(x, 0): same outputs."""
-    from facelake.onnx_rewrite import prelu_as_relu
+    from facelake.faces.onnx_rewrite import prelu_as_relu
 
     data = provisioned_weights[SFACE_INT8_FOLDED.file_name].read_bytes()
     rewritten = prelu_as_relu(data)
@@ -105,8 +105,8 @@ def test_prelu_rewrite_gives_the_same_outputs(provisioned_weights):
 def test_int8_sface_is_rebuilt_from_the_verified_float_graph(provisioned_weights):
     """sface-int8-yunet's graph comes out of the committed recipe byte for byte (registered sha256),
     with every Conv and the Gemm reading int8 weights and quantized activations."""
-    from facelake.registry import SFACE_INT8_QDQ
-    from facelake.weights import provision_file, sha256_file
+    from facelake.faces.registry import SFACE_INT8_QDQ
+    from facelake.faces.weights import provision_file, sha256_file
 
     path = provision_file(SFACE_INT8_QDQ)
     assert sha256_file(path) == SFACE_INT8_QDQ.sha256

@@ -11,7 +11,7 @@ Order of checks, each refusal an exception whose ``stage`` names where it stoppe
    descriptor, so a file swapped after the check is still refused.
 3. read: at most the stated size, in chunks, within ``timeout_s`` (stage ``fetch``).
 
-The pixel limit is checked afterwards by ``facelake.imaging`` when the bytes are decoded.
+The pixel limit is checked afterwards by ``facelake.faces.imaging`` when the bytes are decoded.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Recognizer runtimes: run the provisioned recognizer graph on OpenVINO, onnxruntime or CUDA.
 
-The same checksummed ONNX file (facelake/registry.py) runs on whichever runtime is chosen; the
+The same checksummed ONNX file (facelake/faces/registry.py) runs on whichever runtime is chosen; the
 runtimes differ only in speed and in rounding. Every runtime must give the same embedding for
 the same aligned face within ``COSINE_TOLERANCE`` of onnxruntime's CPU result, and move no
 similarity by more than ``SIMILARITY_TOLERANCE`` (tests/test_inference.py), so faces embedded
@@ -8,7 +8,7 @@ on any runtime share one model name, one weights fingerprint and one calibration
 LFW faces, CPU time per face on one thread (2-core AMD EPYC with AVX512_BF16, machine under
 load): OpenVINO bf16 ~8.6 ms, OpenVINO float32 ~14.7 ms, onnxruntime ~28 ms as shipped (its
 PRelu kernel takes ~45% of that), 18-25 ms with PRelu rewritten (batch 1-16), which facelake
-does in memory. The int8 SFace (model ``sface-int8-yunet``, facelake/registry.py) is its own
+does in memory. The int8 SFace (model ``sface-int8-yunet``, facelake/faces/registry.py) is its own
 model with its own calibration, run on OpenVINO only (~5.6 ms per face on the same machine).
 
     "auto"         CUDA when onnxruntime has its CUDA provider and this process may see a GPU,
@@ -29,7 +29,7 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from facelake import onnx_rewrite
+from facelake.faces import onnx_rewrite
 from facelake.errors import ConfigError
 
 Runtime = Literal["auto", "openvino", "onnxruntime", "cuda"]

@@ -8,7 +8,7 @@ once per bucket of image ids, in a task, on that bucket's rows only:
 1. manifest tasks read ranges of the manifest's row groups, resolve each uri (as the driver did)
    and take the stat of now from the manifest's own size / etag / mtime columns; without them,
    rows go first by a hash of their *folder* to stat tasks (whole folders per task, so an S3
-   folder is still listed, not HEADed: facelake.reader.source_stats), which stat them;
+   folder is still listed, not HEADed: facelake.faces.reader.source_stats), which stat them;
 2. record tasks read groups of parts of record (one row per part and image, rootmod.part_record);
 3. both sides go by a hash of image_id to ``buckets`` compare tasks (through the object store;
    nothing is written to ROOT), each running ``plan`` (hashing the photos it must read itself);
@@ -29,8 +29,11 @@ import math
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from facelake import manifest as manifestmod, reader, root as rootmod, storage
-from facelake.jobs.resume import bucket_of, manifest_pieces
+from facelake import storage
+from facelake.faces import manifest as manifestmod
+from facelake.faces import reader
+from facelake.record import tables as rootmod
+from facelake.jobs.work.resume import bucket_of, manifest_pieces
 from facelake.schema import SOURCE_STAT_SCHEMA
 
 # Manifest rows plus rows of record at most this many: the driver plans (no task start).

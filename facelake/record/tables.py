@@ -7,7 +7,7 @@
     ROOT/erasures/<seq>.parquet                          erasure list of record: append-only, hash-chained
     ROOT/staging/<run>/                                  an in-progress embed (facelake embed's layout)
     ROOT/_runs/<run>.json                                summaries of the embed runs merged into record
-    ROOT/lock                                            facelake.lock
+    ROOT/lock                                            facelake.record.lock
     ROOT/index/..., ROOT/audit/...                       index versions (facelake.index.layout), audit log
 
 A new table version writes new part files only (parts that lose rows are rewritten under new
@@ -16,7 +16,7 @@ before that write leaves the previous table of record valid; the orphaned parts 
 next job that holds the lock (``collect_garbage``). Read the faces of record with ``read_faces``,
 never by listing ROOT/faces: between a crash and the next job the folder may hold orphans. The
 parts are written by units of one part each (``write_version``), in Ray tasks when the job passes
-their map (facelake.jobs.tasks), else in this process.
+their map (facelake.jobs.work.units), else in this process.
 """
 
 from __future__ import annotations
@@ -208,7 +208,7 @@ def part_record(root: str, kind: str, name: str, options: StorageOptions | None 
 # ``record_part``, ``compact_parts``): pure functions of their arguments that read and write part
 # files and return only part names, row counts and O(change) image ids (``Written``). ``write_version``
 # runs them through ``map_fn``: in this process by default (``map_local``); jobs pass a map that runs
-# each unit as a Ray task (facelake.jobs.tasks). A unit's part names are fixed by the version's name
+# each unit as a Ray task (facelake.jobs.work.units). A unit's part names are fixed by the version's name
 # and the unit's tag, so a retried unit overwrites its own files; nothing is live until ROOT/TABLE.
 
 
@@ -460,7 +460,7 @@ def _anchor(root: str, options: StorageOptions | None) -> dict | None:
     Reads records newest first and stops at the first anchor, so its cost is the number of
     records since the last erase (all of them on a root never erased).
     """
-    from facelake import audit
+    from facelake.record import audit
     from facelake.schema import AuditRecord
 
     chain, _other = audit.chain_files(root, options)
@@ -531,7 +531,7 @@ def append_erasure(root: str, counts: dict[str, tuple[int, int]], *, reason: str
     The head is then anchored in the audit log (kind "erasure-list"), so removing this entry
     later is detected.
     """
-    from facelake import audit
+    from facelake.record import audit
 
     person = audit.who()
     for _ in range(20):

@@ -1,6 +1,6 @@
 """How many distinct images a set of part files or index shards holds, without gathering ids.
 
-Table versions written by rebuild and erase record their image count (facelake.root
+Table versions written by rebuild and erase record their image count (facelake.record.tables
 TableVersion.images) and `status` shows that. This module counts where nothing was recorded: a
 table version written before the count existed, and a root made by `facelake index` (its live
 version's id tables). An image's faces can span two parts or two shards, so per-source counts
@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from facelake import storage
-from facelake.jobs.resume import bucket_of
+from facelake.jobs.work.resume import bucket_of
 
 # Rows counted in the driver (ids of a small root: ~10 MB), without starting Ray.
 DRIVER_ROWS = 200_000

@@ -172,7 +172,7 @@ def _refuse_duplicates(uri: str, options: storage.StorageOptions | None, clashin
 
 def base_dir(uri: str, options: storage.StorageOptions | None = None) -> str:
     """The folder a manifest's relative uris resolve against (the manifest file's folder, or the
-    manifest folder itself); ``facelake.reader.resolve`` makes each uri absolute against it."""
+    manifest folder itself); ``facelake.faces.reader.resolve`` makes each uri absolute against it."""
     import os
 
     fs, path = storage.filesystem(uri, options)

@@ -36,7 +36,8 @@ import threading
 import uuid
 from typing import Any
 
-from facelake import audit, storage
+from facelake import storage
+from facelake.record import audit
 from facelake.errors import LockError
 from facelake.storage import StorageOptions
 

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from facelake import manifest as manifestmod, storage
+from facelake import storage
+from facelake.faces import manifest as manifestmod
 from facelake.errors import ConfigError
 
 # Manifest rows (and about as many done ids) per anti-join task: ~100 MB of ids and uris.

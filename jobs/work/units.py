@@ -1,9 +1,9 @@
-"""The map that runs a table version's units of work (facelake.root ``write_version``) as Ray tasks.
+"""The map that runs a table version's units of work (facelake.record.tables ``write_version``) as Ray tasks.
 
-facelake.root writes a version as units over one part each (rewrite a part of record without
+facelake.record.tables writes a version as units over one part each (rewrite a part of record without
 dropped ids, record a staged part with its stats, compact small parts), which return only part
 names, row counts and O(change) image ids. ``table_map`` chooses how they run: in Ray tasks when
-Ray is connected and the job works on a root past ``driver_rows`` rows (jobs/counts.py
+Ray is connected and the job works on a root past ``driver_rows`` rows (jobs/work/counts.py
 DRIVER_ROWS, the threshold of the other archive-scale steps), else in this process
 (``rootmod.map_local``: a task's start costs more than such a write saves). Each argument that
 is a pyarrow table or array (the dropped ids, the ids to record, the stats of record) goes to the
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from facelake import root as rootmod
+from facelake.record import tables as rootmod
 
 # CPUs per unit: it holds one part (up to PART_ROWS rows, embeddings included) in memory.
 TASK_CPUS = 0.5
@@ -49,8 +49,8 @@ def ray_map(units: list[rootmod.Unit]) -> list[rootmod.Written]:
 
 def table_map(rows: int, driver_rows: int | None = None) -> rootmod.MapFn:
     """``ray_map`` when Ray is connected and ``rows`` (the root's rows of record plus the manifest's,
-    or the change's) exceed ``driver_rows`` (default jobs/counts.py DRIVER_ROWS), else in this process."""
-    from facelake.jobs import counts
+    or the change's) exceed ``driver_rows`` (default jobs/work/counts.py DRIVER_ROWS), else in this process."""
+    from facelake.jobs.work import counts
 
     if rows <= (counts.DRIVER_ROWS if driver_rows is None else driver_rows):
         return rootmod.map_local

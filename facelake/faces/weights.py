@@ -21,9 +21,10 @@ import logging
 import os
 from pathlib import Path
 
-from facelake import onnx_rewrite, storage
+from facelake import storage
+from facelake.faces import onnx_rewrite
 from facelake.errors import WeightsError
-from facelake.registry import ModelSpec, WeightFile
+from facelake.faces.registry import ModelSpec, WeightFile
 
 log = logging.getLogger(__name__)
 WEIGHTS_FROM_ENV = "FACELAKE_WEIGHTS_FROM"

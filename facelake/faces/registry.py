@@ -21,8 +21,8 @@ class WeightFile:
     module: str           # importable module of that distribution
     package_path: str     # path of the source file inside the module
     source_sha256: str    # of the shipped source file
-    rewrite: str | None = None  # name of a function in facelake.onnx_rewrite, or None to copy
-    role: str = "detector"      # "detector" (loaded by deepface) or "recognizer" (facelake.inference)
+    rewrite: str | None = None  # name of a function in facelake.faces.onnx_rewrite, or None to copy
+    role: str = "detector"      # "detector" (loaded by deepface) or "recognizer" (facelake.faces.inference)
 
 
 # SFace's 112x112 template for five landmarks (eyes, nose tip, mouth corners), as used by
@@ -46,14 +46,14 @@ class ModelSpec:
     alignment: str                 # how faces are cut before embedding
     weights: tuple[WeightFile, ...]
     deepface_published_lfw: float | None  # deepface README's LFW accuracy for the recognizer
-    # recognizer runtimes (facelake.inference) its calibration holds on; empty: any of them
+    # recognizer runtimes (facelake.faces.inference) its calibration holds on; empty: any of them
     runtimes: tuple[str, ...] = ()
     # Test-time flip: the embedding is the L2-normalised mean of the aligned face's and its
     # horizontal mirror's (each L2-normalised first); two recognizer calls per face. Its own model
     # name, so its faces, indexes and calibrations never mix with the plain model's.
     flip: bool = False
-    # What facelake.pipeline builds from the spec (a new model = an entry here plus, when its
-    # detector or preprocessing is new, an adapter in facelake.faces.DETECTORS / PREPROCESSING):
+    # What facelake.faces.pipeline builds from the spec (a new model = an entry here plus, when its
+    # detector or preprocessing is new, an adapter in facelake.faces.models.DETECTORS / PREPROCESSING):
     # the five landmark positions faces are aligned to in the input_size crop, and the name of
     # the function that turns aligned BGR uint8 crops into the recognizer's input blob.
     template: tuple[tuple[float, float], ...] = SFACE_TEMPLATE_112
@@ -66,12 +66,12 @@ class ModelSpec:
 
     @property
     def recognizer_weight(self) -> WeightFile:
-        """The recognizer's graph, which facelake.inference opens on the chosen runtime."""
+        """The recognizer's graph, which facelake.faces.inference opens on the chosen runtime."""
         return next(w for w in self.weights if w.role == "recognizer")
 
     @property
     def detector_weight(self) -> WeightFile:
-        """The detector's graph, which the adapter in facelake.faces.DETECTORS opens."""
+        """The detector's graph, which the adapter in facelake.faces.models.DETECTORS opens."""
         return next(w for w in self.weights if w.role == "detector")
 
 
@@ -98,7 +98,7 @@ SFACE_INT8_FOLDED = WeightFile(
 # int8 SFace (issue #16): the same verified shipped graph, folded (fix_sface), then quantized
 # with the committed recipe facelake/data/sface-int8-recipe.json (bench/quantize_sface.py: NNCF,
 # calibrated on ORL + the sample, never LFW). Its embeddings differ from the float graph's beyond
-# facelake.inference's tolerances (cosine ~0.997 median), so it is its own model with its own
+# facelake.faces.inference's tolerances (cosine ~0.997 median), so it is its own model with its own
 # calibration.
 SFACE_INT8_QDQ = WeightFile(
     file_name="face_recognition_sface_2021dec_int8qdq.onnx",
@@ -138,7 +138,7 @@ MODELS: dict[str, ModelSpec] = {
         weights=(YUNET_INT8, SFACE_INT8_QDQ),
         deepface_published_lfw=0.996,
         # onnxruntime rounds the same QDQ graph differently (cosine to OpenVINO 0.9987 min on
-        # the sample faces, below facelake.inference.COSINE_TOLERANCE): calibrated on OpenVINO only
+        # the sample faces, below facelake.faces.inference.COSINE_TOLERANCE): calibrated on OpenVINO only
         runtimes=("openvino",),
     ),
 }

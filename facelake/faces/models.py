@@ -1,18 +1,18 @@
 """The model's parts, built from its registry entry: detector adapter, alignment, recognizer.
 
-A model is one ModelSpec (facelake.registry) plus, when it brings a detector or a preprocessing
+A model is one ModelSpec (facelake.faces.registry) plus, when it brings a detector or a preprocessing
 facelake does not know yet, an adapter here (DETECTORS, PREPROCESSING). facelake does two things
 deepface's own ``represent`` does not do: it keeps the detector's five landmarks and aligns each
 face to the recognizer's template with a similarity transform (for SFace its 112x112 template,
 the crop it was trained on; deepface's rotate-and-cut crop costs it ~15 points of LFW accuracy),
 and it embeds many faces per recognizer call instead of one. The per-image flow (read, decode,
-detect, quality floor, align, embed, error rows) is facelake.pipeline's.
+detect, quality floor, align, embed, error rows) is facelake.faces.pipeline's.
 
 YuNet is opened with OpenCV's FaceDetectorYN from the provisioned, checksum-verified file, built
 and run exactly as deepface's YuNet client does (same file, same construction, same 640 px
 bound), so detections are deepface's; one detector per thread (an OpenCV detector is not
 thread-safe, and deepface caches one client per process). The recognizer (the same provisioned
-file deepface would load) runs on the runtime facelake.inference picks.
+file deepface would load) runs on the runtime facelake.faces.inference picks.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ import cv2
 import numpy as np
 
 from facelake.errors import ConfigError
-from facelake.inference import open_recognizer
-from facelake.registry import ModelSpec, get_model, weights_fingerprint
-from facelake.weights import provision
+from facelake.faces.inference import open_recognizer
+from facelake.faces.registry import ModelSpec, get_model, weights_fingerprint
+from facelake.faces.weights import provision
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +96,14 @@ class FaceEmbedder:
 
     def __init__(self, model: str | ModelSpec | None = None, *, weights_from: str | None = None,
                  threads: int | None = None, runtime: str = "auto", precision: str = "f32") -> None:
-        """Provision the model's weights and open its recognizer on ``runtime`` (facelake.inference:
+        """Provision the model's weights and open its recognizer on ``runtime`` (facelake.faces.inference:
         auto, openvino, onnxruntime, cuda) with ``precision`` on OpenVINO (f32 by default: the
         shipped calibration was measured in float32, and bf16 -- "auto" on CPUs with native bf16 --
         moved its FMR bounds by -2.5%/+6.4% and would make nodes with and without bf16 disagree)
         and at most ``threads`` threads (None: the runtime's default).
         """
         self.spec = model if isinstance(model, ModelSpec) else get_model(model)
-        if self.spec.runtimes:  # a model calibrated on some runtimes only (facelake.registry)
+        if self.spec.runtimes:  # a model calibrated on some runtimes only (facelake.faces.registry)
             if runtime == "auto":
                 runtime = self.spec.runtimes[0]
             elif runtime not in self.spec.runtimes:
@@ -112,7 +112,7 @@ class FaceEmbedder:
         paths = provision(self.spec, weights_from)
         # The recognizer is the provisioned, checksum-verified file deepface would load; facelake
         # opens it itself so that it runs on the fastest runtime at hand (same embeddings within
-        # facelake.inference's tolerances), not only on deepface's onnxruntime session.
+        # facelake.faces.inference's tolerances), not only on deepface's onnxruntime session.
         self._recognizer = open_recognizer(str(paths[self.spec.recognizer_weight.file_name]),
                                            runtime=runtime, threads=threads, precision=precision)
         self.runtime = self._recognizer.runtime
@@ -167,7 +167,7 @@ class FaceEngine:
         paths = provision(self.spec, weights_from)
         if self.spec.detector not in DETECTORS:
             raise ConfigError(f"model {self.spec.name} names detector {self.spec.detector!r}, which has no adapter "
-                              f"in facelake.faces.DETECTORS ({', '.join(sorted(DETECTORS))})")
+                              f"in facelake.faces.models.DETECTORS ({', '.join(sorted(DETECTORS))})")
         self._detector_path = str(paths[self.spec.detector_weight.file_name])
         self._local = threading.local()
         self.detector_for_thread()  # open (and check) the first detector now, not in the first image
@@ -259,7 +259,7 @@ PREPROCESSING: dict[str, Callable[[np.ndarray], np.ndarray]] = {"rgb-chw-0-255":
 def preprocessing(spec: ModelSpec) -> Callable[[np.ndarray], np.ndarray]:
     """The spec's preprocessing function, or an error naming the registered ones."""
     if spec.preprocess not in PREPROCESSING:
-        raise ConfigError(f"model {spec.name} names preprocessing {spec.preprocess!r}, which facelake.faces."
+        raise ConfigError(f"model {spec.name} names preprocessing {spec.preprocess!r}, which facelake.faces.models."
                           f"PREPROCESSING does not have ({', '.join(sorted(PREPROCESSING))})")
     return PREPROCESSING[spec.preprocess]
 

@@ -2,14 +2,14 @@
 
 For every row (``image_id``, ``uri`` and whatever columns the caller carries) the pipeline
 resolves the uri (relative to the manifest's folder, within the allowed roots), reads the bytes
-through facelake.reader's limits, hashes them (content sha256), decodes them safely
-(facelake.imaging), detects faces with the model's detector adapter, drops the faces below the
+through facelake.faces.reader's limits, hashes them (content sha256), decodes them safely
+(facelake.faces.imaging), detects faces with the model's detector adapter, drops the faces below the
 quality floor (with the reason), aligns the others to the model's template and embeds them,
 ``batch_size`` images per recognizer call. Each image ends in one ImageOutcome: its usable faces
 (bbox, landmarks, score, crop, embedding), its dropped faces, or one error with the stage, type
 and message the errors table records.
 
-Everything model-specific comes from the ModelSpec through facelake.faces.FaceEngine (detector
+Everything model-specific comes from the ModelSpec through facelake.faces.models.FaceEngine (detector
 adapter, template, preprocessing, embedding size). The embed job (both executors) and
 ``facelake evaluate`` use this pipeline; what they do with the outcomes (part files, the largest
 or most central face) is theirs. Tested in tests/test_pipeline.py.
@@ -29,9 +29,10 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from facelake import reader, storage
-from facelake.faces import FaceEngine, QualityFloor
-from facelake.imaging import DEFAULT_MAX_PIXELS, content_sha256, decode_bgr
+from facelake import storage
+from facelake.faces import reader
+from facelake.faces.models import FaceEngine, QualityFloor
+from facelake.faces.imaging import DEFAULT_MAX_PIXELS, content_sha256, decode_bgr
 from facelake.schema import (NO_FACE, NO_USABLE_FACE, STAGE_DECODE, STAGE_DETECT, STAGE_EMBED, STAGE_FETCH,
                              STAGE_QUALITY, STAGE_VALIDATE)
 
@@ -101,7 +102,7 @@ class FacePipeline:
                  limits: reader.ReadLimits = reader.ReadLimits(), options: storage.StorageOptions | None = None,
                  base_dir: str = "", max_pixels: int = DEFAULT_MAX_PIXELS, batch_size: int = DEFAULT_BATCH_SIZE,
                  threads: int = 1) -> None:
-        """``engine`` holds the model (facelake.faces); ``limits`` the allowed roots, bytes and
+        """``engine`` holds the model (facelake.faces.models); ``limits`` the allowed roots, bytes and
         time per read; ``base_dir`` where relative uris start; ``threads`` how many threads read,
         decode, detect and align (1: all in the calling thread)."""
         self.engine, self.floor, self.limits, self.options = engine, floor, limits, options

@@ -1,0 +1,11 @@
+"""Distributed table work the commands share, run as Ray tasks so nothing that grows with the
+archive passes through the driver.
+
+- ``resume``: an embed run's todo manifest, the manifest less the ids already done
+  (tests/test_resume.py).
+- ``counts``: distinct images and errors held by part files or shards, erase's holdings
+  (tests/test_counts.py, test_erase_holdings.py).
+- ``changes``: a rebuild's change plan, the manifest compared with the record
+  (tests/test_rebuild_plan.py).
+- ``units``: the map that runs a table version's units of work (tests/test_table_tasks.py).
+"""
