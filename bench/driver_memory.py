@@ -1,10 +1,10 @@
-"""The driver's peak memory for the steps that once held something per image (issue 13).
+"""The driver's peak memory for the steps that could hold something per image.
 
 Synthetic Parquet only (no photos: these steps read ids, uris and stats, never pixels), at two
 sizes, each step in a fresh process so that peaks do not mix. Per step, the driver's peak RSS
 during the step (this process alone, sampled every 20 ms; Ray's processes are others) and its
 growth over the same process just before the step (facelake imported, Ray started, the manifest
-validated: every job's first step, streamed since issue 9):
+validated, streamed: every job's first step):
 
 - ``resume``: embed resume planning, a manifest of N rows and an OUT holding 80% of them
   (faces and errors parts): ``jobs/resume.left_to_embed`` (hash-partitioned anti-join in Ray
@@ -169,7 +169,7 @@ def measure(case: str, folder: str) -> dict:
     from facelake.faces.registry import get_model
 
     m = os.path.join(folder, "manifest")
-    info = manifest.validate(m)     # every job's first step (streamed; issue 9), not measured here
+    info = manifest.validate(m)     # every job's first step (streamed), not measured here
     started = time.monotonic()
     step = StepPeak().__enter__()
     if case == "resume":

@@ -1,4 +1,4 @@
-"""Peak memory of validating and reading a huge manifest (issue 9: stream it, memory bounded).
+"""Peak memory of validating and reading a huge manifest (streamed, memory bounded).
 
 Generates a manifest of ``--rows`` rows (image_id, uri, one carried column) as Parquet files in a
 temporary folder, then measures, each in a fresh process so that peaks do not mix:

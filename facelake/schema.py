@@ -53,7 +53,7 @@ ERRORS_SCHEMA = pa.schema([
     ("model", pa.string()),
 ])
 
-# ---- source stat of record (issue 13, item 5: nightly rebuild at O(change)) ----
+# ---- source stat of record (nightly rebuild at O(change)) ----
 # `facelake rebuild` stores, on every faces and errors row of record, what the photo's source
 # looked like when it was embedded, so the next night finds changes from a listing (stat / S3
 # LIST or HEAD) instead of reading every photo's bytes. Local files: size and st_mtime_ns (etag

@@ -95,7 +95,7 @@ SFACE_INT8_FOLDED = WeightFile(
     role="recognizer",
 )
 
-# int8 SFace (issue #16): the same verified shipped graph, folded (fix_sface), then quantized
+# int8 SFace: the same verified shipped graph, folded (fix_sface), then quantized
 # with the committed recipe facelake/data/sface-int8-recipe.json (bench/quantize_sface.py: NNCF,
 # calibrated on ORL + the sample, never LFW). Its embeddings differ from the float graph's beyond
 # facelake.faces.inference's tolerances (cosine ~0.997 median), so it is its own model with its own
@@ -125,7 +125,7 @@ MODELS: dict[str, ModelSpec] = {
         weights=(YUNET_INT8, SFACE_INT8_FOLDED),
         deepface_published_lfw=0.996,
     ),
-    # issue #16: int8 SFace (Conv and Gemm in int8; VNNI kernels on OpenVINO), same detector
+    # int8 SFace (Conv and Gemm in int8; VNNI kernels on OpenVINO), same detector
     "sface-int8-yunet": ModelSpec(
         name="sface-int8-yunet",
         recognizer="SFace",
@@ -143,7 +143,7 @@ MODELS: dict[str, ModelSpec] = {
     ),
 }
 
-# ---- sface-yunet-flip (issue 17): the default's weights, detector and alignment, plus test-time flip.
+# ---- sface-yunet-flip: the default's weights, detector and alignment, plus test-time flip.
 # Same weights fingerprint as sface-yunet (same files); told apart by its name everywhere faces,
 # index versions and calibrations are checked. Costs a second SFace call per face (~2x recognizer time).
 MODELS["sface-yunet-flip"] = ModelSpec(
