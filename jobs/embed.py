@@ -473,7 +473,15 @@ def _ray_dataset(config: EmbedConfig, start: _Start) -> "ray.data.Dataset":
         EmbedWorker, batch_size=chunk, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=workers), num_gpus=1 if use_gpu else 0,
         num_cpus=0 if use_gpu else ACTOR_CPUS,
-        fn_constructor_kwargs=dict(_worker_options(config, start), threads=1))
+        fn_constructor_kwargs=dict(_worker_options(config, start), threads=1,
+                                   prepare_threads=prepare_threads(resources.cpus, workers, use_gpu)))
+
+
+def prepare_threads(cpus: float, workers: int, use_gpu: bool) -> int:
+    """Preparing threads per model actor: a CPU actor prepares on its own CPU; a GPU actor's
+    recognizer outruns one CPU by far (bench/prepare.py), so the node's CPUs are shared out
+    among its GPU actors."""
+    return max(1, int(cpus // max(1, workers))) if use_gpu else 1
 
 
 def _local_counts(config: EmbedConfig, start: _Start) -> Iterator[pa.Table]:
