@@ -7,8 +7,11 @@ Order of checks, each refusal an exception whose ``stage`` names where it stoppe
    roots (stage ``validate``; nothing is opened).
 2. stat / HEAD: only regular files and objects (a FIFO, /dev/zero or a folder is refused without
    reading a byte), and the size from stat or HEAD checked against ``max_bytes`` (stage ``fetch``).
-   Local files are opened non-blocking (a FIFO cannot hang the open) and checked on the opened
-   descriptor, so a file swapped after the check is still refused.
+   Local files are opened first (non-blocking: a FIFO cannot hang the open), then what was
+   opened is checked: its type and size from the descriptor, and the path the kernel opened
+   (/proc/self/fd) against the allowed roots, so a file or folder swapped for a symlink between
+   the check of step 1 and the open is still refused. S3 keys holding ``.`` or ``..`` segments
+   are refused at step 1 (the store reads the literal key, the roots check would see another).
 3. read: at most the stated size, in chunks, within ``timeout_s`` (stage ``fetch``).
 
 The pixel limit is checked afterwards by ``facelake.faces.imaging`` when the bytes are decoded.
@@ -109,6 +112,7 @@ def resolve(uri: str, base_dir: str, allowed_roots: tuple[str, ...] = ()) -> str
     scheme = storage.scheme_of(uri)
     if scheme not in storage.SUPPORTED_SCHEMES:
         raise UnsupportedUri(f"unsupported URI scheme {scheme!r}: use a local path, file:// or s3://")
+    _refuse_dot_keys(uri)
     if scheme == "file" and not uri.startswith("file://") and not os.path.isabs(uri):
         uri = storage.join(base_dir, uri)
     if allowed_roots and not within(uri, allowed_roots):
@@ -125,8 +129,29 @@ def read(uri: str, limits: ReadLimits = ReadLimits(),
                            "(add its folder with --allow-root if it should be read)")
     deadline = time.monotonic() + limits.timeout_s
     if storage.scheme_of(uri) == "s3":
+        _refuse_dot_keys(uri)
         return _read_object(uri, limits, options, deadline)
     return _read_local(normal(uri), uri, limits, deadline)
+
+
+def _refuse_dot_keys(uri: str) -> None:
+    """S3 keys are literal: ``a/../b`` names an object of its own, not ``b``."""
+    if storage.scheme_of(uri) == "s3" and {".", ".."} & set(uri.split("://", 1)[1].split("/")):
+        raise UnsupportedUri(f"{storage.redact(uri)} has a '.' or '..' segment: S3 reads such keys "
+                             "literally; list the object's plain key")
+
+
+def _opened_path(fd: int, path: str) -> str:
+    """The path the kernel opened for ``fd`` (symlinks resolved at open time)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:  # no /proc (not Linux): the path resolved just before the open
+        return path
+
+
+def _under(path: str, roots: tuple[str, ...]) -> bool:
+    """``path`` (already real) is one of ``roots`` (resolved) or under one."""
+    return any(path == base or path.startswith(base.rstrip("/") + "/") for base in map(normal, roots))
 
 
 def _too_big(uri: str, size: int, limits: ReadLimits) -> TooManyBytes:
@@ -142,7 +167,11 @@ def _read_local(path: str, uri: str, limits: ReadLimits, deadline: float) -> byt
         if not stat.S_ISREG(info.st_mode):
             raise NotARegularFile(f"{uri} is not a regular file ({_kind(info.st_mode)}); "
                                   "list only photo files in the manifest")
-        if _pseudo(path):
+        opened = _opened_path(fd, path)
+        if limits.allowed_roots and not _under(opened, limits.allowed_roots):
+            raise OutsideRoots(f"{storage.redact(uri)} is outside the allowed roots once opened (a symlink "
+                               "changed during the read?); add its folder with --allow-root if it should be read")
+        if _pseudo(opened):
             raise NotARegularFile(f"{uri} is a kernel pseudo-file (/proc, /sys, /dev); "
                                   "list only photo files in the manifest")
         if info.st_size > limits.max_bytes:
