@@ -26,6 +26,7 @@ every crash-and-resume test (embed, rebuild, erase, search, lock, audit).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 from typing import Any, Callable, Iterator
@@ -72,8 +73,6 @@ def point(name: str, subject: Any = None) -> None:
 
 
 def _file_point(folder: str, name: str) -> None:
-    import fcntl
-
     path = os.path.join(folder, name + ".json")
     try:
         with open(path, "r+") as handle:

@@ -8,6 +8,7 @@ the typed audit record with its one status.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 
@@ -293,8 +294,6 @@ class OutputFingerprint:
     @property
     def digest(self) -> str:
         """sha256 of the canonical JSON: a short key for the whole fingerprint."""
-        import hashlib
-
         return hashlib.sha256(self.to_json()).hexdigest()
 
     @classmethod

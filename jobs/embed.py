@@ -35,6 +35,7 @@ the same files rather than adding a second copy.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -51,8 +52,7 @@ import pyarrow.compute as pc
 import typer
 
 from facelake import device, faults, progress, storage
-from facelake.faces import manifest
-from facelake.faces import reader
+from facelake.faces import manifest, reader
 from facelake.errors import ConfigError
 from facelake.faces.imaging import DEFAULT_MAX_PIXELS
 from facelake.jobs.work import resume
@@ -204,6 +204,8 @@ class ChunkEmbedder:
                  carried_schema: pa.Schema, out: str, run_id: str, batch_size: int, shard_rows: int,
                  weights_sha256: str, limits: reader.ReadLimits | None = None, prepare_threads: int = 1,
                  recognizer_threads: int | None = None) -> None:
+        # the model's libraries (OpenCV, the recognizer runtime) load where the model runs, not
+        # in a driver that only plans and counts
         from facelake.faces.models import FaceEngine, QualityFloor
         from facelake.faces.pipeline import FacePipeline
 
@@ -280,8 +282,6 @@ def _chunk_token(image_ids: pa.ChunkedArray) -> str:
     Derived from the input, not from the actor, so that a chunk Ray retries after losing its
     actor (or node) rewrites the same part files instead of adding a second copy of its faces.
     """
-    import hashlib
-
     digest = hashlib.sha256()
     for image_id in image_ids.to_pylist():
         digest.update(image_id.encode() + b"\0")
@@ -444,9 +444,9 @@ def embed_dataset(config: EmbedConfig) -> EmbedPlan:
 
 def _ray_dataset(config: EmbedConfig, start: _Start) -> "ray.data.Dataset":
     """The Ray executor: Ray Data reads the manifest and streams chunks to a pool of EmbedWorker actors."""
-    import ray
+    import ray  # deferred: the local executor runs without Ray
 
-    from facelake.cluster import runtime
+    from facelake.cluster import runtime  # imports Ray
 
     summary, todo, files = start.summary, start.todo, start.files
     resources = runtime.connect(config.address)
@@ -492,7 +492,7 @@ def _local_counts(config: EmbedConfig, start: _Start) -> Iterator[pa.Table]:
     align (each with its own detector, OpenCV at one thread each) while the recognizer runs
     with as many threads on the batch before.
     """
-    from facelake.faces.models import default_threads
+    from facelake.faces.models import default_threads  # loads OpenCV: only when embedding here
 
     threads = config.workers or default_threads()
     worker = ChunkEmbedder(**_worker_options(config, start), threads=1, prepare_threads=threads,
@@ -538,7 +538,7 @@ def run_embed(config: EmbedConfig) -> EmbedSummary:
     if executor == "local":
         batches = _local_counts(config, start)
     else:
-        import ray
+        import ray  # deferred: the local executor runs without Ray
 
         started_here = not ray.is_initialized()
         batches = iter(_ray_dataset(config, start).iter_batches(batch_size=None, batch_format="pyarrow"))

@@ -30,6 +30,7 @@ from typing import Literal, Protocol
 import numpy as np
 
 from facelake.faces import onnx_rewrite
+from facelake.device import onnx_cuda
 from facelake.errors import ConfigError
 
 Runtime = Literal["auto", "openvino", "onnxruntime", "cuda"]
@@ -65,8 +66,6 @@ def cuda_visible() -> bool:
             return False
     elif os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
         return False
-    from facelake.device import onnx_cuda
-
     return onnx_cuda()
 
 

@@ -8,6 +8,7 @@ multi-million-row manifest costs one pass over two columns and 8 bytes of memory
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +46,24 @@ def validate(uri: str, options: storage.StorageOptions | None = None,
              required: tuple[str, ...] = MANIFEST_REQUIRED) -> ManifestInfo:
     """Check a manifest before work starts; raise ManifestError that says what to fix."""
     storage.check_uri(uri)
+    files, schema, expected_rows = _files_and_schema(uri, options)
+    missing = [c for c in required if c not in schema.names]
+    if missing:
+        raise ManifestError(f"manifest {storage.redact(uri)} lacks required column(s) {missing}; "
+                            f"it has {schema.names}")
+    _refuse_reserved(uri, schema)
+    duplicated = sorted({c for c in schema.names if schema.names.count(c) > 1})
+    if duplicated:
+        raise ManifestError(f"manifest {storage.redact(uri)} has column name(s) {duplicated} more than once; "
+                            "give every column its own name")
+    rows, fingerprint = _check_rows(uri, options, expected_rows)
+    carried = tuple(c for c in schema.names if c not in MANIFEST_REQUIRED)
+    return ManifestInfo(uri=uri, files=tuple(files), schema=schema, rows=rows, carried=carried,
+                        fingerprint=fingerprint)
+
+
+def _files_and_schema(uri: str, options: storage.StorageOptions | None) -> tuple[list[str], pa.Schema, int]:
+    """The manifest's Parquet files, their one shared schema and their rows by the footers."""
     try:
         files = storage.list_files(uri, ".parquet", options)
     except Exception as err:
@@ -66,43 +85,46 @@ def validate(uri: str, options: storage.StorageOptions | None = None,
         elif not file_schema.equals(schema):
             raise ManifestError(f"{storage.redact(file_uri)} has a different schema from {storage.redact(files[0])}; "
                                 "every file of a manifest must share one schema")
-    missing = [c for c in required if c not in schema.names]
-    if missing:
-        raise ManifestError(f"manifest {storage.redact(uri)} lacks required column(s) {missing}; "
-                            f"it has {schema.names}")
-    _refuse_reserved(uri, schema)
-    duplicated = sorted({c for c in schema.names if schema.names.count(c) > 1})
-    if duplicated:
-        raise ManifestError(f"manifest {storage.redact(uri)} has column name(s) {duplicated} more than once; "
-                            "give every column its own name")
-    # Uniqueness in bounded memory: one 64-bit hash per row (8 bytes, not the id strings), sorted;
-    # equal hashes are then checked exactly in a second pass over only those ids. Python's str
-    # hash is SipHash keyed per process, so a manifest cannot be crafted to collide on purpose.
+    return files, schema, expected_rows
+
+
+def _check_batch(uri: str, batch: pa.RecordBatch, rows: int) -> None:
+    """One batch's image_id and uri: strings, not null, ids by the id rule."""
+    image_id, image_uri = batch.column(0), batch.column(1)
+    for name, column in (("image_id", image_id), ("uri", image_uri)):
+        if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
+            raise ManifestError(f"{name} must be a string column, not {column.type}")
+    if image_id.null_count or image_uri.null_count:
+        raise ManifestError(f"manifest has null image_id or uri values near row {rows}; every row needs both")
+    if pc.any(pc.equal(pc.utf8_length(image_id), 0)).as_py():
+        raise ManifestError(f"manifest has an empty image_id near row {rows}")
+    bad_id = id_rule_violation(image_id)
+    if bad_id is not None:
+        raise ManifestError(f"manifest {storage.redact(uri)} row {rows + bad_id[0]}: {bad_id[1]}; fix the "
+                            f"image_id (no control characters, no surrounding whitespace, at most "
+                            f"{MAX_ID_CHARS} characters): it is what `facelake erase` takes")
+
+
+def _check_rows(uri: str, options: storage.StorageOptions | None, expected_rows: int) -> tuple[int, str]:
+    """Stream the rows once: each batch checked, ids unique, and the manifest's fingerprint.
+
+    Uniqueness in bounded memory: one 64-bit hash per row (8 bytes, not the id strings), sorted;
+    equal hashes are then checked exactly in a second pass over only those ids. Python's str
+    hash is SipHash keyed per process, so a manifest cannot be crafted to collide on purpose.
+    """
     hashes = np.empty(expected_rows, np.int64)
     digest = hashlib.sha256()
     rows = 0
     try:
         for batch in storage.iter_batches(uri, columns=["image_id", "uri"], options=options):
-            image_id, image_uri = batch.column(0), batch.column(1)
-            for name, column in (("image_id", image_id), ("uri", image_uri)):
-                if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
-                    raise ManifestError(f"{name} must be a string column, not {column.type}")
-            if image_id.null_count or image_uri.null_count:
-                raise ManifestError(f"manifest has null image_id or uri values near row {rows}; every row needs both")
-            if pc.any(pc.equal(pc.utf8_length(image_id), 0)).as_py():
-                raise ManifestError(f"manifest has an empty image_id near row {rows}")
-            bad_id = id_rule_violation(image_id)
-            if bad_id is not None:
-                raise ManifestError(f"manifest {storage.redact(uri)} row {rows + bad_id[0]}: {bad_id[1]}; fix the "
-                                    f"image_id (no control characters, no surrounding whitespace, at most "
-                                    f"{MAX_ID_CHARS} characters): it is what `facelake erase` takes")
+            _check_batch(uri, batch, rows)
             if rows + len(batch) > expected_rows:
                 raise ManifestError(f"manifest {storage.redact(uri)} changed while it was validated; rerun")
-            id_list = image_id.to_pylist()
+            id_list = batch.column(0).to_pylist()
             hashes[rows:rows + len(batch)] = np.fromiter(map(hash, id_list), np.int64, len(id_list))
             # sha256 of "id\0" for each id, then of "uri\0" for each uri, batch by batch
             digest.update(("\0".join(id_list) + "\0").encode() if id_list else b"")
-            uris = image_uri.to_pylist()
+            uris = batch.column(1).to_pylist()
             digest.update(("\0".join(uris) + "\0").encode() if uris else b"")
             rows += len(batch)
     except ManifestError:
@@ -117,9 +139,7 @@ def validate(uri: str, options: storage.StorageOptions | None = None,
     del hashes
     if len(clashing):
         _refuse_duplicates(uri, options, set(clashing.tolist()))
-    carried = tuple(c for c in schema.names if c not in MANIFEST_REQUIRED)
-    return ManifestInfo(uri=uri, files=tuple(files), schema=schema, rows=rows, carried=carried,
-                        fingerprint=digest.hexdigest())
+    return rows, digest.hexdigest()
 
 
 # The one rule for image ids: what a manifest may hold is exactly what `facelake erase` accepts.
@@ -173,8 +193,6 @@ def _refuse_duplicates(uri: str, options: storage.StorageOptions | None, clashin
 def base_dir(uri: str, options: storage.StorageOptions | None = None) -> str:
     """The folder a manifest's relative uris resolve against (the manifest file's folder, or the
     manifest folder itself); ``facelake.faces.reader.resolve`` makes each uri absolute against it."""
-    import os
-
     fs, path = storage.filesystem(uri, options)
     folder = path if fs.isdir(path) else os.path.dirname(path)
     return ("s3://" + folder) if storage.scheme_of(uri) == "s3" else folder

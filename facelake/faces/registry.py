@@ -6,6 +6,7 @@ the sha256 of the shipped file and the sha256 of the file deepface loads (after 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from facelake.errors import ConfigError
@@ -175,8 +176,6 @@ def get_model(name: str | None = None) -> ModelSpec:
 
 def weights_fingerprint(spec: ModelSpec) -> str:
     """One checksum standing for all of a model's weight files (recorded with every face)."""
-    import hashlib
-
     digest = hashlib.sha256()
     for weight in spec.weights:
         digest.update(f"{weight.file_name}:{weight.sha256}\n".encode())
