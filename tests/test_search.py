@@ -18,6 +18,7 @@ import pytest
 from facelake import calibration, faults, storage
 from facelake.record import audit
 from facelake.errors import ConfigError, IndexVersionError
+from facelake.faces import manifest
 from facelake.index import build, synthetic
 from facelake.jobs import search
 from facelake.jobs.embed import EmbedConfig, outputs, run_embed
@@ -276,8 +277,7 @@ def test_identify_mode_on_a_manifest_of_probe_photos(sample_root, tmp_path):
     [record] = [r for r in audit.list_records(str(base / "root")) if r["job_id"] == summary.job_id]
     assert record["status"] == "succeeded" and record["mode"] == "identify"
     assert record["threshold"] == pytest.approx(expected) and "threshold_for_fpir" in record["threshold_how"]
-    assert record["probes"]["sha256"] == __import__("facelake.faces.manifest").manifest.validate(
-        str(tmp_path / "probes.parquet")).fingerprint
+    assert record["probes"]["sha256"] == manifest.validate(str(tmp_path / "probes.parquet")).fingerprint
     # an explicit threshold is taken and recorded as such; faces without a candidate get a null row
     probe_faces = storage.read_table(outputs(search.outputs(str(tmp_path / "out"))["probe_faces"])["faces"])
     xq = build.embeddings(probe_faces) + np.random.default_rng(0).normal(0, 0.03, (probe_faces.num_rows, 128))
