@@ -261,7 +261,8 @@ def _search(config: SearchConfig, options: storage.StorageOptions, summary: Sear
     chosen = choose_calibration(policy, root=config.root, model=summary.model, index_version=handle.version,
                                 gallery_size=handle.total, storage_options=options)
     summary.calibration = chosen.described
-    summary.notes += [chosen.note] if chosen.note else []
+    if chosen.note:
+        summary.notes.append(chosen.note)
     summary.threshold, summary.threshold_how = choose_threshold(policy, chosen.calibration, handle.total)
     summary.gallery_carried = [c for c in handle.manifest.get("columns", []) if c not in ID_TABLE_SCHEMA.names]
 
@@ -280,11 +281,11 @@ def _search(config: SearchConfig, options: storage.StorageOptions, summary: Sear
         summary.embed_seconds = round(time.monotonic() - embed_started, 3)
         summary.probe_errors += probe_intake.copy_errors(probes.errors, layout["errors"], summary.job_id, options)
         if summary.probe_faces:
+            result = ResultSpec(job_id=summary.job_id, index_version=handle.version, mode=config.mode,
+                                threshold=summary.threshold, probe_carried=tuple(probes.carried),
+                                metadata=result_metadata(summary))
             spec = BatchSpec(handle=handle, k=config.top_k, nprobe=nprobe, cal=chosen.calibration,
-                             folder=layout["results"], options=options, result=ResultSpec(
-                                 job_id=summary.job_id, index_version=handle.version, mode=config.mode,
-                                 threshold=summary.threshold, probe_carried=tuple(probes.carried),
-                                 metadata=result_metadata(summary)))
+                             folder=layout["results"], options=options, result=result)
             if config.executor == "ray":
                 counts = search_on_ray(probes, spec, actors, batch_size=config.batch_size,
                                        workers=config.search_workers, options=options)
