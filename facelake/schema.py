@@ -108,10 +108,20 @@ ID_TABLE_DROPPED = ("embedding", "landmarks", "model", "detector", "weights_sha2
 
 
 # Search results: every result file's Parquet schema metadata holds, under this key, a JSON object
-# with these fields (facelake.jobs.search writes it, facelake.review reads it).
+# with these fields (facelake.results writes it, facelake.review reads it).
 RESULT_METADATA_KEY = b"facelake.search"
 RESULT_METADATA_FIELDS = ("job_id", "mode", "index_version", "model", "gallery_size", "threshold",
                           "threshold_how", "calibration")
+
+
+def result_schema(probe_carried: pa.Schema, gallery_carried: pa.Schema, metadata: bytes) -> pa.Schema:
+    """Schema of a results part file: RESULT_COLUMNS, then ``probe_<name>`` for each probe column
+    carried through and ``gallery_<name>`` for each id-table column beyond ID_TABLE_SCHEMA;
+    ``metadata`` (JSON of RESULT_METADATA_FIELDS) under RESULT_METADATA_KEY."""
+    fields = list(RESULT_COLUMNS)
+    fields += [pa.field(f"probe_{f.name}", f.type) for f in probe_carried]
+    fields += [pa.field(f"gallery_{f.name}", f.type) for f in gallery_carried]
+    return pa.schema(fields, metadata={RESULT_METADATA_KEY: metadata})
 
 # The erasure list of record (ROOT/erasures/<seq>.parquet, facelake.record.tables): one row per erased id.
 ERASURE_SCHEMA = pa.schema([

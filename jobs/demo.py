@@ -10,14 +10,18 @@ import shutil
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import typer
 
 from facelake import progress, storage
 from facelake.errors import ConfigError
+from facelake.faces.manifest import base_dir
+from facelake.faces.reader import resolve
+from facelake.jobs import search
 from facelake.samples import MANIFEST as SAMPLE_MANIFEST
 
-
 DEMO_STEPS = ("demo: embed the sample photos", "demo: build the index", "demo: search sample probes")
+DEMO_PROBES = 5   # one photo each of the first identities of the sample
 
 
 def _step(text: str) -> None:
@@ -60,7 +64,7 @@ def run_demo(out: str, manifest_uri: str | None = None, fresh: bool = True) -> d
             report = {"archive": archive, "root": root, "faces": summary.faces, "version": manifest["version"]}
             bar.advance(1)
             bar.describe(DEMO_STEPS[2])
-            report.update(_search_step(manifest_uri, root, results))
+            report.update(demo_search(manifest_uri, root, results))
             bar.advance(1)
     finally:
         ray.shutdown()
@@ -68,13 +72,32 @@ def run_demo(out: str, manifest_uri: str | None = None, fresh: bool = True) -> d
     return report
 
 
-def _search_step(manifest_uri: str, root: str, results: str) -> dict:
-    """Search a few sample photos against the sample index and print their candidates."""
-    try:
-        from facelake.jobs import search
-    except ImportError:
-        return {}
-    return search.demo_search(manifest_uri, root, results)
+def demo_search(manifest_uri: str, root: str, out: str, *, top_k: int = 3) -> dict:
+    """The demo's last step: one photo per identity of the sample searched against the sample
+    index; prints the top candidates per probe and returns what was made."""
+    table = storage.read_table(manifest_uri)
+    base = base_dir(manifest_uri)
+    picks: dict[str, dict] = {}
+    for row in sorted(table.to_pylist(), key=lambda r: r["image_id"]):
+        identity = row.get("identity")
+        if identity and identity not in picks and len(picks) < DEMO_PROBES:
+            picks[identity] = {**row, "uri": resolve(row["uri"], base)}
+    probes_uri = storage.join(out, "probes", "manifest.parquet")
+    storage.write_table(probes_uri, pa.Table.from_pylist(list(picks.values()), schema=table.schema))
+    summary = search.run_search(search.SearchConfig(
+        probes=probes_uri, root=root, out=out, top_k=top_k,
+        purpose="facelake demo: sample probes against the sample index"))
+    search.print_summary(summary)
+    rows = storage.read_table(search.outputs(out)["results"]).sort_by(
+        [("probe_image_id", "ascending"), ("probe_face_index", "ascending"), ("rank", "ascending")]).to_pylist()
+    for row in rows:
+        if row["rank"] is None:
+            continue
+        same = " (the probe photo itself)" if row["gallery_image_id"] == row["probe_image_id"] else ""
+        typer.echo(f"  probe {row['probe_image_id']} [{row.get('probe_identity')}] #{row['rank']}: "
+                   f"{row['gallery_image_id']} [{row.get('gallery_identity')}] similarity {row['similarity']:.3f}, "
+                   f"est. FMR {row['est_false_match_rate']:.2g}{same}")
+    return {"results": out, "search_job": summary.job_id, "result_rows": summary.result_rows}
 
 
 def register(app: typer.Typer) -> None:

@@ -18,6 +18,7 @@ import pytest
 from facelake import calibration, faults, storage
 from facelake.record import audit
 from facelake.errors import ConfigError, IndexVersionError
+from facelake.faces import manifest
 from facelake.index import build, synthetic
 from facelake.jobs import search
 from facelake.jobs.embed import EmbedConfig, outputs, run_embed
@@ -102,6 +103,37 @@ def test_cli_missing_purpose_exits_2(tmp_path, capsys):
     assert cli("search", str(tmp_path / "p.parquet"), "--root", str(tmp_path / "root"), "--out", str(tmp_path / "o")) == 2
     assert "--purpose is required" in capsys.readouterr().err
     assert not (tmp_path / "root").exists()
+
+
+# ---------------------------------------------------------------- result rows and thresholds (no Ray)
+
+def test_result_rows_keep_rank_order_and_give_a_face_without_candidates_one_null_row():
+    from facelake.results import ResultSpec, result_table
+
+    probes = faces_table(np.eye(3, 4, dtype=np.float32), "q", case=pa.array(["a", "b", "c"]))
+    gallery = pa.table({"faiss_id": pa.array([7, 8], pa.int64()), "image_id": ["g-0", "g-1"],
+                        "face_index": pa.array([0, 0], pa.int32()),
+                        "bbox": pa.array([[0, 0, 1, 1]] * 2, pa.list_(pa.int32(), 4)), "camera": ["x", "y"]})
+    D = np.array([[0.9, 0.4], [0.3, 0.2], [0.8, 0.7]], np.float32)
+    I = np.array([[0, 1], [0, 1], [1, -1]])
+    rows = pa.concat_tables([gallery.slice(i, 1) if i >= 0 else gallery.slice(0, 1) for i in I.reshape(-1)])
+    spec = ResultSpec(job_id="job", index_version="v1", mode="identify", threshold=0.5,
+                      probe_carried=("case",), metadata='{"job_id": "job"}')
+    table, candidates, empty = result_table(spec, probes, D, I, rows, np.full(D.shape, np.nan))
+    assert (candidates, empty) == (2, 1) and table.schema.names[:len(RESULT_COLUMNS)] == RESULT_COLUMNS.names
+    got = table.select(["probe_image_id", "rank", "gallery_image_id", "probe_case", "gallery_camera"]).to_pylist()
+    assert [tuple(r.values()) for r in got] == [("q-0000000", 1, "g-0", "a", "x"), ("q-0000001", None, None, "b", None),
+                                                ("q-0000002", 1, "g-1", "c", "y")]
+    assert table["est_false_match_rate"].null_count == 3
+    assert json.loads(table.schema.metadata[search.METADATA_KEY]) == {"job_id": "job"}
+
+
+def test_threshold_policy_without_calibration():
+    from facelake.search_thresholds import ThresholdOptions, choose_threshold, false_match_rates
+
+    assert choose_threshold(ThresholdOptions("identify", threshold=0.4), None, 10) == (0.4, "explicit --threshold")
+    assert choose_threshold(ThresholdOptions("investigate"), None, 10) == (None, "none: no calibration for the model")
+    assert np.isnan(false_match_rates(None, np.zeros((2, 3)))).all()
 
 
 # ---------------------------------------------------------------- synthetic galleries
@@ -276,8 +308,7 @@ def test_identify_mode_on_a_manifest_of_probe_photos(sample_root, tmp_path):
     [record] = [r for r in audit.list_records(str(base / "root")) if r["job_id"] == summary.job_id]
     assert record["status"] == "succeeded" and record["mode"] == "identify"
     assert record["threshold"] == pytest.approx(expected) and "threshold_for_fpir" in record["threshold_how"]
-    assert record["probes"]["sha256"] == __import__("facelake.faces.manifest").manifest.validate(
-        str(tmp_path / "probes.parquet")).fingerprint
+    assert record["probes"]["sha256"] == manifest.validate(str(tmp_path / "probes.parquet")).fingerprint
     # an explicit threshold is taken and recorded as such; faces without a candidate get a null row
     probe_faces = storage.read_table(outputs(search.outputs(str(tmp_path / "out"))["probe_faces"])["faces"])
     xq = build.embeddings(probe_faces) + np.random.default_rng(0).normal(0, 0.03, (probe_faces.num_rows, 128))

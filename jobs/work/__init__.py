@@ -8,4 +8,9 @@ archive passes through the driver.
 - ``changes``: a rebuild's change plan, the manifest compared with the record
   (tests/test_rebuild_plan.py).
 - ``units``: the map that runs a table version's units of work (tests/test_table_tasks.py).
+- ``probes``: a search's probe intake: a faces table checked against the index's model, or what
+  the embed job wrote for a manifest of probes (tests/test_search.py).
+- ``search_batches``: a search's workers, batches of probe faces through the shard actors to
+  result part files, on Ray Data or in this process (tests/test_search.py,
+  test_hardening_faults.py).
 """
