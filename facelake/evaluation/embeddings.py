@@ -139,4 +139,5 @@ def chosen_face(outcome, face: FaceChoice = "largest"):
     if face == "largest":
         return outcome.faces[0]
     cy, cx = outcome.image_size[0] / 2, outcome.image_size[1] / 2
-    return min(outcome.faces, key=lambda d: (d.bbox[0] + d.bbox[2] / 2 - cx) ** 2 + (d.bbox[1] + d.bbox[3] / 2 - cy) ** 2)
+    return min(outcome.faces,
+               key=lambda d: (d.bbox[0] + d.bbox[2] / 2 - cx) ** 2 + (d.bbox[1] + d.bbox[3] / 2 - cy) ** 2)

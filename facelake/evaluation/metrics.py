@@ -71,7 +71,7 @@ def roc(genuine: np.ndarray, impostor: np.ndarray, points: int = 2000) -> dict[s
     gen = np.sort(genuine)
     # thresholds: the impostor tail at every order statistic up to 1000, then quantiles
     tail = imp[::-1][:min(len(imp), 1000)]
-    quant = np.quantile(np.r_[imp, gen], np.linspace(0, 1, points)) if len(gen) else np.quantile(imp, np.linspace(0, 1, points))
+    quant = np.quantile(np.r_[imp, gen] if len(gen) else imp, np.linspace(0, 1, points))
     thresholds = np.unique(np.r_[tail, quant, np.nextafter(imp[-1], np.inf)])
     fmr = (len(imp) - np.searchsorted(imp, thresholds, side="left")) / len(imp)
     fnmr = np.searchsorted(gen, thresholds, side="left") / max(1, len(gen))

@@ -209,8 +209,10 @@ def _identification_section(idn: dict) -> list[str]:
 
 
 def _group_section(bg: dict) -> list[str]:
-    lines = ["", "## By group", "", f"At threshold {bg['threshold']:.4f} ({bg['threshold_rule']}); pairs within "
-             "each group.", "", "| group | photos | identities | FMR | FMR 95% upper | impostor pairs | FNMR | genuine pairs |",
+    lines = ["", "## By group", "",
+             f"At threshold {bg['threshold']:.4f} ({bg['threshold_rule']}); pairs within each group.", "",
+             "| group | photos | identities | FMR | FMR 95% upper | impostor pairs | FNMR | genuine pairs |",
              "|---|---|---|---|---|---|---|---|"]
-    return lines + [f"| {g['group']} | {g['photos']} | {g['identities']} | {_fmt(g['fmr'])} | {_fmt(g['fmr_upper95'])} | "
-                    f"{g['impostor_pairs']:,} | {_fmt(g['fnmr'])} | {g['genuine_pairs']:,} |" for g in bg["groups"]]
+    return lines + [f"| {g['group']} | {g['photos']} | {g['identities']} | {_fmt(g['fmr'])} | "
+                    f"{_fmt(g['fmr_upper95'])} | {g['impostor_pairs']:,} | {_fmt(g['fnmr'])} | "
+                    f"{g['genuine_pairs']:,} |" for g in bg["groups"]]

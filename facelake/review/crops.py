@@ -47,7 +47,8 @@ def load_photo(uri: str, base_dir: str | None = None, *, max_pixels: int = DEFAU
     return np.ascontiguousarray(bgr[:, :, ::-1])
 
 
-def crop_box(bbox: Iterable[int], image_size: tuple[int, int], margin: float = DEFAULT_MARGIN) -> tuple[int, int, int, int]:
+def crop_box(bbox: Iterable[int], image_size: tuple[int, int],
+             margin: float = DEFAULT_MARGIN) -> tuple[int, int, int, int]:
     """(left, top, right, bottom) of a bbox (x, y, w, h) grown by ``margin`` per side, inside the image."""
     x, y, w, h = (int(v) for v in bbox)
     if w <= 0 or h <= 0:
