@@ -81,8 +81,8 @@ def lfw_manifest(lfw: Path, folder: str) -> str:
 def embed_cached(manifest_uri: str, cache: Path, embedder: str, model: str | None, work: str, face: str):
     """LabeledEmbeddings for the LFW manifest, from the cache when it matches the weights."""
     from facelake import storage
-    from facelake.jobs.evaluate import (EvaluateConfig, LabeledEmbeddings, embed_labeled,
-                                        embed_largest_faces_local)
+    from facelake.evaluation.embeddings import LabeledEmbeddings, embed_largest_faces_local
+    from facelake.jobs.evaluate import EvaluateConfig, embed_labeled
     from facelake.faces.registry import get_model, weights_fingerprint
 
     spec = get_model(model)
@@ -261,7 +261,8 @@ def deepface_pairs(lfw: Path, pairs, fold_of, folds: int) -> dict:
     from deepface import DeepFace
     from deepface.modules import verification
 
-    from facelake.jobs.evaluate import _best_threshold, tar_at_far
+    from facelake.evaluation.metrics import tar_at_far
+    from facelake.evaluation.protocols import best_threshold as _best_threshold
 
     keep = np.flatnonzero(fold_of < folds)
     photos = sorted({p for i in keep for p in pairs[i][:2]})
@@ -334,8 +335,10 @@ def main() -> None:
                         help="with --frte: synthetic distractors fitted to LFW's embeddings, or index.synthetic's")
     args = parser.parse_args()
 
-    from facelake.jobs.evaluate import (_best_threshold, evaluate_embeddings, read_pairs, tar_at_far,
-                                        write_report, _public)
+    from facelake.evaluation.measure import evaluate_embeddings
+    from facelake.evaluation.metrics import tar_at_far
+    from facelake.evaluation.protocols import best_threshold as _best_threshold, read_pairs
+    from facelake.evaluation.report import public_metrics as _public, write_report
     from facelake.faces.registry import get_model
 
     spec = get_model(args.model)

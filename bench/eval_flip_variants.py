@@ -41,7 +41,8 @@ def main() -> None:
 
     from facelake.faces.models import FaceEngine, QualityFloor, _l2, default_threads
     from facelake.faces.imaging import decode_bgr
-    from facelake.jobs.evaluate import LabeledEmbeddings, pairs_protocol, read_pairs
+    from facelake.evaluation.embeddings import LabeledEmbeddings
+    from facelake.evaluation.protocols import pairs_protocol, read_pairs
 
     pairs, fold_of, folds = read_pairs(str(args.lfw / "pairs.txt"))
     keys = sorted({k for a, b, _ in pairs for k in (a, b)})

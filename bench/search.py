@@ -235,7 +235,7 @@ def main() -> None:
     import ray
 
     from facelake.cluster import runtime
-    from facelake.jobs.evaluate import embed_largest_faces_local
+    from facelake.evaluation.embeddings import embed_largest_faces_local
     from facelake.faces.weights import provision
 
     provision(get_model(MODEL))

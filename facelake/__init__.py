@@ -7,6 +7,8 @@ core every layer above it uses (``facelake.index``, then ``facelake.cluster``, t
 - ``faces/``: the per-photo face pipeline: manifests, the one photo reader, decoding, models,
   weights, runtimes.
 - ``record/``: the root of record: table versions, erasure list, lock, audit log.
+- ``evaluation/``: measured error rates on labeled photos: verification, pairs-file protocol,
+  identification, per-group rates, the report (tests/test_evaluate.py).
 - ``calibration``: similarity -> measured false-match rate, thresholds by target
   (tests/test_calibration.py).
 - ``search_thresholds``: a search's threshold policy: which calibration serves it, the threshold

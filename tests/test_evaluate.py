@@ -15,8 +15,10 @@ import pytest
 from facelake.faces import manifest as manifest_mod
 from facelake.calibration import Calibration
 from facelake.errors import ManifestError
-from facelake.jobs.evaluate import (EvaluateConfig, evaluate, evaluate_embeddings, read_labeled_manifest,
-                                    read_pairs)
+from facelake.evaluation.embeddings import read_labeled_manifest
+from facelake.evaluation.measure import evaluate_embeddings
+from facelake.evaluation.protocols import read_pairs
+from facelake.jobs.evaluate import EvaluateConfig, evaluate
 
 IMAGE_SIZES = (8, 8, 7, 6, 5, 5, 5, 4, 4, 3, 2, 2, 2)  # photos per identity (samples/faces README)
 
