@@ -11,7 +11,7 @@ carry its name (eval-lfw-sface-yunet-flip.json, ...).
    by its most central face (--face central, the default: LFW labels the centred face, and the
    largest face is a bystander's in ~0.5% of photos) or by its largest (--face largest, the rule
    `facelake evaluate` applies by default; results go to eval-lfw-largest.*).
-3. Measures with facelake.jobs.evaluate: 10-fold accuracy on pairs.txt, TAR at FAR over the
+3. Measures with facelake.evaluation: 10-fold accuracy on pairs.txt, TAR at FAR over the
    pairs file and over all LFW pairs (every genuine and every impostor pair), identification,
    and the calibration, which it writes to facelake/data/calibration-<model>-lfw.json.
 4. Plain deepface on the same pairs: DeepFace.represent(model_name="SFace",
@@ -262,7 +262,7 @@ def deepface_pairs(lfw: Path, pairs, fold_of, folds: int) -> dict:
     from deepface.modules import verification
 
     from facelake.evaluation.metrics import tar_at_far
-    from facelake.evaluation.protocols import best_threshold as _best_threshold
+    from facelake.evaluation.protocols import best_threshold
 
     keep = np.flatnonzero(fold_of < folds)
     photos = sorted({p for i in keep for p in pairs[i][:2]})
@@ -297,7 +297,7 @@ def deepface_pairs(lfw: Path, pairs, fold_of, folds: int) -> dict:
     accs = []
     for k in range(folds):
         train, test = (fold != k) & valid, fold == k
-        t = _best_threshold(scores[train], same[train])
+        t = best_threshold(scores[train], same[train])
         accs.append(float((valid[test] & ((scores[test] >= t) == same[test])).sum() / test.sum()))
     default_sim = 1.0 - verification.find_threshold("SFace", "cosine")
     imp = scores[valid & ~same]
@@ -337,8 +337,8 @@ def main() -> None:
 
     from facelake.evaluation.measure import evaluate_embeddings
     from facelake.evaluation.metrics import tar_at_far
-    from facelake.evaluation.protocols import best_threshold as _best_threshold, read_pairs
-    from facelake.evaluation.report import public_metrics as _public, write_report
+    from facelake.evaluation.protocols import best_threshold, read_pairs
+    from facelake.evaluation.report import public_metrics, write_report
     from facelake.faces.registry import get_model
 
     spec = get_model(args.model)
@@ -402,17 +402,17 @@ def main() -> None:
         accs = []
         for k in range(args.deepface_folds):
             train, test = (fold != k) & ok, fold == k
-            t = _best_threshold(s[train], same[train])
+            t = best_threshold(s[train], same[train])
             accs.append(float((ok[test] & ((s[test] >= t) == same[test])).sum() / test.sum()))
-        result["deepface_plain"] = _public(df)
+        result["deepface_plain"] = public_metrics(df)
         result["facelake_same_folds"] = {"folds": args.deepface_folds, "accuracy": float(np.mean(accs)),
                                          "tar_at_far": tar_at_far(s[ok & same], s[ok & ~same], (1e-2, 1e-3)),
                                          "default_threshold_fmr_note": "n/a (facelake chooses thresholds from the calibration)"}
         del pp
     result["seconds_total"] = round(time.monotonic() - started, 1)
     args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / f"{name}.json").write_text(json.dumps(_public(result), indent=2) + "\n")
-    print(json.dumps(_public(result), indent=2))
+    (args.results / f"{name}.json").write_text(json.dumps(public_metrics(result), indent=2) + "\n")
+    print(json.dumps(public_metrics(result), indent=2))
 
     f = result["facelake"]
     tar_all = {r["far"]: r["tar"] for r in f["tar_at_far_all_pairs"]}

@@ -3,7 +3,7 @@
     python bench/eval_flip_variants.py [--lfw DIR] [--out bench/results/eval-lfw-flip-variants.json]
 
 Embeds the photos of pairs.txt once (the face nearest the centre, as bench/eval.py's headline),
-with one detection per photo, and scores the 10-fold protocol (facelake.jobs.evaluate.pairs_protocol)
+with one detection per photo, and scores the 10-fold protocol (facelake.evaluation.protocols.pairs_protocol)
 for embeddings built from the same detections:
 
     plain          the aligned face (sface-yunet)
@@ -78,7 +78,7 @@ def main() -> None:
     position = {k: j for j, k in enumerate(keys)}
     result = {"command": "python bench/eval_flip_variants.py " + " ".join(sys.argv[1:]), "photos": len(keys),
               "photos_without_usable_face": len(keys) - len(rows), "face": "central", "runtime": engine.runtime,
-              "protocol": "LFW pairs.txt View 2, 10 folds, threshold chosen on the other 9 (jobs.evaluate.pairs_protocol)",
+              "protocol": "LFW pairs.txt View 2, 10 folds, threshold chosen on the other 9 (facelake.evaluation.protocols.pairs_protocol)",
               "seconds": None, "variants": {}}
     for name, vectors in variants.items():
         full = np.full((len(keys), vectors.shape[1]), np.nan, np.float32)

@@ -14,7 +14,7 @@ core every layer above it uses (``facelake.index``, then ``facelake.cluster``, t
 - ``search_thresholds``: a search's threshold policy: which calibration serves it, the threshold
   it applies, each candidate's estimated false-match rate (tests/test_search.py, test_calibrate.py).
 - ``results``: a search's result rows built from one batch of search hits (tests/test_search.py).
-- ``review``: reading outputs in notebooks, face crops and review grids; it sits above
+- ``review/``: reading outputs in notebooks, face crops and review grids; it sits above
   ``facelake.index`` (tests/test_review.py).
 - ``storage``: local / file:// / s3:// paths through fsspec, atomic writes, the Parquet writer
   (tests/test_hardening_secrets.py, test_embed_parts.py).
