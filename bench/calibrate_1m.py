@@ -66,14 +66,18 @@ def sample_manifest() -> pa.Table:
                      "identity": [r["identity_id"] for r in rows]})
 
 
-def build_gallery(base: Path, *, gallery: int, nlist: int, shards: int = 2, probes: int = 3_000) -> dict:
-    """Embed the sample photos, add synthetic faces up to ``gallery``, publish an index version
-    under ``base``/root and write the probe tables: nonmated.parquet (calibration), heldout.parquet,
-    mated.parquet (the real sample faces). Needs a connected Ray."""
-    storage.write_table(str(base / "manifest.parquet"), sample_manifest())
-    run_embed(EmbedConfig(manifest=str(base / "manifest.parquet"), out=str(base / "faces"), progress=False))
-    real = storage.read_table(outputs(str(base / "faces"))["faces"], columns=["image_id", "face_index", "uri", "bbox",
-                                                                               "embedding", "model", "weights_sha256"])
+def build_gallery(base: Path, *, gallery: int, nlist: int, shards: int = 2, probes: int = 3_000,
+                  embedded: str | None = None) -> dict:
+    """Embed the sample photos (or take ``embedded``, the out folder of an embed run of them), add
+    synthetic faces up to ``gallery``, publish an index version under ``base``/root and write the
+    probe tables: nonmated.parquet (calibration), heldout.parquet, mated.parquet (the real sample
+    faces). Needs a connected Ray."""
+    if embedded is None:
+        embedded = str(base / "faces")
+        storage.write_table(str(base / "manifest.parquet"), sample_manifest())
+        run_embed(EmbedConfig(manifest=str(base / "manifest.parquet"), out=embedded, progress=False))
+    real = storage.read_table(outputs(embedded)["faces"], columns=["image_id", "face_index", "uri", "bbox",
+                                                                    "embedding", "model", "weights_sha256"])
     fake = faces_table(synthetic.clustered(gallery - real.num_rows, 128, seed=0), prefix="syn")
     faces = pa.concat_tables([real, fake.select(real.column_names).cast(real.schema)])
     del fake

@@ -104,6 +104,21 @@ def ray_local(ray_session):
     return ensure_local_ray()
 
 
+@pytest.fixture(scope="session")
+def sample_faces(ray_session, provisioned_weights, tmp_path_factory) -> str:
+    """The labeled sample photos embedded once per session by the embed job (default options, the
+    session's local Ray): its out folder (``facelake.jobs.embed.outputs`` names the tables). Read only."""
+    from facelake import storage
+    from facelake.jobs.embed import EmbedConfig, run_embed
+    from tests.helpers import ensure_local_ray, sample_manifest
+
+    ensure_local_ray()
+    base = tmp_path_factory.mktemp("sample-faces")
+    storage.write_table(str(base / "manifest.parquet"), sample_manifest())
+    run_embed(EmbedConfig(manifest=str(base / "manifest.parquet"), out=str(base / "faces"), progress=False))
+    return str(base / "faces")
+
+
 @pytest.fixture
 def sample_dir() -> Path:
     return SAMPLE_DIR

@@ -46,8 +46,8 @@ GALLERY = smallest_refused_gallery(TARGET_FPIR) + 1_000   # a margin above the c
 
 
 @pytest.fixture(scope="module")
-def gallery(ray_local, provisioned_weights, tmp_path_factory):
-    return bench.build_gallery(tmp_path_factory.mktemp("gallery"), gallery=GALLERY, nlist=NLIST)
+def gallery(ray_local, sample_faces, tmp_path_factory):
+    return bench.build_gallery(tmp_path_factory.mktemp("gallery"), gallery=GALLERY, nlist=NLIST, embedded=sample_faces)
 
 
 def test_the_gallery_is_just_past_what_the_shipped_calibration_supports():
