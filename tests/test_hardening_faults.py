@@ -25,8 +25,8 @@ from facelake import faults, storage
 from facelake.record import audit
 from facelake.jobs.embed import EmbedConfig, run_embed
 from facelake.schema import NO_FACE, NO_USABLE_FACE
-from tests.helpers import (MODEL, SAMPLE_DIR, WEIGHTS, FaultProxy, assert_exactly_once, kill_tree, read_outcomes,
-                           sample_manifest)
+from tests.helpers import (MODEL, SAMPLE_DIR, WEIGHTS, FaultProxy, assert_exactly_once, faces_table, kill_tree,
+                           read_outcomes, sample_manifest)
 
 # Sample photos that each hold at least one usable face (a fixed list: runs are comparable).
 PHOTOS = ["img1.jpg", "img2.jpg", "img3.jpg", "img4.jpg", "img5.jpg", "img6.jpg", "img7.jpg",
@@ -146,17 +146,6 @@ def test_s3_throttling_errors_and_resets_retried_then_recorded(s3_endpoint, s3_b
 
 # ------------------------------------------------------------------------ shard searcher killed
 
-def _faces_table(xb: np.ndarray) -> pa.Table:
-    n, d = xb.shape
-    return pa.table({
-        "image_id": pa.array([f"img-{i:07d}" for i in range(n)]),
-        "face_index": pa.array(np.zeros(n, np.int32)),
-        "bbox": pa.array([[0, 0, 32, 32]] * n, type=pa.list_(pa.int32(), 4)),
-        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(xb.ravel(), pa.float32()), d),
-        "model": pa.array([MODEL] * n), "weights_sha256": pa.array([WEIGHTS] * n),
-    })
-
-
 def test_shard_searcher_killed_mid_search_fails_loudly_never_partial(cluster3, tmp_path):
     import ray
     from ray.exceptions import RayActorError
@@ -166,7 +155,7 @@ def test_shard_searcher_killed_mid_search_fails_loudly_never_partial(cluster3, t
 
     xb = synthetic.clustered(8000, 64, seed=3)
     root = str(tmp_path / "root")
-    build.build_version(_faces_table(xb), root, model=MODEL, weights_sha256=WEIGHTS, shards=3, nlist=32)
+    build.build_version(faces_table(xb), root, model=MODEL, weights_sha256=WEIGHTS, shards=3, nlist=32)
     handle = open_version(root)
     xq = synthetic.queries(xb, 2000, seed=4)
     k = 10
@@ -219,9 +208,9 @@ def test_search_job_with_a_killed_searcher_fails_and_is_audited(cluster3, tmp_pa
 
     xb = synthetic.clustered(3000, 128, seed=5)
     root = str(tmp_path / "root")
-    build.build_version(_faces_table(xb), root, model=MODEL, weights_sha256=WEIGHTS, shards=2, nlist=16)
+    build.build_version(faces_table(xb), root, model=MODEL, weights_sha256=WEIGHTS, shards=2, nlist=16)
     xq = synthetic.queries(xb, 2000, seed=6)
-    storage.write_table(str(tmp_path / "probes.parquet"), _faces_table(xq))
+    storage.write_table(str(tmp_path / "probes.parquet"), faces_table(xq))
     started: list = []
     real_start = index_search.start_searchers
 
@@ -258,8 +247,8 @@ def test_search_job_with_a_killed_searcher_fails_and_is_audited(cluster3, tmp_pa
         assert summary.searched_faces == 2000 and table.num_rows == 20_000
         found = {(p, r): g for p, r, g in zip(*(table[c].to_pylist() for c in table.column_names))}
         _, truth = flat.search(xq, 10)
-        ids = _faces_table(xb)["image_id"].to_pylist()
-        probe_ids = _faces_table(xq)["image_id"].to_pylist()
+        ids = faces_table(xb)["image_id"].to_pylist()
+        probe_ids = faces_table(xq)["image_id"].to_pylist()
         assert all(found[(probe_ids[q], r + 1)] == ids[truth[q, r]] for q in range(2000) for r in range(10))
 
 

@@ -21,13 +21,10 @@ import s3fs
 from facelake import storage
 from facelake.errors import ConfigError, IndexVersionError
 from facelake.index import layout
-from facelake.faces.registry import get_model, weights_fingerprint
-from tests.helpers import SAMPLE_DIR, sample_manifest
+from tests.helpers import MODEL, SAMPLE_DIR, WEIGHTS, sample_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE_DIRS = ("facelake", "jobs", "index", "cluster")
-MODEL = "sface-yunet"
-WEIGHTS = weights_fingerprint(get_model(MODEL))
 
 # ----------------------------------------------------------------------- deserialisation
 
