@@ -15,9 +15,6 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLE_DIR = REPO / "samples" / "faces"
-
 # Set before anything imports deepface or starts Ray, so workers inherit them.
 _DEEPFACE_HOME = tempfile.mkdtemp(prefix="facelake-test-deepface-")
 os.environ["DEEPFACE_HOME"] = _DEEPFACE_HOME
@@ -121,4 +118,7 @@ def sample_faces(ray_session, provisioned_weights, tmp_path_factory) -> str:
 
 @pytest.fixture
 def sample_dir() -> Path:
+    """The bundled sample photos (samples/faces)."""
+    from tests.helpers import SAMPLE_DIR
+
     return SAMPLE_DIR

@@ -90,7 +90,7 @@ def test_heartbeat_pushes_expiry_forward(tmp_path):
         lock.verify()
 
 
-def test_concurrent_rebuilds_second_fails_while_first_holds_the_lock(tmp_path):
+def test_concurrent_rebuilds_second_fails_while_first_holds_the_lock(tmp_path, ray_local):
     """Two real run_rebuild calls: the second fails with LockError while the first holds ROOT/lock."""
     manifest_uri = str(tmp_path / "m.parquet")
     storage.write_table(manifest_uri, sample_manifest(["img1.jpg", "img2.jpg"]))
