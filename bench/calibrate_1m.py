@@ -138,7 +138,7 @@ def table(report: dict) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gallery", type=int, default=1_000_000, help="gallery faces (sample photos + synthetic)")
     parser.add_argument("--nlist", type=int, default=1024, help="IVF lists")
     parser.add_argument("--shards", type=int, default=2)
