@@ -1,4 +1,5 @@
-"""Shared fixtures: a loopback S3 endpoint (moto's server), small real Ray, provisioned weights.
+"""Shared fixtures: a loopback S3 endpoint (moto's server), small real Ray, provisioned weights,
+the bundled sample photos embedded once.
 
 Follows s3fs's own tests: one moto server on 127.0.0.1 per session, dummy credentials, the
 user's AWS profile removed, a fresh bucket per test.
@@ -13,9 +14,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-SAMPLE_DIR = REPO / "samples" / "faces"
 
 # Set before anything imports deepface or starts Ray, so workers inherit them.
 _DEEPFACE_HOME = tempfile.mkdtemp(prefix="facelake-test-deepface-")
@@ -84,25 +82,43 @@ def face_engine(provisioned_weights):
     return FaceEngine()
 
 
-def start_local_ray():
-    """(Re)start the small real local Ray the tests use (2 CPUs)."""
+@pytest.fixture(scope="session")
+def ray_session():
+    """Shuts the session's local Ray down when the session ends (see ``ray_local``)."""
+    yield
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024 * 1024,
-             runtime_env={"env_vars": {"DEEPFACE_HOME": _DEEPFACE_HOME}})
-    return ray
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    """A small real local Ray (2 CPUs), shut down after the module."""
-    ray = start_local_ray()
-    yield ray
-    ray.shutdown()
+def ray_local(ray_session):
+    """The session's small real local Ray (2 CPUs): started once and shared by every module that asks
+    for it; started again only when a test before shut it down or connected to another cluster."""
+    from tests.helpers import ensure_local_ray
+
+    return ensure_local_ray()
+
+
+@pytest.fixture(scope="session")
+def sample_faces(ray_session, provisioned_weights, tmp_path_factory) -> str:
+    """The labeled sample photos embedded once per session by the embed job (default options, the
+    session's local Ray): its out folder (``facelake.jobs.embed.outputs`` names the tables). Read only."""
+    from facelake import storage
+    from facelake.jobs.embed import EmbedConfig, run_embed
+    from tests.helpers import ensure_local_ray, sample_manifest
+
+    ensure_local_ray()
+    base = tmp_path_factory.mktemp("sample-faces")
+    storage.write_table(str(base / "manifest.parquet"), sample_manifest())
+    run_embed(EmbedConfig(manifest=str(base / "manifest.parquet"), out=str(base / "faces"), progress=False))
+    return str(base / "faces")
 
 
 @pytest.fixture
 def sample_dir() -> Path:
+    """The bundled sample photos (samples/faces)."""
+    from tests.helpers import SAMPLE_DIR
+
     return SAMPLE_DIR

@@ -7,13 +7,10 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pyarrow as pa
 
 from facelake import storage
-from facelake.index.synthetic import clustered
-from facelake.faces.registry import get_model, weights_fingerprint
-from facelake.schema import faces_schema
+from tests.helpers import synthetic_faces
 
 COMMANDS = ("weights", "embed", "index", "search", "audit", "rebuild", "erase", "status",
             "evaluate", "submit", "jobs", "demo")
@@ -24,25 +21,6 @@ def facelake(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env.pop("RAY_ADDRESS")
     return subprocess.run([sys.executable, "-m", "facelake.jobs.cli", *args], capture_output=True,
                           text=True, timeout=timeout, env=env)
-
-
-def synthetic_faces(n: int) -> pa.Table:
-    spec = get_model()
-    vectors = clustered(n, spec.dim, seed=3)
-    schema = faces_schema(spec.dim)
-    return pa.table({
-        "image_id": [f"photo-{i:06d}" for i in range(n)],
-        "face_index": pa.array(np.zeros(n, np.int32)),
-        "uri": [f"s3://archive/photo-{i:06d}.jpg" for i in range(n)],
-        "bbox": pa.array([[0, 0, 100, 100]] * n, schema.field("bbox").type),
-        "landmarks": pa.array([[0.0] * 10] * n, schema.field("landmarks").type),
-        "det_score": pa.array(np.full(n, 0.9, np.float32)),
-        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), spec.dim),
-        "model": [spec.name] * n,
-        "detector": [spec.detector] * n,
-        "weights_sha256": [weights_fingerprint(spec)] * n,
-        "content_sha256": ["0" * 64] * n,
-    }, schema=schema)
 
 
 def test_help_lists_every_command():

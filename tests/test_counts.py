@@ -15,14 +15,7 @@ from facelake.record import tables as rootmod
 from facelake.jobs.work import counts
 from facelake.jobs.status import collect
 from facelake.faces.registry import get_model, weights_fingerprint
-from tests.test_cli import synthetic_faces
-
-
-def _faces(n: int, per_image: int, prefix: str) -> pa.Table:
-    """``n`` face rows, ``per_image`` faces per image (ids ``prefix``-k)."""
-    table = synthetic_faces(n)
-    ids = [f"{prefix}-{i // per_image:06d}" for i in range(n)]
-    return table.set_column(0, "image_id", pa.array(ids, pa.string()))
+from tests.helpers import error_rows as _errors, faces_per_image as _faces
 
 
 def _brute(root: str) -> dict:
@@ -30,13 +23,6 @@ def _brute(root: str) -> dict:
     errors = rootmod.read_errors(root, ["stage", "error_type"])
     return {"faces": faces.num_rows, "images": len(set(faces["image_id"].to_pylist())),
             "errors": Counter(f"{r['stage']}/{r['error_type']}" for r in errors.to_pylist()) if errors else {}}
-
-
-def _errors(n: int, prefix: str) -> pa.Table:
-    stages = ["decode", "fetch", "detect"]
-    return pa.table({"image_id": [f"{prefix}-{i}" for i in range(n)], "stage": [stages[i % 3] for i in range(n)],
-                     "error_type": [("NoFace" if i % 3 == 2 else f"E{i % 2}") for i in range(n)],
-                     "message": [f"m{i}" for i in range(n)]})
 
 
 @pytest.mark.parametrize("where,driver_rows", [("local", None), ("local", 0), ("s3", 0)])

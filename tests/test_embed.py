@@ -11,14 +11,7 @@ from facelake.errors import ConfigError, ManifestError
 from facelake.jobs.embed import EmbedConfig, outputs, run_embed
 from facelake.schema import NO_FACE, OutputFingerprint
 from tests.helpers import (SAMPLE_DIR, corrupt_jpeg, faceless_jpeg, fails_at_armed_fault, greyscale_jpeg,
-                           png_with_alpha, sample_manifest)
-
-
-def _tables(out: str) -> tuple[pa.Table, pa.Table]:
-    layout = outputs(out)
-    faces = storage.read_table(layout["faces"]) if storage.list_files(layout["faces"], ".parquet") else None
-    errors = storage.read_table(layout["errors"]) if storage.list_files(layout["errors"], ".parquet") else None
-    return faces, errors
+                           png_with_alpha, read_outcomes, sample_manifest)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +54,7 @@ def test_s3_archive_on_two_nodes_every_row_ends_once(s3_endpoint, s3_bucket, two
 
     summary = run_embed(EmbedConfig(manifest=f"{s3_bucket}/manifests/", out=out, batch_size=3,
                                     address=two_node_cluster.address, progress=False))
-    faces, errors = _tables(out)
+    faces, errors = read_outcomes(out)
     face_ids = set(faces["image_id"].to_pylist())
     error_rows = {r["image_id"]: r for r in errors.to_pylist()}
     assert face_ids == {"multi", "webp_named_jpg", "plain", "alpha_png", "grey"}
@@ -86,7 +79,7 @@ def test_s3_archive_on_two_nodes_every_row_ends_once(s3_endpoint, s3_bucket, two
     again = run_embed(EmbedConfig(manifest=f"{s3_bucket}/manifests/", out=out, address=two_node_cluster.address,
                                   progress=False))
     assert again.images == 0 and again.skipped_done == len(ids)
-    faces2, errors2 = _tables(out)
+    faces2, errors2 = read_outcomes(out)
     assert faces2.num_rows == faces.num_rows and errors2.num_rows == errors.num_rows
 
 
@@ -106,13 +99,13 @@ def test_killed_run_resumes_without_duplicates(tmp_path, ray_local, provisioned_
         # (open, see tests/test_rebuild.py); its half CPU does not stop the rerun below
         fails_at_armed_fault(lambda: run_embed(EmbedConfig(manifest=manifest_uri, out=out, batch_size=2, workers=1,
                                                            progress=False)), free_cpus=False)
-    partial, _ = _tables(out)
+    partial, _ = read_outcomes(out)
     assert 0 < len(set(partial["image_id"].to_pylist())) < len(names)
 
     again = run_embed(EmbedConfig(manifest=manifest_uri, out=out, batch_size=2, progress=False))
     assert again.skipped_done == len(set(partial["image_id"].to_pylist())) and again.images == len(names) - again.skipped_done
     assert not (tmp_path / "out" / resume.RESUME).exists() or not any((tmp_path / "out" / resume.RESUME).iterdir())
-    faces, errors = _tables(out)
+    faces, errors = read_outcomes(out)
     keys = list(zip(faces["image_id"].to_pylist(), faces["face_index"].to_pylist()))
     assert len(keys) == len(set(keys)), "a face was written twice"
     assert set(faces["image_id"].to_pylist()) == {n[:-4] for n in names}
@@ -127,13 +120,13 @@ def test_rerun_with_other_options_is_refused_or_overwritten_never_mixed(tmp_path
     run_embed(first)
     held = OutputFingerprint.from_json(storage.read_bytes(outputs(out)["fingerprint"]))
     assert held == first.fingerprint() and held.min_score == 0.8 and len(held.weights_sha256) == 64
-    faces, _ = _tables(out)
+    faces, _ = read_outcomes(out)
 
     # another quality floor or read limit into the same OUT: refused before any work, naming the fix
     for changed in (dict(min_score=0.5), dict(max_bytes=1 << 20), dict(allowed_roots=(str(tmp_path),))):
         with pytest.raises(ConfigError, match=r"other options .*(min_score|max_bytes|allowed_roots).*--overwrite"):
             run_embed(EmbedConfig(manifest=manifest_uri, out=out, progress=False, **changed))
-    assert _tables(out)[0].equals(faces) and len(storage.list_files(outputs(out)["_runs"], ".json")) == 1
+    assert read_outcomes(out)[0].equals(faces) and len(storage.list_files(outputs(out)["_runs"], ".json")) == 1
     # options that change only speed or layout resume the same folder (nothing left to do)
     assert run_embed(EmbedConfig(manifest=manifest_uri, out=out, progress=False, workers=1, batch_size=1,
                                  chunk_images=7)).skipped_done == 2

@@ -28,8 +28,7 @@ from facelake.schema import EMBED_COUNTS_SCHEMA
 from facelake.jobs.embed import EmbedConfig, EmbedWorker, add_counts, embed_dataset, outputs
 from facelake.faces.registry import get_model, weights_fingerprint
 from facelake.storage import StorageOptions
-from tests.helpers import SAMPLE_DIR, sample_manifest
-from tests.test_hardening_faults import FaultProxy, _kill_tree, assert_exactly_once
+from tests.helpers import SAMPLE_DIR, FaultProxy, assert_exactly_once, kill_tree, sample_manifest
 
 PHOTOS = sorted(p.name for p in SAMPLE_DIR.glob("img*.jpg"))  # the bundled photos, 64 with couple & co.
 
@@ -142,7 +141,7 @@ def test_driver_sigkilled_loses_at_most_a_chunk_per_actor(s3_endpoint, s3_bucket
                 time.sleep(0.05)
             assert proc.poll() is None, "the first run ended before it could be killed"
         finally:
-            _kill_tree(proc)
+            kill_tree(proc)
         fetched = {key.rsplit("/", 1)[1][:-4] for key in proxy.seen}
         # only whole parts: every file reads, none holds more than a chunk of images
         for folder in (Path(out) / "faces", Path(out) / "errors"):

@@ -18,7 +18,7 @@ from facelake.index.erasure import shards_holding
 from facelake.index.load import load_ids, open_version, shard_ids
 from facelake.jobs import erase
 from facelake.faces.registry import get_model, weights_fingerprint
-from tests.test_counts import _errors, _faces
+from tests.helpers import error_rows as _errors, faces_per_image as _faces
 
 # a: 3 faces an image over parts of 100 rows, so a-000033 (rows 99-101) spans two parts;
 # x-5 is only in the errors; "nope" is nowhere

@@ -59,7 +59,7 @@ def _pairs_file(photos, path, folds=5, per=4, seed=3) -> str:
 
 @pytest.fixture(scope="module")
 def sample_run(tmp_path_factory, provisioned_weights, ray_local):
-    from tests.conftest import SAMPLE_DIR
+    from tests.helpers import SAMPLE_DIR
 
     folder = tmp_path_factory.mktemp("evaluate")
     uri, photos = _labeled_manifest(SAMPLE_DIR, str(folder))

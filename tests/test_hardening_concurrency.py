@@ -12,10 +12,8 @@ import pyarrow as pa
 from facelake.index import build, synthetic
 from facelake.index.load import load_ids, open_version
 from facelake.index.search import search_version
-from facelake.faces.registry import get_model, weights_fingerprint
+from tests.helpers import MODEL, WEIGHTS
 
-MODEL = "sface-yunet"
-WEIGHTS = weights_fingerprint(get_model(MODEL))
 VERSIONS = 6
 N, DIM, K = 3000, 32, 5
 

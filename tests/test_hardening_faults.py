@@ -9,58 +9,29 @@ silently partial answer.
 
 from __future__ import annotations
 
-import http.client
 import os
-import signal
 import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pyarrow as pa
 import pytest
 import s3fs
 
 from facelake import faults, storage
 from facelake.record import audit
-from facelake.jobs.embed import EmbedConfig, outputs, run_embed
-from facelake.faces.registry import get_model, weights_fingerprint
+from facelake.jobs.embed import EmbedConfig, run_embed
 from facelake.schema import NO_FACE, NO_USABLE_FACE
-from tests.helpers import SAMPLE_DIR, sample_manifest
+from tests.helpers import (MODEL, SAMPLE_DIR, WEIGHTS, FaultProxy, assert_exactly_once, faces_table, kill_tree,
+                           read_outcomes, sample_manifest)
 
-MODEL = "sface-yunet"
-WEIGHTS = weights_fingerprint(get_model(MODEL))
 # Sample photos that each hold at least one usable face (a fixed list: runs are comparable).
 PHOTOS = ["img1.jpg", "img2.jpg", "img3.jpg", "img4.jpg", "img5.jpg", "img6.jpg", "img7.jpg",
           "img8.jpg", "img9.jpg", "img10.jpg", "img11.jpg", "img12.jpg", "img13.jpg", "img14.jpg",
           "img15.jpg", "img16.jpg", "img17.jpg", "img18.jpg", "img19.jpg", "couple.jpg"]
-
-
-def read_outcomes(out: str) -> tuple[pa.Table | None, pa.Table | None]:
-    layout = outputs(out)
-    faces = storage.read_table(layout["faces"]) if storage.list_files(layout["faces"], ".parquet") else None
-    errors = storage.read_table(layout["errors"]) if storage.list_files(layout["errors"], ".parquet") else None
-    return faces, errors
-
-
-def assert_exactly_once(out: str, manifest_ids: list[str]) -> tuple[pa.Table, dict]:
-    """Every manifest row in exactly one of faces/errors; no (image_id, face_index) twice."""
-    faces, errors = read_outcomes(out)
-    face_ids = set(faces["image_id"].to_pylist()) if faces is not None else set()
-    error_rows = errors.to_pylist() if errors is not None else []
-    error_ids = [r["image_id"] for r in error_rows]
-    assert len(error_ids) == len(set(error_ids)), "an image has two error rows"
-    assert not face_ids & set(error_ids), f"in both faces and errors: {face_ids & set(error_ids)}"
-    assert face_ids | set(error_ids) == set(manifest_ids), \
-        f"lost: {set(manifest_ids) - face_ids - set(error_ids)}; unknown: {(face_ids | set(error_ids)) - set(manifest_ids)}"
-    if faces is not None:
-        keys = list(zip(faces["image_id"].to_pylist(), faces["face_index"].to_pylist()))
-        assert len(keys) == len(set(keys)), "a face was written twice"
-    return faces, {r["image_id"]: r for r in error_rows}
 
 
 # ------------------------------------------------------------------------ driver killed
@@ -68,21 +39,6 @@ def assert_exactly_once(out: str, manifest_ids: list[str]) -> tuple[pa.Table, di
 def _embed_cli(manifest: str, out: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "facelake.jobs.cli", "embed", manifest, "--out", out, "--batch-size", "1",
             "--shard-rows", "1", "--chunk-images", "2", "--workers", "1", *extra]
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL a process we started and every process it started (its local Ray included)."""
-    try:
-        family = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        family = []
-    for member in family:
-        try:
-            member.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait(timeout=30)
-    psutil.wait_procs(family, timeout=30)
 
 
 def test_driver_sigkilled_mid_job_rerun_resumes_exactly_once(tmp_path, provisioned_weights):
@@ -105,7 +61,7 @@ def test_driver_sigkilled_mid_job_rerun_resumes_exactly_once(tmp_path, provision
         assert proc.poll() is None, "the first run ended before it could be killed"
         assert any(p.name.endswith(".parquet") for p in faces_dir.iterdir()), "no part file after 240 s"
     finally:
-        _kill_tree(proc)
+        kill_tree(proc)
     partial, _ = read_outcomes(out)
     done_before = set(partial["image_id"].to_pylist())
     assert 0 < len(done_before) < len(names), "the kill did not land mid-job"
@@ -146,95 +102,6 @@ def cluster3():
 
 
 # ------------------------------------------------------------------------ S3 faults
-
-class FaultProxy:
-    """A loopback HTTP proxy in front of the moto server that fails chosen object keys.
-
-    ``faults[key] = (kind, times)``: kind is "503" (SlowDown), "500" (InternalError), "403"
-    (AccessDenied) or "reset" (connection closed without a response); ``times`` requests fail,
-    then they pass (None: fail forever). Every request for a faulted key is timestamped.
-    """
-
-    BODIES = {"503": ("SlowDown", "Please reduce your request rate."),
-              "500": ("InternalError", "We encountered an internal error. Please try again."),
-              "403": ("AccessDenied", "Access Denied")}
-
-    def __init__(self, upstream: str) -> None:
-        self.upstream = upstream.split("://", 1)[1]
-        self.faults: dict[str, tuple[str, int | None]] = {}
-        self.seen: dict[str, list[float]] = {}
-        self.lock = threading.Lock()
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):  # quiet
-                pass
-
-            def _any(self):
-                key = self.path.split("?", 1)[0]
-                fault = proxy._fault_for(key)
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else None
-                if fault == "reset":
-                    self.close_connection = True
-                    return
-                if fault:
-                    code, message = proxy.BODIES[fault]
-                    payload = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
-                               f'<Message>{message}</Message><RequestId>fault</RequestId></Error>').encode()
-                    self.send_response(int(fault))
-                    self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(0 if self.command == "HEAD" else len(payload)))
-                    self.end_headers()
-                    if self.command != "HEAD":
-                        self.wfile.write(payload)
-                    return
-                conn = http.client.HTTPConnection(proxy.upstream, timeout=30)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection",)}
-                conn.request(self.command, self.path, body=body, headers=headers)
-                response = conn.getresponse()
-                data = response.read()
-                self.send_response(response.status)
-                for k, v in response.getheaders():
-                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
-                        self.send_header(k, v)
-                self.send_header("Content-Length", response.getheader("Content-Length", str(len(data)))
-                                 if self.command == "HEAD" else str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-                conn.close()
-
-            do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _any
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def _fault_for(self, path: str) -> str | None:
-        with self.lock:
-            for key, (kind, times) in self.faults.items():
-                if path.endswith(key):
-                    self.seen.setdefault(key, []).append(time.monotonic())
-                    if times is None:
-                        return kind
-                    if times > 0:
-                        self.faults[key] = (kind, times - 1)
-                        return kind
-                    return None
-        return None
-
-    def __enter__(self) -> "FaultProxy":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
 
 def test_s3_throttling_errors_and_resets_retried_then_recorded(s3_endpoint, s3_bucket, cluster3, tmp_path,
                                                               provisioned_weights):
@@ -279,17 +146,6 @@ def test_s3_throttling_errors_and_resets_retried_then_recorded(s3_endpoint, s3_b
 
 # ------------------------------------------------------------------------ shard searcher killed
 
-def _faces_table(xb: np.ndarray) -> pa.Table:
-    n, d = xb.shape
-    return pa.table({
-        "image_id": pa.array([f"img-{i:07d}" for i in range(n)]),
-        "face_index": pa.array(np.zeros(n, np.int32)),
-        "bbox": pa.array([[0, 0, 32, 32]] * n, type=pa.list_(pa.int32(), 4)),
-        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(xb.ravel(), pa.float32()), d),
-        "model": pa.array([MODEL] * n), "weights_sha256": pa.array([WEIGHTS] * n),
-    })
-
-
 def test_shard_searcher_killed_mid_search_fails_loudly_never_partial(cluster3, tmp_path):
     import ray
     from ray.exceptions import RayActorError
@@ -299,7 +155,7 @@ def test_shard_searcher_killed_mid_search_fails_loudly_never_partial(cluster3, t
 
     xb = synthetic.clustered(8000, 64, seed=3)
     root = str(tmp_path / "root")
-    build.build_version(_faces_table(xb), root, model=MODEL, weights_sha256=WEIGHTS, shards=3, nlist=32)
+    build.build_version(faces_table(xb), root, model=MODEL, weights_sha256=WEIGHTS, shards=3, nlist=32)
     handle = open_version(root)
     xq = synthetic.queries(xb, 2000, seed=4)
     k = 10
@@ -310,6 +166,7 @@ def test_shard_searcher_killed_mid_search_fails_loudly_never_partial(cluster3, t
         np.testing.assert_array_equal(I, reference[1])
 
         outcomes: list = []
+        answered = threading.Event()
 
         def hammer():
             for _ in range(30):
@@ -317,10 +174,11 @@ def test_shard_searcher_killed_mid_search_fails_loudly_never_partial(cluster3, t
                     outcomes.append(search.search_version(handle, xq, k, actors=actors))
                 except Exception as err:  # noqa: BLE001 - recorded and checked below
                     outcomes.append(err)
+                answered.set()
 
         thread = threading.Thread(target=hammer)
         thread.start()
-        time.sleep(0.3)
+        assert answered.wait(120), "no search answered before the kill"
         ray.kill(actors[1], no_restart=True)
         thread.join(timeout=120)
         assert not thread.is_alive()
@@ -350,9 +208,9 @@ def test_search_job_with_a_killed_searcher_fails_and_is_audited(cluster3, tmp_pa
 
     xb = synthetic.clustered(3000, 128, seed=5)
     root = str(tmp_path / "root")
-    build.build_version(_faces_table(xb), root, model=MODEL, weights_sha256=WEIGHTS, shards=2, nlist=16)
+    build.build_version(faces_table(xb), root, model=MODEL, weights_sha256=WEIGHTS, shards=2, nlist=16)
     xq = synthetic.queries(xb, 2000, seed=6)
-    storage.write_table(str(tmp_path / "probes.parquet"), _faces_table(xq))
+    storage.write_table(str(tmp_path / "probes.parquet"), faces_table(xq))
     started: list = []
     real_start = index_search.start_searchers
 
@@ -389,8 +247,8 @@ def test_search_job_with_a_killed_searcher_fails_and_is_audited(cluster3, tmp_pa
         assert summary.searched_faces == 2000 and table.num_rows == 20_000
         found = {(p, r): g for p, r, g in zip(*(table[c].to_pylist() for c in table.column_names))}
         _, truth = flat.search(xq, 10)
-        ids = _faces_table(xb)["image_id"].to_pylist()
-        probe_ids = _faces_table(xq)["image_id"].to_pylist()
+        ids = faces_table(xb)["image_id"].to_pylist()
+        probe_ids = faces_table(xq)["image_id"].to_pylist()
         assert all(found[(probe_ids[q], r + 1)] == ids[truth[q, r]] for q in range(2000) for r in range(10))
 
 

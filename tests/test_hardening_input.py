@@ -26,8 +26,7 @@ from facelake import storage
 from facelake.faces.imaging import DecodeError, ImageTooLarge, decode_bgr
 from facelake.jobs.embed import EmbedConfig, outputs, run_embed
 from facelake.schema import NO_FACE
-from tests.helpers import SAMPLE_DIR
-from tests.test_imaging_formats import png16
+from tests.helpers import SAMPLE_DIR, png16
 
 
 # ------------------------------------------------------------------------- hostile bytes

@@ -21,13 +21,10 @@ import s3fs
 from facelake import storage
 from facelake.errors import ConfigError, IndexVersionError
 from facelake.index import layout
-from facelake.faces.registry import get_model, weights_fingerprint
-from tests.helpers import SAMPLE_DIR, sample_manifest
+from tests.helpers import MODEL, SAMPLE_DIR, WEIGHTS, sample_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE_DIRS = ("facelake", "jobs", "index", "cluster")
-MODEL = "sface-yunet"
-WEIGHTS = weights_fingerprint(get_model(MODEL))
 
 # ----------------------------------------------------------------------- deserialisation
 
@@ -141,6 +138,18 @@ def _files_under(path: Path) -> list[Path]:
     return [p for p in path.rglob("*") if p.is_file()] if path.exists() else []
 
 
+def _wait_until_written(folder: Path, quiet_s: float = 0.5, timeout_s: float = 5) -> None:
+    """Wait until no file under ``folder`` appears or grows for ``quiet_s``, at most ``timeout_s``
+    (Ray's processes write their logs a little after the work that logs)."""
+    sizes, deadline = None, time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        now = {p: p.stat().st_size for p in _files_under(folder) if p.exists()}
+        if now == sizes:
+            return
+        sizes = now
+        time.sleep(quiet_s)
+
+
 def _leaks(secrets: list[str], blobs: dict[str, bytes]) -> list[str]:
     return [f"{where} holds {secret[:12]}..." for where, data in blobs.items() for secret in secrets
             if secret.encode() in data]
@@ -214,7 +223,8 @@ def test_planted_credentials_never_reach_logs_outputs_or_errors(s3_endpoint, s3_
                     pass
     finally:
         ray.shutdown()
-    time.sleep(1)
+    if session_dir is not None:
+        _wait_until_written(session_dir / "logs")
     captured = capfd.readouterr()
     blobs: dict[str, bytes] = {"caplog": caplog.text.encode(), "stdout": captured.out.encode(),
                                "stderr": captured.err.encode(), "errors": "\n".join(errors_seen).encode()}
@@ -264,7 +274,7 @@ def test_endpoint_credentials_in_the_environment_never_reach_ray_logs(monkeypatc
             return 1
 
         assert ray.get(ping.remote()) == 1
-        time.sleep(1)
+        _wait_until_written(session_dir / "logs")
     finally:
         ray.shutdown()
     leaks = _leaks([password], {str(p): p.read_bytes() for p in _files_under(session_dir / "logs")})

@@ -4,30 +4,13 @@ need a plugin named with it. Real sample photos, real Pillow encoders, the real 
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 from PIL import Image
 
 from facelake.faces.imaging import (DEFAULT_MAX_FRAMES, DecodeError, ImageTooLarge, MultiFrame, UnsupportedFormat,
                               decode_bgr, decode_frames)
-from tests.helpers import SAMPLE_DIR
-
-
-def grey(name: str = "img1.jpg") -> np.ndarray:
-    return np.asarray(Image.open(SAMPLE_DIR / name).convert("L"))
-
-
-def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
-    out = io.BytesIO()
-    image.save(out, format=fmt, **kwargs)
-    return out.getvalue()
-
-
-def png16(name: str = "img1.jpg") -> bytes:
-    """A 16-bit greyscale PNG of a sample photo (each 8-bit value v stored as v * 257)."""
-    return encode(Image.fromarray(grey(name).astype(np.uint16) * 257), "PNG")
+from tests.helpers import SAMPLE_DIR, encode, grey, png16
 
 
 def test_16bit_grey_png_is_scaled_not_clipped():

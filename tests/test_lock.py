@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -78,17 +79,18 @@ def test_lost_lock_is_noticed_before_commit(root):
 
 
 def test_heartbeat_pushes_expiry_forward(tmp_path):
-    import time
-
     root = str(tmp_path / "root")
     with RootLock(root, "rebuild-a", ttl_s=0.8) as lock:
         first = read_lock(root)["expires_at"]
-        time.sleep(1.6)
+        # expires_at has whole seconds: renewals every ttl/4 move it within about a second
+        deadline = time.monotonic() + 10
+        while read_lock(root)["expires_at"] <= first and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert read_lock(root)["expires_at"] > first
         lock.verify()
 
 
-def test_concurrent_rebuilds_second_fails_while_first_holds_the_lock(tmp_path):
+def test_concurrent_rebuilds_second_fails_while_first_holds_the_lock(tmp_path, ray_local):
     """Two real run_rebuild calls: the second fails with LockError while the first holds ROOT/lock."""
     manifest_uri = str(tmp_path / "m.parquet")
     storage.write_table(manifest_uri, sample_manifest(["img1.jpg", "img2.jpg"]))

@@ -15,7 +15,7 @@ import pytest
 from rich.console import Console
 
 from facelake import progress, storage
-from tests.test_cli import synthetic_faces
+from tests.helpers import synthetic_faces
 
 
 def test_tracker_shows_done_total_counters_and_rate():

@@ -12,7 +12,6 @@ import json
 import shutil
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
@@ -23,34 +22,9 @@ from facelake.index.load import load_ids, open_version
 from facelake.index.search import search_version
 from facelake.jobs.embed import done_image_ids
 from facelake.faces.registry import get_model
-from facelake.jobs.rebuild import RebuildConfig, retrain_reason, run_rebuild
-from tests.conftest import start_local_ray
-from tests.helpers import SAMPLE_DIR, fails_at_armed_fault, sample_manifest
-
-BASE = ["img1.jpg", "img3.jpg"]
-ADDED = ["img2.jpg", "img6.jpg", "img10.jpg"]
-
-
-class Crash(RuntimeError):
-    pass
-
-
-def crash(*_):
-    raise Crash("killed here (test)")
-
-
-def rebuild(manifest_uri: str, root: str, **kwargs):
-    return run_rebuild(RebuildConfig(manifest=manifest_uri, root=root, progress=False, batch_size=1, workers=1,
-                                     **kwargs))
-
-
-def put_photos(base: str, names: list[str]) -> None:
-    for name in names:
-        storage.write_bytes_atomic(storage.join(base, name), (SAMPLE_DIR / name).read_bytes())
-
-
-def write_manifest(uri: str, names: list[str], base: str) -> None:
-    storage.write_table(uri, sample_manifest(names, base=base))
+from facelake.jobs.rebuild import retrain_reason
+from tests.helpers import (ADDED, BASE, SAMPLE_DIR, Crash, assert_record_consistent, crash, fails_at_armed_fault,
+                           put_photos, rebuild, start_local_ray, write_manifest)
 
 
 def found_image_ids(root: str, vectors: np.ndarray, k: int = 10) -> set[str]:
@@ -59,21 +33,6 @@ def found_image_ids(root: str, vectors: np.ndarray, k: int = 10) -> set[str]:
     table = load_ids(handle)     # faiss ids are not row numbers (gaps; versions extended by rebuild)
     ids = dict(zip(table["faiss_id"].to_pylist(), table["image_id"].to_pylist()))
     return {ids[i] for i in I.ravel() if i >= 0}
-
-
-def assert_record_consistent(root: str) -> pa.Table:
-    faces = rootmod.read_faces(root)
-    keys = [f"{a}/{b}" for a, b in zip(faces["image_id"].to_pylist(), faces["face_index"].to_pylist())]
-    assert len(keys) == len(set(keys)), "a face is duplicated in the record"
-    errors = rootmod.read_errors(root)
-    if errors is not None:
-        assert not set(errors["image_id"].to_pylist()) & set(faces["image_id"].to_pylist())
-    handle = open_version(root)
-    assert handle.total == faces.num_rows
-    assert sorted(load_ids(handle)["image_id"].to_pylist()) == sorted(faces["image_id"].to_pylist())
-    faiss_ids = load_ids(handle)["faiss_id"].to_pylist()
-    assert len(faiss_ids) == len(set(faiss_ids)), "a faiss id is used twice in the version"
-    return faces
 
 
 def test_add_change_remove_and_nothing_changed(ray_local, provisioned_weights, tmp_path):

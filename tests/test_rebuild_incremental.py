@@ -29,8 +29,8 @@ from facelake.index.update import _Group, _merge_tiers, _split, plan_groups
 from facelake.jobs.erase import EraseConfig, run_erase
 from facelake.faces.registry import get_model, weights_fingerprint
 from facelake.schema import SOURCE_STAT_SCHEMA
-from tests.helpers import SAMPLE_DIR
-from tests.test_rebuild import BASE, ADDED, assert_record_consistent, put_photos, rebuild, write_manifest
+from tests.helpers import (ADDED, BASE, SAMPLE_DIR, Crash, assert_record_consistent, crash, put_photos, rebuild,
+                           sample_manifest, write_manifest)
 
 
 def ids_of(photos: list[str]) -> list[str]:
@@ -282,8 +282,6 @@ def test_source_stats_s3_list_and_head_agree(s3_bucket):
 
 
 def test_killed_incremental_rebuild_resumes_without_duplicates(ray_local, provisioned_weights, tmp_path):
-    from tests.test_rebuild import Crash, crash
-
     photos, root, manifest_uri = str(tmp_path / "photos"), str(tmp_path / "root"), str(tmp_path / "m.parquet")
     put_photos(photos, NIGHT1 + NIGHT2)
     write_manifest(manifest_uri, NIGHT1, photos)
@@ -371,8 +369,6 @@ def test_compressed_version_extended_equals_build_on_same_quantizer(ray_local, t
 def test_manifest_own_size_and_mtime_are_used(ray_local, provisioned_weights, tmp_path):
     photos, root, manifest_uri = str(tmp_path / "photos"), str(tmp_path / "root"), str(tmp_path / "m.parquet")
     put_photos(photos, BASE)
-    from tests.helpers import sample_manifest
-
     def manifest_with(sizes: list[int]) -> None:
         m = sample_manifest(BASE, base=photos)
         m = m.append_column("size", pa.array(sizes, pa.int64()))

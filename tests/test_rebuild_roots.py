@@ -12,7 +12,7 @@ from facelake import storage
 from facelake.faces import reader
 from facelake.record import tables as rootmod
 from facelake.jobs.rebuild import ALLOWED_ROOTS_FILE, _hash_chunk, remembered_roots
-from tests.test_rebuild import put_photos, rebuild, write_manifest
+from tests.helpers import put_photos, rebuild, write_manifest
 
 
 def test_hash_chunk_never_reads_outside_roots(tmp_path):

@@ -17,7 +17,7 @@ from facelake import faults, storage
 from facelake.record import audit
 from facelake.index import build, load, search, synthetic
 from facelake.jobs import search as search_job
-from tests.test_search import MODEL, WEIGHTS, exact, faces_table, ranked_ids, results
+from tests.helpers import MODEL, WEIGHTS, exact, faces_table, ranked_ids, results
 
 NODE_MEMORY = 400 << 20          # each shard searcher asks for ~280 MB: one fits a node, two do not
 

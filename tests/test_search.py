@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 
-import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -22,37 +21,14 @@ from facelake.faces import manifest
 from facelake.index import build, synthetic
 from facelake.jobs import search
 from facelake.jobs.embed import EmbedConfig, outputs, run_embed
-from facelake.faces.registry import get_model, weights_fingerprint
 from facelake.schema import RESULT_COLUMNS
-from tests.helpers import SAMPLE_DIR, faceless_jpeg, sample_manifest
-
-MODEL = "sface-yunet"
-WEIGHTS = weights_fingerprint(get_model(MODEL))
-
-
-def faces_table(xb: np.ndarray, prefix: str = "img", **extra) -> pa.Table:
-    """A faces table as `facelake embed` writes it (the columns search reads) for vectors xb."""
-    n, d = xb.shape
-    columns = {
-        "image_id": pa.array([f"{prefix}-{i:07d}" for i in range(n)]),
-        "face_index": pa.array(np.zeros(n, np.int32)),
-        "uri": pa.array([f"/photos/{prefix}-{i}.jpg" for i in range(n)]),
-        "bbox": pa.array([[i % 50, 0, 32, 32] for i in range(n)], type=pa.list_(pa.int32(), 4)),
-        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(xb.ravel(), pa.float32()), d),
-        "model": pa.array([MODEL] * n),
-        "weights_sha256": pa.array([WEIGHTS] * n),
-    }
-    columns.update(extra)
-    return pa.table(columns)
+from tests.helpers import (MODEL, SAMPLE_DIR, WEIGHTS, exact, faceless_jpeg, faces_table, ranked_ids, results,
+                           sample_manifest)
 
 
 def config(probes, root, out, **kwargs) -> search.SearchConfig:
     kwargs.setdefault("purpose", "test: case 42")
     return search.SearchConfig(probes=str(probes), root=str(root), out=str(out), **kwargs)
-
-
-def results(out) -> pa.Table:
-    return storage.read_table(search.outputs(str(out))["results"])
 
 
 def cli(*argv: str) -> int:
@@ -65,23 +41,6 @@ def cli(*argv: str) -> int:
         return int(done.code or 0)
     return 0
 
-
-def exact(xb: np.ndarray, xq: np.ndarray, k: int):
-    flat = faiss.IndexFlatIP(xb.shape[1])
-    flat.add(xb)
-    return flat.search(xq, k)
-
-
-def ranked_ids(table: pa.Table, nq: int, k: int, prefix: str = "img") -> np.ndarray:
-    """(nq, k) gallery row numbers from a results table of probes q-0000000.. (-1 where missing)."""
-    found = np.full((nq, k), -1, np.int64)
-    for row in table.select(["probe_image_id", "rank", "gallery_image_id"]).to_pylist():
-        if row["rank"] is not None:
-            found[int(row["probe_image_id"].split("-")[1]), row["rank"] - 1] = int(row["gallery_image_id"].split("-")[1])
-    return found
-
-
-# ---------------------------------------------------------------- options (no Ray, no storage)
 
 @pytest.mark.parametrize("kwargs, fix", [
     ({"purpose": None}, "--purpose is required"),

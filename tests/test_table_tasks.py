@@ -18,10 +18,10 @@ import pytest
 from facelake import faults, storage
 from facelake.record import tables as rootmod
 from facelake.jobs.work import units as tasks
-from tests.helpers import fails_at_armed_fault
 # imported here, not in a test: importing tests.conftest again (as this does) sets a new
 # FACELAKE_FAULTS folder, which must happen before Ray starts so that workers see the same one
-from tests.test_rebuild import ADDED, BASE, Crash, assert_record_consistent, crash, put_photos, rebuild, write_manifest
+from tests.helpers import (ADDED, BASE, Crash, assert_record_consistent, crash, fails_at_armed_fault, put_photos, rebuild,
+                           write_manifest)
 
 NO_IDS = pa.array([], pa.string())
 
