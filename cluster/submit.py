@@ -33,9 +33,9 @@ import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Mapping, Sequence, TextIO
+from typing import Sequence, TextIO
 
-from facelake.cluster.runtime import WORKER_ENV_KEYS
+from facelake.cluster.runtime import WORKER_ENV_KEYS, auth_message
 from facelake.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -110,25 +110,13 @@ def client(address: str):
     try:
         return JobSubmissionClient(address)
     except AuthenticationError as err:
-        raise ConfigError(auth_message(address, os.environ)) from err
+        raise ConfigError(auth_message(f"Ray's job server at {address}", os.environ)) from err
     except (ConnectionError, RuntimeError) as err:
         raise ConfigError(
             f"cannot reach Ray's job server at {address}: {err}. Check the address (the head's "
             "dashboard port, 8265 by default), that the head was started with the dashboard "
             "(ray[default] installed, --dashboard-host reachable from here) and any tunnel or firewall"
         ) from err
-
-
-def auth_message(address: str, env: Mapping[str, str]) -> str:
-    """What to change when the job server refused this client's token (never the token itself)."""
-    if env.get("RAY_AUTH_TOKEN") or env.get("RAY_AUTH_TOKEN_PATH"):
-        fix = ("the token in RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH was refused: set it to the head's token "
-               "(the head's ~/.ray/auth_token, or the RAY_AUTH_TOKEN it was started with)")
-    else:
-        fix = ("it uses token authentication (on by default since Ray 2.60): set RAY_AUTH_MODE=token and "
-               "RAY_AUTH_TOKEN to the head's token (its ~/.ray/auth_token), or RAY_AUTH_TOKEN_PATH to a file "
-               "holding it")
-    return f"Ray's job server at {address} refused this client: {fix}"
 
 
 def failure_hint(message: str, logs: str = "") -> str | None:

@@ -9,6 +9,11 @@ so piped output and job logs stay clean. Jobs use it as::
 
 ``advance`` moves the bar by ``done`` (or by ``images`` when the unit is images) and adds the
 counters shown beside it. A disabled tracker does nothing and costs nothing.
+
+The libraries under facelake (Ray, Ray Data, OpenCV) are quiet on the terminal too unless
+``--verbose`` (FACELAKE_VERBOSE=1): ``quiet_environment`` sets their log levels through the
+environment, which Ray's local processes and workers inherit; cluster.runtime quiets the rest
+when it starts Ray.
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.text import Text
 
 QUIET_ENV = "FACELAKE_QUIET"
+VERBOSE_ENV = "FACELAKE_VERBOSE"
+# Set when not verbose (a value the user set wins): OpenCV's DNN module warns about backends on
+# every detector load.
+QUIET_ENV_DEFAULTS = {"OPENCV_LOG_LEVEL": "ERROR"}
 # Redraws per second: enough to look alive, few enough to cost nothing next to the work.
 REFRESH_PER_SECOND = 2
 COUNTERS = ("faces", "errors")
@@ -37,6 +46,18 @@ def enabled(quiet: bool = False, stream: TextIO | None = None) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+def verbose() -> bool:
+    """Whether Ray and OpenCV keep their own log levels on the terminal (FACELAKE_VERBOSE)."""
+    return os.environ.get(VERBOSE_ENV, "").strip() not in ("", "0")
+
+
+def quiet_environment() -> None:
+    """Unless verbose, put QUIET_ENV_DEFAULTS in this process's environment (values already set stay)."""
+    if not verbose():
+        for key, value in QUIET_ENV_DEFAULTS.items():
+            os.environ.setdefault(key, value)
 
 
 class _Rate(ProgressColumn):

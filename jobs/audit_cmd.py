@@ -18,6 +18,7 @@ import json
 import typer
 
 from facelake import storage
+from facelake.jobs.options import EndpointUrl
 from facelake.record import audit
 
 COLUMNS = ("time", "job_id", "kind", "user", "purpose", "mode", "version", "counts", "status")
@@ -76,7 +77,7 @@ def register(app: typer.Typer) -> None:
         kind: str = typer.Option(None, "--kind", help="only records of this kind (search, erase, ...)"),
         as_json: bool = typer.Option(False, "--json", help="print the full records as one JSON list"),
         verify: bool = typer.Option(False, "--verify", help="check the hash chain; name the first broken link"),
-        endpoint_url: str = typer.Option(None, "--endpoint-url", help="S3-compatible endpoint (credentials come from the AWS chain)"),
+        endpoint_url: EndpointUrl = None,
     ) -> None:
         """List the audit records of a root, oldest first (or --verify the chain)."""
         storage.check_uri(root)

@@ -407,7 +407,7 @@ def register(app: typer.Typer) -> None:
     def calibrate_command(
         probes: str = typer.Argument(..., metavar="NONMATED_MANIFEST", help="manifest (image_id, uri) or faces table of people NOT in the gallery"),
         root: str = typer.Option(..., "--root", help="root holding the live index version; the calibration is written under ROOT/calibration/"),
-        purpose: str = typer.Option(None, "--purpose", help="why this calibration is run (required; audited)"),
+        purpose: str = typer.Option(..., "--purpose", help="why this calibration is run (audited)"),
         identity_column: str = typer.Option(None, "--identity-column", help=f"column naming the person on both probes and gallery (default {DEFAULT_IDENTITY_COLUMN!r} where both carry it); same-identity candidates are excluded"),
         top_k: int = typer.Option(DEFAULT_TOP_K, "--top-k", help="candidates looked at per search"),
         nprobe: int = typer.Option(None, "--nprobe", help="IVF lists scanned per shard (default: the version's, as search uses)"),

@@ -7,12 +7,15 @@ rebuild and erase, so it never races them.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import pyarrow as pa
 import typer
 
 from facelake import progress, storage
 from facelake.record import audit
 from facelake.errors import ConfigError
+from facelake.jobs.options import EndpointUrl, RayAddress, Root
 from facelake.record.lock import RootLock
 from facelake.storage import StorageOptions
 
@@ -98,16 +101,16 @@ def run_index(faces: str, root: str, *, shards: int | None = None, shard_size: i
 def register(app: typer.Typer) -> None:
     @app.command("index")
     def index_command(
-        faces: str = typer.Argument(..., metavar="FACES", help="the --out folder of `facelake embed` (or its faces/ table)"),
-        root: str = typer.Option(..., "--root", help="ROOT under which ROOT/index/<version>/ is published"),
+        faces: Annotated[str, typer.Argument(metavar="FACES", help="the --out folder of `facelake embed` (or its faces/ table)")],
+        root: Root,
         shards: int = typer.Option(None, "--shards", help="number of shards"),
         shard_size: int = typer.Option(None, "--shard-size", help="faces per shard (default 1,000,000)"),
         nlist: int = typer.Option(None, "--nlist", help="IVF lists (default ~4*sqrt(N), a power of two)"),
         pq: int = typer.Option(None, "--pq", help="PQ sub-quantizers (IVF-PQ); default IVF-Flat"),
         nprobe: int = typer.Option(None, "--nprobe", help="lists searched by default (recorded in the manifest)"),
         keep: int = typer.Option(3, "--keep", help="versions to keep (the live one always)"),
-        endpoint_url: str = typer.Option(None, "--endpoint-url", help="S3-compatible endpoint"),
-        address: str = typer.Option(None, help="Ray cluster to join; default: start a local Ray"),
+        endpoint_url: EndpointUrl = None,
+        address: RayAddress = None,
     ) -> None:
         """Train an IVF index on FACES, add shards in parallel, publish a new version of ROOT."""
         m = run_index(faces, root, shards=shards, shard_size=shard_size, nlist=nlist, pq=pq, nprobe=nprobe,

@@ -422,7 +422,7 @@ def register(app: typer.Typer) -> None:
         probes: str = typer.Argument(..., metavar="PROBES", help="manifest of probe images (image_id, uri) or a faces table"),
         root: str = typer.Option(..., "--root", help="root holding the live index version and the audit log"),
         out: str = typer.Option(..., "--out", help="results folder: results/, errors/, probe_faces/"),
-        purpose: str = typer.Option(None, "--purpose", help="REQUIRED: why this search is run, a case or request reference (audited)"),
+        purpose: str = typer.Option(..., "--purpose", help="why this search is run, a case or request reference (audited)"),
         mode: str = typer.Option("investigate", "--mode", help="investigate (top-K for review) or identify (above threshold)"),
         top_k: int = typer.Option(DEFAULT_TOP_K, "--top-k", help="candidates per probe face"),
         max_fpir: float = typer.Option(None, "--max-fpir", help=f"false-positive identification rate the threshold is chosen for (default {DEFAULT_MAX_FPIR:g})"),

@@ -21,6 +21,7 @@ from facelake.record import audit
 from facelake.record import lock as lockmod
 from facelake.record import tables as rootmod
 from facelake.errors import IndexVersionError
+from facelake.jobs.options import EndpointUrl
 from facelake.jobs.work import counts
 from facelake.storage import StorageOptions
 
@@ -174,7 +175,7 @@ def register(app: typer.Typer) -> None:
     @app.command("status")
     def status_command(
         root: str = typer.Argument(..., metavar="ROOT", help="ROOT managed by rebuild/erase"),
-        endpoint_url: str = typer.Option(None, "--endpoint-url", help="S3-compatible endpoint"),
+        endpoint_url: EndpointUrl = None,
         as_json: bool = typer.Option(False, "--json", help="print JSON instead of text"),
     ) -> None:
         """Show versions, the live version, counts, the lock, last jobs and last errors of ROOT."""

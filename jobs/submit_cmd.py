@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Annotated, Optional
 
 import typer
 
@@ -19,8 +20,10 @@ def _jobsubmit():
 
     return submit
 
-ADDRESS_HELP = "the cluster's job server (Ray dashboard), e.g. http://HEAD:8265"
 ADDRESS_ENV = "RAY_API_SERVER_ADDRESS"  # the variable `ray job` itself reads
+JobServer = Annotated[Optional[str], typer.Option(
+    "--address", envvar=ADDRESS_ENV, help="the cluster's job server (Ray dashboard), e.g. http://HEAD:8265")]
+JobId = Annotated[str, typer.Argument(help="the submission id `submit` printed")]
 
 
 def register(app: typer.Typer) -> None:
@@ -28,7 +31,7 @@ def register(app: typer.Typer) -> None:
     def submit_command(
         command: list[str] = typer.Argument(..., metavar="COMMAND...",
                                             help="the facelake command to run on the cluster, after --"),
-        address: str = typer.Option(None, "--address", envvar=ADDRESS_ENV, help=ADDRESS_HELP),
+        address: JobServer = None,
         wait: bool = typer.Option(False, "--wait", help="follow the job's logs to its end; exit with its outcome"),
         pip: list[str] = typer.Option(None, "--pip", help="install this requirement into the job's runtime "
                                       "environment (e.g. facelake==0.1.0, with the gpu extra on GPU nodes) instead of using the "
@@ -58,7 +61,7 @@ def register(app: typer.Typer) -> None:
     app.add_typer(jobs_app, name="jobs")
 
     @jobs_app.command("list")
-    def list_command(address: str = typer.Option(None, "--address", envvar=ADDRESS_ENV, help=ADDRESS_HELP)) -> None:
+    def list_command(address: JobServer = None) -> None:
         """facelake's jobs on the cluster, oldest first: id, status, start, duration, user, command."""
         rows = _jobsubmit().list_jobs(address)
         header = ("JOB ID", "STATUS", "START (UTC)", "DURATION", "USER", "COMMAND")
@@ -70,8 +73,8 @@ def register(app: typer.Typer) -> None:
 
     @jobs_app.command("status")
     def status_command(
-        job_id: str = typer.Argument(..., help="the submission id `submit` printed"),
-        address: str = typer.Option(None, "--address", envvar=ADDRESS_ENV, help=ADDRESS_HELP),
+        job_id: JobId,
+        address: JobServer = None,
     ) -> None:
         """One job's status; exit code 0 succeeded, 1 failed, 3 stopped, 4 still pending or running."""
         row = _jobsubmit().status(address, job_id)
@@ -82,8 +85,8 @@ def register(app: typer.Typer) -> None:
 
     @jobs_app.command("logs")
     def logs_command(
-        job_id: str = typer.Argument(..., help="the submission id `submit` printed"),
-        address: str = typer.Option(None, "--address", envvar=ADDRESS_ENV, help=ADDRESS_HELP),
+        job_id: JobId,
+        address: JobServer = None,
         follow: bool = typer.Option(False, "--follow", "-f", help="keep streaming until the job ends; exit with its outcome"),
     ) -> None:
         """Print a job's logs (so far, or to its end with --follow)."""
@@ -94,8 +97,8 @@ def register(app: typer.Typer) -> None:
 
     @jobs_app.command("stop")
     def stop_command(
-        job_id: str = typer.Argument(..., help="the submission id `submit` printed"),
-        address: str = typer.Option(None, "--address", envvar=ADDRESS_ENV, help=ADDRESS_HELP),
+        job_id: JobId,
+        address: JobServer = None,
     ) -> None:
         """Stop a job and wait until it has ended; exit 0 once stopped (or its outcome if it had already ended)."""
         final = _jobsubmit().stop(address, job_id)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import stat
 import subprocess
 import sys
 
 import pyarrow as pa
 
 from facelake import storage
-from tests.helpers import synthetic_faces
+from facelake.jobs import cli
+from tests.helpers import sample_manifest, synthetic_faces
 
 COMMANDS = ("weights", "embed", "index", "search", "audit", "rebuild", "erase", "status",
             "evaluate", "submit", "jobs", "demo")
@@ -121,6 +124,88 @@ def test_traceback_only_with_debug_and_always_in_the_log(tmp_path):
     assert "Traceback" in log.read_text()
     debug = facelake_env(env_log, "--debug", "status", str(root))
     assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+def test_log_is_private_to_the_user_and_holds_a_user_error_as_one_line(tmp_path):
+    """Without FACELAKE_LOG the log is under XDG_STATE_HOME, folder 0700, file 0600; a user error
+    is logged as its message, an unexpected one with its traceback."""
+    state = tmp_path / "state"
+    env = {"XDG_STATE_HOME": str(state), "FACELAKE_LOG": ""}
+    missing = tmp_path / "nothing"
+    refused = facelake_env(env, "status", str(missing))
+    assert refused.returncode == 2, refused.stderr
+    log = state / "facelake" / "facelake.log"
+    assert stat.S_IMODE(log.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(log.stat().st_mode) == 0o600
+    text = log.read_text()
+    assert "ConfigError: ROOT" in text and "does not exist" in text and "Traceback" not in text
+    body = [ln for ln in text.splitlines() if not ln.startswith("--- ")]
+    assert len(body) == 1, text
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "TABLE").write_text("{not json")
+    failed = facelake_env(env, "status", str(root))
+    assert failed.returncode == 1 and str(log) in failed.stderr
+    assert "Traceback" in log.read_text()
+
+
+def _heavy_modules_after(*args: str) -> list[str]:
+    """The heavy libraries loaded by `facelake ARGS` run in a fresh interpreter."""
+    code = ("import json, sys\nfrom facelake.jobs import cli\ntry:\n    cli.main(sys.argv[1:])\n"
+            "except SystemExit:\n    pass\n"
+            "heavy = ('ray', 'faiss', 'deepface', 'cv2', 'pyarrow', 'onnxruntime', 'openvino', 'onnx')\n"
+            "print(json.dumps(sorted(m for m in heavy if m in sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_help_imports_no_job_library():
+    assert _heavy_modules_after("--help") == []
+    assert _heavy_modules_after() == []
+    assert "pyarrow" in _heavy_modules_after("status", "--help")   # a command's help loads its module only
+
+
+def test_command_summaries_are_the_commands_docstrings():
+    """`facelake --help` lists COMMANDS' summaries without importing the modules: they must agree."""
+    registered = {}
+    for entry in cli.COMMANDS.values():
+        registered.update(cli.load_module_commands(entry.module))
+    assert set(registered) == set(cli.COMMANDS)
+    for name, entry in cli.COMMANDS.items():
+        first = " ".join(registered[name].help.split("\n\n")[0].split())
+        assert (first, registered[name].hidden) == (entry.summary, entry.hidden), name
+
+
+def test_options_required_at_run_time_show_as_required():
+    for command in ("search", "calibrate"):
+        params = {p.name: p for p in cli.load_module_commands(cli.COMMANDS[command].module)[command].params}
+        assert params["purpose"].required, command
+    shown = facelake("search", "--help")
+    assert shown.returncode == 0
+    purpose = shown.stdout[shown.stdout.index("--purpose"):shown.stdout.index("--mode")]
+    assert "required" in purpose, shown.stdout
+
+
+# What Ray, Ray Data and OpenCV print unless --verbose: the token-auth warning, Ray's and Ray
+# Data's INFO lines, Ray Data's progress-bar notice, OpenCV's "[ WARN:0@1.2] ..." from workers.
+# Not here: Ray's C++ core logs "... E ... core_worker.cc: Actor ... has constructor arguments in
+# the object store" on the driver's stderr for every Ray Data actor pool, past any log level.
+NOISE = re.compile(r"Token authentication|\bINFO\b|Progress bars disabled|\[ ?WARN:|Started a local Ray|"
+                   r"\[[\d-]+ [\d:,]+ [WI] \d+ \d+\]")
+
+
+def test_ray_commands_are_quiet_unless_verbose(tmp_path, provisioned_weights):
+    manifest = tmp_path / "m.parquet"
+    storage.write_table(str(manifest), sample_manifest(["img1.jpg", "img2.jpg"]))
+    embedded = facelake("embed", str(manifest), "--out", str(tmp_path / "out"), "--workers", "1")
+    assert embedded.returncode == 0, embedded.stderr
+    assert not NOISE.search(embedded.stderr), embedded.stderr
+    root = tmp_path / "root"
+    built = facelake("index", str(tmp_path / "out"), "--root", str(root))
+    assert built.returncode == 0 and not NOISE.search(built.stderr), built.stderr
+    loud = facelake("--verbose", "index", str(tmp_path / "out"), "--root", str(root))
+    assert loud.returncode == 0 and "Started a local Ray" in loud.stderr, loud.stderr
 
 
 def facelake_env(extra: dict, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from facelake.cluster import runtime
 from facelake.cluster import submit as jobsubmit
 from facelake.errors import ConfigError
 
@@ -214,6 +215,15 @@ def test_secrets_are_refused_and_never_in_runtime_env(monkeypatch):
         jobsubmit.entrypoint(["embed", "m", "--out", f"s3://b/o?key={PLANTED_SECRET}"])
     with pytest.raises(ConfigError, match="user:password"):
         jobsubmit.entrypoint(["embed", "s3://ana:hunter22@bucket/m", "--out", "o"])
+
+
+def test_token_error_names_the_environment_variable_and_the_heads_file():
+    """The quick start keeps the token in RAY_AUTH_TOKEN; a head that generated one has it in a file."""
+    for env in ({}, {"RAY_AUTH_TOKEN": "the-secret-token-value"}):
+        message = runtime.auth_message("Ray's job server at http://head:8265", env)
+        assert "RAY_AUTH_TOKEN" in message and "~/.ray/auth_token" in message, message
+        assert "the-secret-token-value" not in message
+    assert "RAY_AUTH_MODE=token" in runtime.auth_message("Ray cluster head:6379", {})
 
 
 def test_address_is_checked_before_contacting_anything():
