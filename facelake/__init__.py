@@ -20,7 +20,8 @@ core every layer above it uses (``facelake.index``, then ``facelake.cluster``, t
   (tests/test_hardening_secrets.py, test_embed_parts.py).
 - ``schema``: the one definition of every table and record format.
 - ``errors``, ``faults``, ``progress``, ``device``: user-facing errors, named fault points for
-  tests, the progress line, the GPU/CPU policy.
+  tests, the progress line and the quiet-by-default policy for Ray's and OpenCV's logs, the
+  GPU/CPU policy.
 """
 
 import os
