@@ -47,10 +47,11 @@ import facelake
 from facelake import storage
 from facelake.errors import ConfigError
 from facelake.index import layout
-from facelake.index.build import (DEFAULT_SHARD_SIZE, NothingToIndex, Part, _threads_per_task, publish_manifest,
-                                  check_schema, gpu_available, list_parts, run_shards, sources)
+from facelake.index.build import NothingToIndex, publish_manifest
 from facelake.index.load import open_version, read_verified, shard_ids
 from facelake.index.params import IndexParams
+from facelake.index.parts import DEFAULT_SHARD_SIZE, Part, check_schema, list_parts, sources
+from facelake.index.shards import gpu_available, run_shards, threads_per_task
 from facelake.schema import id_table_schema, index_manifest
 from facelake.storage import StorageOptions
 
@@ -198,7 +199,7 @@ def update_version(faces: list[str], root: str, *, live: str, model: str, weight
                             for g in build]
         results = run_shards(groups_as_pieces, build_numbers, parts, root, version, trained_ref, erased, None,
                              id_schema=id_schema, model=model, weights_sha256=weights_sha256, params=params,
-                             use_gpu=use_gpu, threads=_threads_per_task(len(build)), options=options)
+                             use_gpu=use_gpu, threads=threads_per_task(len(build)), options=options)
         for number, group_pieces, result in zip(build_numbers, groups_as_pieces, results):
             files.update(result["files"])
             names = layout.shard_files(number)
