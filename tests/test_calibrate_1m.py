@@ -17,7 +17,7 @@ import pytest
 from facelake import calibration, storage
 from facelake.index import build, synthetic
 from facelake.index.load import open_version
-from facelake.index.search import search_version
+from facelake.index.searchers import search_version
 from facelake.jobs import search
 from facelake.jobs.calibrate import CalibrateConfig, run_calibrate
 from facelake.jobs.embed import EmbedConfig, outputs, run_embed
@@ -60,8 +60,8 @@ def root_1m(ray_1m, tmp_path_factory):
     gallery = pa.concat_tables([real, fake.select(real.column_names).cast(real.schema)])
     del fake
     spec = get_model()
-    build.build_version(gallery, str(base / "root"), model=spec.name, weights_sha256=weights_fingerprint(spec),
-                        nlist=NLIST, shards=2)
+    build.build_version(gallery, str(base / "root"), build.BuildOptions(
+        model=spec.name, weights_sha256=weights_fingerprint(spec), nlist=NLIST, shards=2))
     probes = synthetic.clustered(CALIBRATION_PROBES + HELD_OUT, 128, seed=20261126)   # other persons
     storage.write_table(str(base / "nonmated.parquet"), faces_table(probes[:CALIBRATION_PROBES], prefix="nm"))
     storage.write_table(str(base / "heldout.parquet"), faces_table(probes[CALIBRATION_PROBES:], prefix="q"))
