@@ -178,26 +178,13 @@ def update_version(faces: list[str], root: str, *, live: str, model: str, weight
         for number, (entry, shard_files) in zip(build_numbers, built):
             entries[number] = entry
             files.update(shard_files)
-    total = sum(e["count"] for e in entries)
-    if total == 0:
+    if sum(e["count"] for e in entries) == 0:
         raise NothingToIndex("no faces left to index: every face is erased or the faces table is empty")
     built_faces = sum(groups[n].rows for n in build_numbers)
     manifest = index_manifest({
         **{k: v for k, v in old.items() if k not in ("incremental", "build", "format")},
-        "version": version,
-        "nprobe_how": f"carried from {live} (same trained quantizer): {old.get('nprobe_how', '')}".rstrip(": "),
-        "shards": entries,
-        "next_id": next_id,
-        "total": total,
-        "erased_faces": sum(e.get("erased", 0) for e in entries),
-        "files": files,
+        **_changed_fields(old, live, version, entries, next_id, files, erased_list, erased_sha),
         "source": source or f"<{len(parts)} part file(s)>",
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "facelake_version": facelake.__version__,
-        "faiss_version": faiss.__version__,
-        "trained_from": live,
-        "erased_ids_count": len(erased_list),
-        "erased_ids_sha256": erased_sha,
         "incremental": {"from": live, "reused_shards": [e["reused_from"]["shard"] for e in entries if "reused_from" in e],
                         "built_shards": build_numbers, "built_faces": built_faces},
         "build": {"gpu": bool(use_gpu), "train_seconds": 0.0, "seconds": round(time.perf_counter() - started, 3)},
@@ -205,6 +192,26 @@ def update_version(faces: list[str], root: str, *, live: str, model: str, weight
     log.info("index %s from %s: %d shard(s) kept, %d built (%d faces)", version, live,
              len(entries) - len(build_numbers), len(build_numbers), built_faces)
     return publish_manifest(root, version, manifest, keep=keep, hooks=hooks, options=options)
+
+
+def _changed_fields(old: dict, live: str, version: str, entries: list[dict], next_id: int, files: dict,
+                    erased_list: pa.Array, erased_sha: str) -> dict:
+    """The manifest fields of the new version that differ from the live one's."""
+    return {
+        "version": version,
+        "nprobe_how": f"carried from {live} (same trained quantizer): {old.get('nprobe_how', '')}".rstrip(": "),
+        "shards": entries,
+        "next_id": next_id,
+        "total": sum(e["count"] for e in entries),
+        "erased_faces": sum(e.get("erased", 0) for e in entries),
+        "files": files,
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "facelake_version": facelake.__version__,
+        "faiss_version": faiss.__version__,
+        "trained_from": live,
+        "erased_ids_count": len(erased_list),
+        "erased_ids_sha256": erased_sha,
+    }
 
 
 def _extendable(root: str, live: str, model: str, weights_sha256: str, options: StorageOptions) -> VersionHandle:
