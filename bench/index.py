@@ -29,7 +29,7 @@ import psutil
 import pyarrow as pa
 import ray
 
-from facelake.index import build, load, search, synthetic
+from facelake.index import build, load, searchers, synthetic
 
 from peak_rss import PeakRSS  # noqa: E402  (bench/ is on sys.path when run as a script)
 
@@ -74,12 +74,12 @@ def run_one(n: int, dim: int, kinds: list[str], shards: int, workdir: str) -> li
         root = tempfile.mkdtemp(dir=workdir)
         with PeakRSS() as mem:
             start = time.perf_counter()
-            manifest = build.build_version(table, root, model="bench", weights_sha256="bench", shards=shards,
-                                           pq=PQ_M[dim] if kind == "pq" else None)
+            manifest = build.build_version(table, root, build.BuildOptions(
+                model="bench", weights_sha256="bench", shards=shards, pq=PQ_M[dim] if kind == "pq" else None))
             seconds = time.perf_counter() - start
         handle = load.open_version(root)
-        actors = search.start_searchers(handle)
-        ivf_qps, (_, found) = qps(lambda q: search.search_version(handle, q, K, actors=actors), xq)
+        actors = searchers.start_searchers(handle)
+        ivf_qps, (_, found) = qps(lambda q: searchers.search_version(handle, q, K, actors=actors), xq)
         for actor in actors:
             ray.kill(actor)
         shard_bytes = sum(v["bytes"] for name, v in manifest["files"].items() if name.endswith(".faiss")

@@ -128,8 +128,8 @@ def run_gallery(label: str, xb: np.ndarray, names: list[str], nq: int, shards: i
     started = time.perf_counter()
     root = os.path.join(work, f"root-{label}")
     with PeakRSS() as mem:
-        manifest = build.build_version(faces_table(xb, gallery_ids(len(xb), names)), root, model=MODEL,
-                                       weights_sha256=weights_fingerprint(get_model(MODEL)), shards=shards)
+        manifest = build.build_version(faces_table(xb, gallery_ids(len(xb), names)), root, build.BuildOptions(
+            model=MODEL, weights_sha256=weights_fingerprint(get_model(MODEL)), shards=shards))
     build_info = {"seconds": round(time.perf_counter() - started, 1), "peak_rss_gib": mem.gib,
                   "factory": manifest["factory"], "nprobe": manifest["nprobe"], "shards": shards}
     probes_uri = os.path.join(work, f"probes-{label}.parquet")

@@ -37,10 +37,12 @@ sys.path.insert(0, str(REPO))
 
 from facelake import storage  # noqa: E402
 from facelake.index import synthetic  # noqa: E402
-from facelake.index.build import embeddings  # noqa: E402
+from facelake.index.joining import merged_candidates  # noqa: E402
 from facelake.index.load import open_version  # noqa: E402
-from facelake.index.search import (CoarseQuantizer, LocalShardSearcher, _rows_at,  # noqa: E402
-                                   _search_preassigned, exact_scores, merge_candidates, merged_candidates)
+from facelake.index.parts import embeddings  # noqa: E402
+from facelake.index.search import (CoarseQuantizer, _search_preassigned, exact_scores,  # noqa: E402
+                                   merge_candidates, rows_at)
+from facelake.index.searchers import LocalShardSearcher  # noqa: E402
 
 K = 10
 BATCH = 1024
@@ -73,7 +75,7 @@ def stage_costs(searchers: list[LocalShardSearcher], coarse: CoarseQuantizer, xq
             D, I, owner, row = (np.take_along_axis(a, order, 1) for a in (scores, I0, owner, row))
             spent["rerank"] += time.process_time() - t
             t = time.process_time()
-            results.append((D, I, _rows_at(shards, owner.reshape(-1), row.reshape(-1))))
+            results.append((D, I, rows_at(shards, owner.reshape(-1), row.reshape(-1))))
             spent["merge_rows"] += time.process_time() - t
         t = time.process_time()
         _, I, _ = merge_candidates(results, K)

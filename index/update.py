@@ -47,10 +47,11 @@ import facelake
 from facelake import storage
 from facelake.errors import ConfigError
 from facelake.index import layout
-from facelake.index.build import (DEFAULT_SHARD_SIZE, NothingToIndex, Part, _threads_per_task, publish_manifest,
-                                  check_schema, gpu_available, list_parts, run_shards, sources)
-from facelake.index.load import open_version, read_verified, shard_ids
+from facelake.index.build import NothingToIndex, publish_manifest
+from facelake.index.load import VersionHandle, open_version, read_verified, shard_ids
 from facelake.index.params import IndexParams
+from facelake.index.parts import DEFAULT_SHARD_SIZE, Part, check_schema, list_parts, sources
+from facelake.index.shards import gpu_available, run_shards, threads_per_task
 from facelake.schema import id_table_schema, index_manifest
 from facelake.storage import StorageOptions
 
@@ -141,12 +142,8 @@ def update_version(faces: list[str], root: str, *, live: str, model: str, weight
         raise ConfigError("update_version needs a running Ray: call facelake.cluster.runtime.connect() first")
     options = options or StorageOptions.from_env()
     started = time.perf_counter()
-    handle = open_version(root, live, expect_model=model, options=options)
+    handle = _extendable(root, live, model, weights_sha256, options)
     old = handle.manifest
-    if old.get("weights_sha256") != weights_sha256:
-        raise NotIncremental(f"live version {live} holds other weights")
-    if "next_id" not in old or any("sources" not in s for s in old["shards"]):
-        raise NotIncremental(f"live version {live} was built before shards recorded their sources")
     parts, schema = list_parts(faces, options)
     dim = check_schema(schema)
     id_schema = id_table_schema(schema)
@@ -162,74 +159,121 @@ def update_version(faces: list[str], root: str, *, live: str, model: str, weight
         ids = shard_ids(handle, entry["shard"])["image_id"]
         return bool(pc.any(pc.is_in(ids, value_set=erased_list)).as_py())
 
-    size = shard_size or DEFAULT_SHARD_SIZE
-    groups, next_id = plan_groups(old, parts, size, holds_erased)
+    groups, next_id = plan_groups(old, parts, shard_size or DEFAULT_SHARD_SIZE, holds_erased)
     if not groups:
         raise NothingToIndex("no faces left to index: every face is erased or the faces table is empty")
     version = layout.new_version_name(root, options)
-    params = IndexParams(dim=dim, nlist=int(old["nlist"]), pq_m=old["pq"], nprobe=int(old["nprobe"]),
-                         train_size=int(old.get("train_size") or 0), rerank=int(old.get("rerank") or 0))
-    files = {}
-    for name in (layout.TRAINED,):
-        storage.link_or_copy(handle.uri(name), layout.file_uri(root, version, name), options)
-        files[name] = old["files"][name]
+    storage.link_or_copy(handle.uri(layout.TRAINED), layout.file_uri(root, version, layout.TRAINED), options)
+    files = {layout.TRAINED: old["files"][layout.TRAINED]}
     entries: list[dict | None] = [None] * len(groups)
-    build, build_numbers = [], []
     for number, group in enumerate(groups):
-        if group.reused is None:
-            build.append(group)
-            build_numbers.append(number)
-            continue
-        entry = group.reused
-        new_names = layout.shard_files(number)
-        keys = ["index_file", "ids_file"] + (["vectors_file"] if "vectors_file" in entry else [])
-        renamed = {}
-        for key, new_name in zip(keys, new_names):
-            storage.link_or_copy(handle.uri(entry[key]), layout.file_uri(root, version, new_name), options)
-            files[new_name] = old["files"][entry[key]]
-            renamed[key] = new_name
-        entries[number] = {**entry, **renamed, "shard": number, "reused_from": {"version": live, "shard": entry["shard"]}}
-    by_name = {p.name: i for i, p in enumerate(parts)}
+        if group.reused is not None:
+            entries[number] = _keep_shard(handle, group.reused, number, root, version, files, options)
+    build_numbers = [number for number, group in enumerate(groups) if group.reused is None]
     use_gpu = gpu_available()
-    if build:
-        trained_ref = ray.put(np.frombuffer(read_verified(handle, layout.TRAINED), np.uint8))
-        erased = ray.put(erased_list) if len(erased_list) else None
-        groups_as_pieces = [sorted(((by_name[n], a, b, f) for n, a, b, f in g.pieces), key=lambda p: p[3])
-                            for g in build]
-        results = run_shards(groups_as_pieces, build_numbers, parts, root, version, trained_ref, erased, None,
-                             id_schema=id_schema, model=model, weights_sha256=weights_sha256, params=params,
-                             use_gpu=use_gpu, threads=_threads_per_task(len(build)), options=options)
-        for number, group_pieces, result in zip(build_numbers, groups_as_pieces, results):
-            files.update(result["files"])
-            names = layout.shard_files(number)
-            entries[number] = {"shard": number, "first_id": min(p[3] for p in group_pieces), "count": result["count"],
-                               "erased": result["erased"], "resident_bytes": result["resident_bytes"],
-                               "index_file": names[0], "ids_file": names[1],
-                               **({"vectors_file": names[2]} if params.rerank else {}),
-                               "sources": sources(parts, group_pieces)}
-    total = sum(e["count"] for e in entries)
-    if total == 0:
+    if build_numbers:
+        job = _Rebuild(parts=parts, root=root, version=version, id_schema=id_schema, model=model,
+                       weights_sha256=weights_sha256, use_gpu=use_gpu, options=options)
+        built = _build_shards(handle, [groups[n] for n in build_numbers], build_numbers, erased_list, job)
+        for number, (entry, shard_files) in zip(build_numbers, built):
+            entries[number] = entry
+            files.update(shard_files)
+    if sum(e["count"] for e in entries) == 0:
         raise NothingToIndex("no faces left to index: every face is erased or the faces table is empty")
+    built_faces = sum(groups[n].rows for n in build_numbers)
     manifest = index_manifest({
         **{k: v for k, v in old.items() if k not in ("incremental", "build", "format")},
+        **_changed_fields(old, live, version, entries, next_id, files, erased_list, erased_sha),
+        "source": source or f"<{len(parts)} part file(s)>",
+        "incremental": {"from": live, "reused_shards": [e["reused_from"]["shard"] for e in entries if "reused_from" in e],
+                        "built_shards": build_numbers, "built_faces": built_faces},
+        "build": {"gpu": bool(use_gpu), "train_seconds": 0.0, "seconds": round(time.perf_counter() - started, 3)},
+    })
+    log.info("index %s from %s: %d shard(s) kept, %d built (%d faces)", version, live,
+             len(entries) - len(build_numbers), len(build_numbers), built_faces)
+    return publish_manifest(root, version, manifest, keep=keep, hooks=hooks, options=options)
+
+
+def _changed_fields(old: dict, live: str, version: str, entries: list[dict], next_id: int, files: dict,
+                    erased_list: pa.Array, erased_sha: str) -> dict:
+    """The manifest fields of the new version that differ from the live one's."""
+    return {
         "version": version,
         "nprobe_how": f"carried from {live} (same trained quantizer): {old.get('nprobe_how', '')}".rstrip(": "),
         "shards": entries,
         "next_id": next_id,
-        "total": total,
+        "total": sum(e["count"] for e in entries),
         "erased_faces": sum(e.get("erased", 0) for e in entries),
         "files": files,
-        "source": source or f"<{len(parts)} part file(s)>",
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "facelake_version": facelake.__version__,
         "faiss_version": faiss.__version__,
         "trained_from": live,
         "erased_ids_count": len(erased_list),
         "erased_ids_sha256": erased_sha,
-        "incremental": {"from": live, "reused_shards": [e["reused_from"]["shard"] for e in entries if "reused_from" in e],
-                        "built_shards": build_numbers, "built_faces": sum(g.rows for g in build)},
-        "build": {"gpu": bool(use_gpu), "train_seconds": 0.0, "seconds": round(time.perf_counter() - started, 3)},
-    })
-    log.info("index %s from %s: %d shard(s) kept, %d built (%d faces)", version, live,
-             len(entries) - len(build), len(build), manifest["incremental"]["built_faces"])
-    return publish_manifest(root, version, manifest, keep=keep, hooks=hooks, options=options)
+    }
+
+
+def _extendable(root: str, live: str, model: str, weights_sha256: str, options: StorageOptions) -> VersionHandle:
+    """The live version, when this module can extend it; NotIncremental (saying why) otherwise."""
+    handle = open_version(root, live, expect_model=model, options=options)
+    old = handle.manifest
+    if old.get("weights_sha256") != weights_sha256:
+        raise NotIncremental(f"live version {live} holds other weights")
+    if "next_id" not in old or any("sources" not in s for s in old["shards"]):
+        raise NotIncremental(f"live version {live} was built before shards recorded their sources")
+    return handle
+
+
+def _keep_shard(handle: VersionHandle, entry: dict, number: int, root: str, version: str, files: dict,
+                options: StorageOptions) -> dict:
+    """Link (or copy server-side) a live shard's files into ``version`` as shard ``number``; add
+    their checksums to ``files``; return its new manifest entry."""
+    new_names = layout.shard_files(number)
+    keys = ["index_file", "ids_file"] + (["vectors_file"] if "vectors_file" in entry else [])
+    renamed = {}
+    for key, new_name in zip(keys, new_names):
+        storage.link_or_copy(handle.uri(entry[key]), layout.file_uri(root, version, new_name), options)
+        files[new_name] = handle.manifest["files"][entry[key]]
+        renamed[key] = new_name
+    return {**entry, **renamed, "shard": number, "reused_from": {"version": handle.version, "shard": entry["shard"]}}
+
+
+@dataclass(frozen=True)
+class _Rebuild:
+    """Where and how the shards an update builds are written."""
+
+    parts: list[Part]
+    root: str
+    version: str
+    id_schema: pa.Schema
+    model: str
+    weights_sha256: str
+    use_gpu: bool
+    options: StorageOptions
+
+
+def _build_shards(handle: VersionHandle, groups: list[_Group], numbers: list[int], erased_list: pa.Array,
+                  job: _Rebuild) -> list[tuple[dict, dict]]:
+    """Build ``groups`` as shards ``numbers`` on the live version's trained index (Ray tasks);
+    return each one's manifest entry and files."""
+    old = handle.manifest
+    params = IndexParams(dim=int(old["dim"]), nlist=int(old["nlist"]), pq_m=old["pq"], nprobe=int(old["nprobe"]),
+                         train_size=int(old.get("train_size") or 0), rerank=int(old.get("rerank") or 0))
+    trained_ref = ray.put(np.frombuffer(read_verified(handle, layout.TRAINED), np.uint8))
+    erased = ray.put(erased_list) if len(erased_list) else None
+    by_name = {p.name: i for i, p in enumerate(job.parts)}
+    groups_as_pieces = [sorted(((by_name[n], a, b, f) for n, a, b, f in g.pieces), key=lambda p: p[3])
+                        for g in groups]
+    results = run_shards(groups_as_pieces, numbers, job.parts, job.root, job.version, trained_ref, erased, None,
+                         id_schema=job.id_schema, model=job.model, weights_sha256=job.weights_sha256, params=params,
+                         use_gpu=job.use_gpu, threads=threads_per_task(len(groups)), options=job.options)
+    built = []
+    for number, group_pieces, result in zip(numbers, groups_as_pieces, results):
+        names = layout.shard_files(number)
+        entry = {"shard": number, "first_id": min(p[3] for p in group_pieces), "count": result["count"],
+                 "erased": result["erased"], "resident_bytes": result["resident_bytes"],
+                 "index_file": names[0], "ids_file": names[1], **({"vectors_file": names[2]} if params.rerank else {}),
+                 "sources": sources(job.parts, group_pieces)}
+        built.append((entry, result["files"]))
+    return built

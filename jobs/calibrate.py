@@ -15,7 +15,7 @@ searches then choose their threshold from it (jobs/search.py ``_calibration``).
    ``run_embed`` into a work folder, ROOT/_calibrate/<manifest fingerprint>/ by default, so a rerun
    resumes) or a faces table `facelake embed` wrote (told apart by its ``embedding`` column).
 2. Each probe face is one search of the top ``--top-k`` candidates over the shard actors
-   (``index.search.start_searchers`` / ``search_version``), like `facelake search`. When probes
+   (``index.searchers.start_searchers`` / ``search_version``), like `facelake search`. When probes
    and gallery both carry ``--identity-column`` (default ``identity``), candidates of the probe's
    own identity are skipped (they are mated, not false); a search whose whole top-k is its own
    identity keeps its k-th score, an upper bound on its highest non-mated score.
@@ -317,8 +317,8 @@ def _search_scores(config: CalibrateConfig, handle, nprobe: int, faces: pa.Table
     """Highest non-mated similarity of every probe face's search."""
     import ray
 
-    from facelake.index import search
-    from facelake.index.build import embeddings
+    from facelake.index import searchers
+    from facelake.index.parts import embeddings
 
     if faces.num_rows < config.min_searches:
         raise ConfigError(
@@ -327,12 +327,12 @@ def _search_scores(config: CalibrateConfig, handle, nprobe: int, faces: pa.Table
     probe_ids = (np.asarray(pc.cast(faces[summary.identity_column], pa.string()).to_pylist(), dtype=object)
                  if gallery_ids is not None else None)
     k = min(config.top_k, handle.total)
-    actors = search.start_searchers(handle)
+    actors = searchers.start_searchers(handle)
     try:
         out = []
         for start in range(0, faces.num_rows, config.batch_size):
             batch = faces.slice(start, config.batch_size)
-            D, I = search.search_version(handle, embeddings(batch), k, nprobe, actors)
+            D, I = searchers.search_version(handle, embeddings(batch), k, nprobe, actors)
             same = None if probe_ids is None else _same_identity(I, gallery_ids, probe_ids[start:start + len(I)])
             out.append(_nonmated_max(D, I, same, summary))
     finally:

@@ -33,7 +33,7 @@ def run_demo(out: str, manifest_uri: str | None = None, fresh: bool = True) -> d
     import ray
 
     from facelake.cluster import runtime
-    from facelake.index.build import build_version
+    from facelake.index.build import BuildOptions, build_version
     from facelake.jobs.embed import EmbedConfig, outputs, print_summary, run_embed
 
     manifest_uri = manifest_uri or str(SAMPLE_MANIFEST)
@@ -58,7 +58,8 @@ def run_demo(out: str, manifest_uri: str | None = None, fresh: bool = True) -> d
             from facelake.faces.registry import get_model, weights_fingerprint
 
             spec = get_model(summary.model)
-            manifest = build_version(faces_uri, root, model=spec.name, weights_sha256=weights_fingerprint(spec))
+            manifest = build_version(faces_uri, root,
+                                     BuildOptions(model=spec.name, weights_sha256=weights_fingerprint(spec)))
             typer.echo(f"published index version {manifest['version']}: {manifest['total']} faces in "
                        f"{len(manifest['shards'])} shard(s), {manifest['factory']}, nprobe {manifest['nprobe']}")
             report = {"archive": archive, "root": root, "faces": summary.faces, "version": manifest["version"]}

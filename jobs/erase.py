@@ -180,7 +180,8 @@ def _publish_from_source(root: str, live: str, erased: pa.Array, keep: int, lock
     """A root made by `facelake index`: rebuild the live version from its faces table minus ``erased``
     (the rows left are counted from the parts' footers less the erased ids' rows, found in tasks)."""
     from facelake.index import layout
-    from facelake.index.build import build_version, list_parts
+    from facelake.index.build import BuildOptions, build_version
+    from facelake.index.parts import list_parts
     from facelake.index.erasure import check_publishable
     from facelake.index.load import open_version
     from facelake.jobs.work import counts
@@ -208,10 +209,10 @@ def _publish_from_source(root: str, live: str, erased: pa.Array, keep: int, lock
         lock.verify()
         check_publishable(root, version, erased, options)
 
-    built = build_version(source, root, model=manifest["model"], weights_sha256=manifest["weights_sha256"],
-                          shards=min(left, len(manifest["shards"])), trained_from=live if left >= manifest["nlist"]
-                          else None, keep=keep, options=options, erased_ids=erased,
-                          hooks={"before_pointer": before_pointer})
+    built = build_version(source, root, BuildOptions(
+        model=manifest["model"], weights_sha256=manifest["weights_sha256"], shards=min(left, len(manifest["shards"])),
+        trained_from=live if left >= manifest["nlist"] else None, keep=keep, storage=options, erased_ids=erased,
+        hooks={"before_pointer": before_pointer}))
     return built["version"]
 
 

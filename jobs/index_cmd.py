@@ -56,7 +56,7 @@ def run_index(faces: str, root: str, *, shards: int | None = None, shard_size: i
     import ray
 
     from facelake.cluster import runtime
-    from facelake.index.build import build_version
+    from facelake.index.build import BuildOptions, build_version
     from facelake.index.erasure import check_publishable, drop_versions_holding, erased_ids_checked
 
     storage.check_uri(faces)
@@ -83,11 +83,11 @@ def run_index(faces: str, root: str, *, shards: int | None = None, shard_size: i
             started = not ray.is_initialized()
             runtime.connect(address)
             try:
-                manifest = build_version(faces, root, model=found["model"], weights_sha256=found["weights_sha256"],
-                                         shards=shards, shard_size=shard_size, nlist=nlist, pq=pq, nprobe=nprobe,
-                                         keep=keep, options=options, erased_ids=erased,
-                                         hooks={"before_manifest": lambda _version: step(),
-                                                "before_pointer": before_pointer})
+                manifest = build_version(faces, root, BuildOptions(
+                    model=found["model"], weights_sha256=found["weights_sha256"], shards=shards,
+                    shard_size=shard_size, nlist=nlist, pq=pq, nprobe=nprobe, keep=keep, storage=options,
+                    erased_ids=erased, hooks={"before_manifest": lambda _version: step(),
+                                              "before_pointer": before_pointer}))
                 bar.advance(1)
             finally:
                 runtime.shutdown_if_local(started and address is None)

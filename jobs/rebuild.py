@@ -102,7 +102,7 @@ class RebuildConfig:
     allowed_roots: tuple[str, ...] = ()  # empty: the roots ROOT remembers (ROOT/ALLOWED_ROOTS)
     max_bytes: int = reader.DEFAULT_MAX_BYTES
     verify_content: bool = False       # hash every photo of record (not only those the stat cannot clear)
-    shard_size: int | None = None      # faces per index shard (default facelake.index.build.DEFAULT_SHARD_SIZE)
+    shard_size: int | None = None      # faces per index shard (default facelake.index.parts.DEFAULT_SHARD_SIZE)
 
     def validate(self):
         spec = get_model(self.model)
@@ -459,7 +459,9 @@ def publish_index(root: str, version: rootmod.TableVersion | None, *, model: str
     IVF index cannot be built.
     """
     from facelake.index import layout
-    from facelake.index.build import DEFAULT_SHARD_SIZE, NothingToIndex, build_version, sampled_similarity
+    from facelake.index.build import BuildOptions, NothingToIndex, build_version
+    from facelake.index.parts import DEFAULT_SHARD_SIZE
+    from facelake.index.train import sampled_similarity
     from facelake.index.erasure import check_publishable, drop_versions_holding, erased_ids_checked
     from facelake.index.load import open_version, read_verified
     from facelake.index.update import NotIncremental, update_version
@@ -520,10 +522,10 @@ def publish_index(root: str, version: rootmod.TableVersion | None, *, model: str
                 "nlist": built["nlist"], "nprobe": built["nprobe"], "shards": len(built["shards"]),
                 "total": built["total"], "previous": live, "incremental": built["incremental"]}
     try:
-        built = build_version(parts, root, model=model, weights_sha256=weights_sha256, shards=shards,
-                              pq=pq_m if reason is not None else None, keep=keep,
-                              trained_from=None if reason is not None else live, options=options,
-                              hooks=stage_hooks, erased_ids=erased, source=source)
+        built = build_version(parts, root, BuildOptions(
+            model=model, weights_sha256=weights_sha256, shards=shards, pq=pq_m if reason is not None else None,
+            keep=keep, trained_from=None if reason is not None else live, storage=options, hooks=stage_hooks,
+            erased_ids=erased, source=source))
     except NothingToIndex:
         return withdraw()
     drop_versions_holding(root, erased, built["version"], options)

@@ -9,7 +9,7 @@
    wrote (told apart by its ``embedding`` column); faces of another model are refused
    (facelake.jobs.work.probes).
 2. Probe faces stream as a Ray Dataset from their Parquet part files to a pool of search
-   workers that fan each batch out to the shard actors (``index.search.start_searchers``: one per
+   workers that fan each batch out to the shard actors (``index.searchers.start_searchers``: one per
    group of shards, at least one per node, spread over nodes with a memory request from the
    shards' size), merge their top-k lists with the winners' id-table rows into a global top-k,
    annotate false-match rates and write the batch's result part file themselves

@@ -52,7 +52,7 @@ def indexed(ray_local, tmp_path_factory):
     """A root with one published version of 500 synthetic 128-d faces, and probes."""
     base = tmp_path_factory.mktemp("audit")
     xb = synthetic.clustered(500, 128, seed=3)
-    build.build_version(faces_table(xb), str(base / "root"), model=MODEL, weights_sha256=WEIGHTS)
+    build.build_version(faces_table(xb), str(base / "root"), build.BuildOptions(model=MODEL, weights_sha256=WEIGHTS))
     storage.write_table(str(base / "probes.parquet"), faces_table(synthetic.queries(xb, 300), "q"))
     return base
 

@@ -16,7 +16,7 @@ import pytest
 from facelake import calibration, storage
 from facelake.record import audit
 from facelake.errors import ConfigError
-from facelake.index import build
+from facelake.index import build, parts
 from facelake.index.load import open_version
 from facelake.jobs import search
 from facelake.jobs.calibrate import CalibrateConfig, run_calibrate
@@ -42,14 +42,14 @@ def gallery(ray_local, provisioned_weights, tmp_path_factory):
     run_embed(EmbedConfig(manifest=str(base / "manifest.parquet"), out=str(base / "faces"), progress=False))
     faces_uri = outputs(str(base / "faces"))["faces"]
     faces = storage.read_table(faces_uri)
-    build.build_version(faces_uri, str(base / "root"), model=faces["model"][0].as_py(),
-                        weights_sha256=faces["weights_sha256"][0].as_py())
+    build.build_version(faces_uri, str(base / "root"), build.BuildOptions(
+        model=faces["model"][0].as_py(), weights_sha256=faces["weights_sha256"][0].as_py()))
     return {"base": base, "root": str(base / "root"), "faces_uri": faces_uri, "faces": faces}
 
 
 def exact_nonmated_max(faces) -> np.ndarray:
     """Per face: the highest cosine to a gallery face of another (or unknown) identity."""
-    xb = build.embeddings(faces)
+    xb = parts.embeddings(faces)
     ids = np.array(faces["identity"].to_pylist(), dtype=object)
     sims = xb @ xb.T
     same = (ids[:, None] == ids[None, :]) & np.array([[i is not None] for i in ids])
@@ -142,7 +142,7 @@ def test_calibration_of_another_version_or_model_is_refused(gallery, tmp_path):
             max_fpir=0.2, calibration=str(tmp_path / "other-model.json"), executor="local"))
     # a new version half the size: the old calibration does not serve it
     half = gallery["faces"].slice(0, gallery["faces"].num_rows // 2)
-    build.build_version(half, root, model=old.model, weights_sha256=old.manifest["weights_sha256"])
+    build.build_version(half, root, build.BuildOptions(model=old.model, weights_sha256=old.manifest["weights_sha256"]))
     new = open_version(root)
     assert calibration.find_gallery(root, model=None, index_version=new.version, gallery_size=new.total) is None
     with pytest.raises(calibration.CalibrationError, match=f"measured on index version {old.version}.*facelake calibrate"):

@@ -17,7 +17,7 @@ import pytest
 
 from facelake import calibration, storage
 from facelake.index.load import open_version
-from facelake.index.search import search_version
+from facelake.index.searchers import search_version
 from facelake.jobs import search
 from facelake.jobs.calibrate import CalibrateConfig, run_calibrate
 from tests.helpers import REPO

@@ -82,14 +82,15 @@ def test_table_versions_record_image_counts_status_shows_them(tmp_path, ray_loca
 
 
 def test_index_root_counts_from_manifest_and_tasks(tmp_path, ray_local, monkeypatch):
-    from facelake.index.build import build_version
+    from facelake.index.build import BuildOptions, build_version
 
     faces = _faces(700, 2, "i")
     storage.write_table(str(tmp_path / "faces" / "part-0.parquet"), faces.slice(0, 333))
     storage.write_table(str(tmp_path / "faces" / "part-1.parquet"), faces.slice(333))
     spec = get_model()
     root = str(tmp_path / "root")
-    build_version(str(tmp_path / "faces"), root, model=spec.name, weights_sha256=weights_fingerprint(spec), shards=3)
+    build_version(str(tmp_path / "faces"), root, BuildOptions(
+        model=spec.name, weights_sha256=weights_fingerprint(spec), shards=3))
     monkeypatch.setattr(counts, "DRIVER_ROWS", 0)
     info = collect(root)
     assert info["counts"]["faces"] == 700 and info["counts"]["source"] == "live index"

@@ -18,9 +18,9 @@ from facelake.record import audit
 from facelake.record import tables as rootmod
 from facelake.errors import ConfigError, ManifestError
 from facelake.index import layout
-from facelake.index.build import build_version
+from facelake.index.build import BuildOptions, build_version
 from facelake.index.load import load_ids, open_version
-from facelake.index.search import search_version
+from facelake.index.searchers import search_version
 from facelake.jobs import cli, search
 from facelake.jobs.embed import EmbedConfig, outputs, run_embed
 from facelake.index.erasure import check_publishable
@@ -109,9 +109,9 @@ def test_erase_completes_on_an_embed_and_index_root_and_index_never_republishes(
     live = layout.current_version(root)
     erased = rootmod.erased_ids(root)
     with pytest.raises(rootmod.ErasureListError, match="refusing to publish index version"):
-        build_version(embedded, root, model=open_version(root).model,
-                      weights_sha256=open_version(root).manifest["weights_sha256"], keep=5,
-                      hooks={"before_pointer": lambda v: check_publishable(root, v, erased, None)})
+        build_version(embedded, root, BuildOptions(
+            model=open_version(root).model, weights_sha256=open_version(root).manifest["weights_sha256"], keep=5,
+            hooks={"before_pointer": lambda v: check_publishable(root, v, erased, None)}))
     assert layout.current_version(root) == live
 
     # the erasure list and the audit log both deleted: the live version's manifest still says

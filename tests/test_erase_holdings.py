@@ -13,7 +13,7 @@ import pytest
 from facelake import storage
 from facelake.record import tables as rootmod
 from facelake.index import layout
-from facelake.index.build import build_version
+from facelake.index.build import BuildOptions, build_version
 from facelake.index.erasure import shards_holding
 from facelake.index.load import load_ids, open_version, shard_ids
 from facelake.jobs import erase
@@ -34,7 +34,8 @@ def _root(base: str, monkeypatch) -> tuple[str, rootmod.TableVersion, str]:
                                     model="sface-yunet", job_id="j1")
     spec = get_model()
     faces = [rootmod.uri(root, rootmod.FACES, p) for p in version.faces]
-    built = build_version(faces, root, model=spec.name, weights_sha256=weights_fingerprint(spec), shards=3)
+    built = build_version(faces, root, BuildOptions(
+        model=spec.name, weights_sha256=weights_fingerprint(spec), shards=3))
     return root, version, built["version"]
 
 
@@ -112,8 +113,8 @@ def test_erase_of_an_index_root_in_tasks_leaves_the_source_rows_less_the_erased(
     storage.write_table(str(tmp_path / "faces" / "part-1.parquet"), faces.slice(333))
     spec = get_model()
     root = str(tmp_path / "root")
-    live = build_version(str(tmp_path / "faces"), root, model=spec.name, weights_sha256=weights_fingerprint(spec),
-                         shards=3)["version"]
+    live = build_version(str(tmp_path / "faces"), root, BuildOptions(
+        model=spec.name, weights_sha256=weights_fingerprint(spec), shards=3))["version"]
     summary = erase.run_erase(erase.EraseConfig(root=root, ids=("i-000166", "i-000001", "nope"), reason="test",
                                                 driver_rows=0))
     assert summary.per_id["i-000166"] == {"faces": 2, "error_rows": 0, "status": "erased"}

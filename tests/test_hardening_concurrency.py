@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from facelake.index import build, synthetic
 from facelake.index.load import load_ids, open_version
-from facelake.index.search import search_version
+from facelake.index.searchers import search_version
 from tests.helpers import MODEL, WEIGHTS
 
 VERSIONS = 6
@@ -32,7 +32,8 @@ def faces_of_version(number: int) -> pa.Table:
 
 def test_searches_during_publishes_see_one_version_each(ray_local, tmp_path):
     root = str(tmp_path / "root")
-    build.build_version(faces_of_version(0), root, model=MODEL, weights_sha256=WEIGHTS, shards=2, nlist=16, keep=2)
+    build.build_version(faces_of_version(0), root, build.BuildOptions(
+        model=MODEL, weights_sha256=WEIGHTS, shards=2, nlist=16, keep=2))
     number_of: dict[str, int] = {open_version(root).version: 0}
     xq = synthetic.queries(synthetic.clustered(N, DIM, seed=100), 64, seed=7)
     stop = threading.Event()
@@ -42,8 +43,8 @@ def test_searches_during_publishes_see_one_version_each(ray_local, tmp_path):
     def publisher():
         try:
             for number in range(1, VERSIONS):
-                manifest = build.build_version(faces_of_version(number), root, model=MODEL, weights_sha256=WEIGHTS,
-                                               shards=2, nlist=16, keep=2)
+                manifest = build.build_version(faces_of_version(number), root, build.BuildOptions(
+                    model=MODEL, weights_sha256=WEIGHTS, shards=2, nlist=16, keep=2))
                 number_of[manifest["version"]] = number
         except BaseException as err:  # noqa: BLE001 - reported below
             failures.append(err)

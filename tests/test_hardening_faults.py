@@ -150,19 +150,20 @@ def test_shard_searcher_killed_mid_search_fails_loudly_never_partial(cluster3, t
     import ray
     from ray.exceptions import RayActorError
 
-    from facelake.index import build, search, synthetic
+    from facelake.index import build, searchers, synthetic
     from facelake.index.load import open_version
 
     xb = synthetic.clustered(8000, 64, seed=3)
     root = str(tmp_path / "root")
-    build.build_version(faces_table(xb), root, model=MODEL, weights_sha256=WEIGHTS, shards=3, nlist=32)
+    build.build_version(faces_table(xb), root, build.BuildOptions(
+        model=MODEL, weights_sha256=WEIGHTS, shards=3, nlist=32))
     handle = open_version(root)
     xq = synthetic.queries(xb, 2000, seed=4)
     k = 10
-    reference = search.search_version(handle, xq, k)           # in-process, every shard
-    actors = search.start_searchers(handle, num_cpus=0.1)
+    reference = searchers.search_version(handle, xq, k)           # in-process, every shard
+    actors = searchers.start_searchers(handle, num_cpus=0.1)
     try:
-        D, I = search.search_version(handle, xq, k, actors=actors)
+        D, I = searchers.search_version(handle, xq, k, actors=actors)
         np.testing.assert_array_equal(I, reference[1])
 
         outcomes: list = []
@@ -171,7 +172,7 @@ def test_shard_searcher_killed_mid_search_fails_loudly_never_partial(cluster3, t
         def hammer():
             for _ in range(30):
                 try:
-                    outcomes.append(search.search_version(handle, xq, k, actors=actors))
+                    outcomes.append(searchers.search_version(handle, xq, k, actors=actors))
                 except Exception as err:  # noqa: BLE001 - recorded and checked below
                     outcomes.append(err)
                 answered.set()
@@ -203,12 +204,13 @@ def test_search_job_with_a_killed_searcher_fails_and_is_audited(cluster3, tmp_pa
     Never a partial candidate list."""
     import ray
 
-    from facelake.index import build, search as index_search, synthetic
+    from facelake.index import build, searchers as index_search, synthetic
     from facelake.jobs import search as search_job
 
     xb = synthetic.clustered(3000, 128, seed=5)
     root = str(tmp_path / "root")
-    build.build_version(faces_table(xb), root, model=MODEL, weights_sha256=WEIGHTS, shards=2, nlist=16)
+    build.build_version(faces_table(xb), root, build.BuildOptions(
+        model=MODEL, weights_sha256=WEIGHTS, shards=2, nlist=16))
     xq = synthetic.queries(xb, 2000, seed=6)
     storage.write_table(str(tmp_path / "probes.parquet"), faces_table(xq))
     started: list = []

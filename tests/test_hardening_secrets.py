@@ -163,7 +163,7 @@ def test_planted_credentials_never_reach_logs_outputs_or_errors(s3_endpoint, s3_
     import ray
 
     from facelake.cluster import runtime
-    from facelake.index.build import build_version
+    from facelake.index.build import BuildOptions, build_version
     from facelake.jobs import search
     from facelake.jobs.embed import EmbedConfig, run_embed
 
@@ -189,8 +189,8 @@ def test_planted_credentials_never_reach_logs_outputs_or_errors(s3_endpoint, s3_
         session_dir = Path(ray._private.worker._global_node.get_session_dir_path())  # noqa: SLF001
         run_embed(EmbedConfig(manifest=f"{s3_bucket}/manifests/m.parquet", out=f"{s3_bucket}/gallery",
                               batch_size=2, progress=False))
-        build_version(f"{s3_bucket}/gallery/faces", f"{s3_bucket}/root", model=MODEL, weights_sha256=WEIGHTS,
-                      shards=1)
+        build_version(f"{s3_bucket}/gallery/faces", f"{s3_bucket}/root", BuildOptions(
+            model=MODEL, weights_sha256=WEIGHTS, shards=1))
         search.run_search(search.SearchConfig(probes=f"{s3_bucket}/gallery/faces", root=f"{s3_bucket}/root",
                                               out=f"{s3_bucket}/results", purpose="hardening: planted secret"))
         # a probe manifest whose image is missing: an error row and an error path exercised

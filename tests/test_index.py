@@ -16,7 +16,8 @@ import pytest
 
 from facelake import storage
 from facelake.errors import ConfigError, IndexVersionError
-from facelake.index import build, layout, load, params, search, synthetic
+from facelake.index import build, joining, layout, load, params, search, searchers, synthetic, train, tune
+from facelake.index.build import BuildOptions
 
 MODEL = "sface-yunet"
 WEIGHTS = "0" * 64
@@ -41,7 +42,7 @@ def exact(xb: np.ndarray, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarra
 
 
 def make(root, xb, **kwargs) -> dict:
-    return build.build_version(faces_table(xb), str(root), model=MODEL, weights_sha256=WEIGHTS, **kwargs)
+    return build.build_version(faces_table(xb), str(root), BuildOptions(model=MODEL, weights_sha256=WEIGHTS, **kwargs))
 
 
 # ---------------------------------------------------------------- parameters (no Ray)
@@ -86,7 +87,7 @@ def test_recall_at_10_with_default_params_on_100k(ray_local, tmp_path):
     manifest = make(tmp_path, xb, shards=2)
     assert (manifest["nlist"], manifest["total"]) == (1024, 100_000)
     handle = load.open_version(str(tmp_path), expect_model=MODEL, expect_dim=128)
-    _, found = search.search_version(handle, xq, 10)
+    _, found = searchers.search_version(handle, xq, 10)
     _, truth = exact(xb, xq, 10)
     assert synthetic.recall_at_k(found, truth) >= 0.98
 
@@ -98,9 +99,9 @@ def test_merged_shards_equal_exact_and_unsharded(ray_local, tmp_path):
     make(tmp_path / "b", xb, shards=1, nlist=32)
     assert [s["count"] for s in sharded["shards"]] == [1500] * 4
     h4, h1 = load.open_version(str(tmp_path / "a")), load.open_version(str(tmp_path / "b"))
-    actors = search.start_searchers(h4)
-    D4, I4 = search.search_version(h4, xq, 10, nprobe=32, actors=actors)
-    D1, I1 = search.search_version(h1, xq, 10, nprobe=32)
+    actors = searchers.start_searchers(h4)
+    D4, I4 = searchers.search_version(h4, xq, 10, nprobe=32, actors=actors)
+    D1, I1 = searchers.search_version(h1, xq, 10, nprobe=32)
     De, Ie = exact(xb, xq, 10)   # faiss ids follow (image_id, face_index) order = row order here
     np.testing.assert_array_equal(I4, I1)
     np.testing.assert_array_equal(I4, Ie)
@@ -112,12 +113,12 @@ def test_merged_shards_equal_exact_and_unsharded(ray_local, tmp_path):
     # a batch cut into one piece per call a searcher runs at once: the same rows in probe order
     assert actors.calls >= 2
     for calls in (1, 3, 7):
-        cut = search.Searchers(list(actors), calls)
-        Dc, Ic, rows = search.search_rows(h4, xq, 10, nprobe=32, actors=cut)
+        cut = searchers.Searchers(list(actors), calls)
+        Dc, Ic, rows = searchers.search_rows(h4, xq, 10, nprobe=32, actors=cut)
         np.testing.assert_array_equal(Ic, Ie)
         np.testing.assert_almost_equal(Dc, De, decimal=4)
         assert rows["faiss_id"].to_pylist() == Ic.reshape(-1).tolist()
-        np.testing.assert_array_equal(search.search_version(h4, xq, 10, nprobe=32, actors=cut)[1], Ie)
+        np.testing.assert_array_equal(searchers.search_version(h4, xq, 10, nprobe=32, actors=cut)[1], Ie)
 
 
 def test_crash_before_pointer_leaves_old_version_live(ray_local, tmp_path):
@@ -131,7 +132,7 @@ def test_crash_before_pointer_leaves_old_version_live(ray_local, tmp_path):
         make(tmp_path, synthetic.clustered(3000, 32, seed=6), shards=2, hooks={"before_pointer": crash})
     assert layout.current_version(str(tmp_path)) == first["version"]
     handle = load.open_version(str(tmp_path))
-    D, I = search.search_version(handle, xb[:5], 1)
+    D, I = searchers.search_version(handle, xb[:5], 1)
     assert I[:, 0].tolist() == [0, 1, 2, 3, 4]
     with pytest.raises(KeyboardInterrupt):
         make(tmp_path, xb, hooks={"before_manifest": crash})
@@ -150,7 +151,7 @@ def test_corrupted_or_missing_shard_is_refused(ray_local, tmp_path):
     with pytest.raises(IndexVersionError, match="shard-00001.faiss is corrupt.*rebuild"):
         load.load_shard(handle, 1)
     with pytest.raises(IndexVersionError, match="corrupt"):
-        search.search_version(handle, xb[:2], 5)
+        searchers.search_version(handle, xb[:2], 5)
     os.remove(tmp_path / "index" / handle.version / "shard-00000.ids.arrow")
     with pytest.raises(IndexVersionError, match="missing"):
         load.load_shard(handle, 0)
@@ -172,7 +173,7 @@ def test_other_model_dimension_or_version_refused(ray_local, tmp_path):
         load.open_version(str(tmp_path), "20200101T000000.000Z-abcdef")
     mixed = faces_table(synthetic.clustered(10, 32), model=pa.array(["other"] * 10))
     with pytest.raises(ConfigError, match="one model at a time"):
-        build.build_version(mixed, str(tmp_path), model=MODEL, weights_sha256=WEIGHTS)
+        build.build_version(mixed, str(tmp_path), BuildOptions(model=MODEL, weights_sha256=WEIGHTS))
 
 
 def test_prune_keeps_last_k_and_the_live_one(ray_local, tmp_path):
@@ -211,7 +212,7 @@ def test_tiny_collection_gets_tiny_params_and_still_works(ray_local, tmp_path):
     manifest = make(tmp_path, xb)
     assert (manifest["nlist"], manifest["nprobe"], len(manifest["shards"])) == (1, 1, 1)
     handle = load.open_version(str(tmp_path))
-    D, I = search.search_version(handle, xb, 3)
+    D, I = searchers.search_version(handle, xb, 3)
     assert I[:, 0].tolist() == list(range(61))
     np.testing.assert_allclose(D[:, 0], 1.0, atol=1e-5)
 
@@ -222,12 +223,13 @@ def test_s3_round_trip(ray_local, s3_bucket):
     faces_uri = f"{s3_bucket}/faces/part-0.parquet"
     storage.write_table(faces_uri, faces_table(xb))
     root = f"{s3_bucket}/lake"
-    manifest = build.build_version(f"{s3_bucket}/faces", root, model=MODEL, weights_sha256=WEIGHTS, shards=2)
+    manifest = build.build_version(f"{s3_bucket}/faces", root,
+                                   BuildOptions(model=MODEL, weights_sha256=WEIGHTS, shards=2))
     assert manifest["source"] == f"{s3_bucket}/faces"
     pointer = json.loads(storage.read_bytes(f"{root}/index/CURRENT"))
     assert pointer["version"] == manifest["version"] == layout.list_versions(root)[-1]
     handle = load.open_version(root, expect_model=MODEL, expect_dim=64)
-    D, I = search.search_version(handle, xq, 10, nprobe=handle.nlist)
+    D, I = searchers.search_version(handle, xq, 10, nprobe=handle.nlist)
     De, Ie = exact(xb, xq, 10)
     np.testing.assert_array_equal(I, Ie)
     np.testing.assert_almost_equal(D, De, decimal=4)
@@ -256,8 +258,8 @@ def test_shards_read_part_files_and_carry_result_columns(ray_local, tmp_path):
     xb = synthetic.clustered(5000, 32, seed=21)
     _write_parts(tmp_path, xb, parts=3)
     erased = pa.array(["img-0000007", "img-0004999"])
-    manifest = build.build_version(str(tmp_path / "faces"), str(tmp_path / "root"), model=MODEL,
-                                   weights_sha256=WEIGHTS, shards=4, erased_ids=erased)
+    manifest = build.build_version(str(tmp_path / "faces"), str(tmp_path / "root"), BuildOptions(
+        model=MODEL, weights_sha256=WEIGHTS, shards=4, erased_ids=erased))
     assert manifest["total"] == 4998 and manifest["erased_faces"] == 2
     assert manifest["erased_ids_sha256"] and manifest["source"] == str(tmp_path / "faces")
     handle = load.open_version(str(tmp_path / "root"))
@@ -267,7 +269,7 @@ def test_shards_read_part_files_and_carry_result_columns(ray_local, tmp_path):
     assert ids.num_rows == 4998 and not set(erased.to_pylist()) & set(ids["image_id"].to_pylist())
     row = ids.filter(pa.compute.equal(ids["faiss_id"], 1234)).to_pylist()[0]
     assert (row["image_id"], row["uri"], row["camera"]) == ("img-0001234", "s3://photos/1234.jpg", "cam-2")
-    D, I, rows = search.search_rows(handle, xb[[1234, 7]], 3, nprobe=handle.nlist)
+    D, I, rows = searchers.search_rows(handle, xb[[1234, 7]], 3, nprobe=handle.nlist)
     assert I[0, 0] == 1234 and rows["uri"][0].as_py() == "s3://photos/1234.jpg"
     assert I[1, 0] != 7, "an erased face was found"
 
@@ -281,16 +283,16 @@ def test_nprobe_is_tuned_from_measured_recall(ray_local, tmp_path):
     assert curve[chosen] >= params.TARGET_RECALL
     assert all(v < params.TARGET_RECALL for p, v in curve.items() if p < chosen)
     xq = synthetic.queries(xb, 300, seed=23)
-    _, found = search.search_version(load.open_version(str(tmp_path)), xq, 10)
+    _, found = searchers.search_version(load.open_version(str(tmp_path)), xq, 10)
     assert synthetic.recall_at_k(found, exact(xb, xq, 10)[1]) >= 0.98
 
 
 def test_choose_nprobe_stops_where_compressed_recall_levels_off():
     reaching = {1: 0.7, 2: 0.9, 4: 0.991, 8: 0.995}
-    assert build.choose_nprobe(reaching, 4096, 0.99) == 4
+    assert tune.choose_nprobe(reaching, 4096, 0.99) == 4
     levelling = {8: 0.9611, 16: 0.9875, 32: 0.9888, 64: 0.9879, 512: 0.9846}    # measured: PQ32, 60k faces
-    assert build.choose_nprobe(levelling, 1024, 0.99) == 16
-    assert build.choose_nprobe({1: 0.5, 2: 0.6}, 2, 0.99) == 2
+    assert tune.choose_nprobe(levelling, 1024, 0.99) == 16
+    assert tune.choose_nprobe({1: 0.5, 2: 0.6}, 2, 0.99) == 2
 
 
 def test_compressed_shards_rerank_to_exact_quality(ray_local, tmp_path):
@@ -305,11 +307,10 @@ def test_compressed_shards_rerank_to_exact_quality(ray_local, tmp_path):
     per_face = sum(s["resident_bytes"] for s in manifest["shards"]) / manifest["total"]
     assert per_face <= 100, per_face
     xq = synthetic.queries(xb, 300, seed=25)
-    _, found = search.search_version(handle, xq, 10)
+    _, found = searchers.search_version(handle, xq, 10)
     assert synthetic.recall_at_k(found, exact(xb, xq, 10)[1]) >= 0.98
-    no_rerank = build.build_version(faces_table(xb), str(tmp_path / "b"), model=MODEL, weights_sha256=WEIGHTS,
-                                    pq=32, rerank=0, nprobe=manifest["nprobe"])
-    _, rough = search.search_version(load.open_version(str(tmp_path / "b")), xq, 10)
+    no_rerank = make(tmp_path / "b", xb, pq=32, rerank=0, nprobe=manifest["nprobe"])
+    _, rough = searchers.search_version(load.open_version(str(tmp_path / "b")), xq, 10)
     assert no_rerank["rerank"] == 0
     assert synthetic.recall_at_k(rough, exact(xb, xq, 10)[1]) < synthetic.recall_at_k(found, exact(xb, xq, 10)[1])
 
@@ -321,12 +322,12 @@ def test_lists_found_once_per_batch_give_the_same_results(ray_local, tmp_path, p
     xb = synthetic.clustered(12_000, 32, seed=31)
     make(tmp_path, xb, shards=3, nlist=64, pq=pq)
     handle = load.open_version(str(tmp_path))
-    searchers = [search.LocalShardSearcher(handle, s) for s in range(handle.shard_count)]
+    each = [searchers.LocalShardSearcher(handle, s) for s in range(handle.shard_count)]
     xq = synthetic.queries(xb, 200, seed=32)
     for nprobe in (1, 4, 64):
-        D0, I0, rows0 = search.search_rows(handle, xq, 10, nprobe, searchers=searchers)
-        D1, I1, rows1 = search.search_rows(handle, xq, 10, nprobe, searchers=searchers,
-                                           coarse=search.CoarseQuantizer(handle))
+        D0, I0, rows0 = searchers.search_rows(handle, xq, 10, nprobe, searchers=each)
+        D1, I1, rows1 = searchers.search_rows(handle, xq, 10, nprobe, searchers=each,
+                                              coarse=search.CoarseQuantizer(handle))
         assert np.array_equal(I0, I1) and np.allclose(D0, D1) and rows0.equals(rows1)
     assert synthetic.recall_at_k(I1, exact(xb, xq, 10)[1]) > 0.99      # nprobe 64 of 64: exact lists
 
@@ -347,8 +348,8 @@ def test_one_searcher_holding_every_shard_merges_them_into_one_index(ray_local, 
     xb = synthetic.clustered(9_000, 32, seed=41)
     make(tmp_path, xb, shards=3, nlist=32, pq=pq)
     handle = load.open_version(str(tmp_path))
-    apart = [search.LocalShardSearcher(handle, s) for s in range(handle.shard_count)]
-    together = [search.LocalShardSearcher(handle, [0, 1, 2], threads=2)]
+    apart = [searchers.LocalShardSearcher(handle, s) for s in range(handle.shard_count)]
+    together = [searchers.LocalShardSearcher(handle, [0, 1, 2], threads=2)]
     assert together[0].merged is not None and together[0].ntotal() == 9_000
     assert all(shard.index is None for shard in together[0].shards)          # codes moved, not copied
     xq = synthetic.queries(xb, 150, seed=42)
@@ -363,8 +364,8 @@ def test_one_searcher_holding_every_shard_merges_them_into_one_index(ray_local, 
         assert above_cut.mean() > 0.5
     truth = exact(xb, xq, 10)[1]
     for k, nprobe in ((10, 4), (10, 32), (3_100, 32)):          # k beyond one shard's size pads
-        D0, I0, rows0 = search.search_rows(handle, xq, k, nprobe, searchers=apart, coarse=coarse)
-        D1, I1, rows1 = search.search_rows(handle, xq, k, nprobe, searchers=together, coarse=coarse)
+        D0, I0, rows0 = searchers.search_rows(handle, xq, k, nprobe, searchers=apart, coarse=coarse)
+        D1, I1, rows1 = searchers.search_rows(handle, xq, k, nprobe, searchers=together, coarse=coarse)
         found = I1 >= 0
         assert rows1["faiss_id"].to_pylist() == [i if i >= 0 else None for i in I1.reshape(-1)]
         assert np.allclose(D1[found], np.einsum("qd,qkd->qk", xq, xb[np.where(found, I1, 0)])[found], atol=1e-5)
@@ -385,8 +386,8 @@ def test_joined_fast_scan_lists_keep_every_code_past_1024_entries(ray_local, tmp
     make(tmp_path, xb, shard_size=1024, nlist=1, pq=16)
     handle = load.open_version(str(tmp_path))
     assert [entry["count"] for entry in handle.manifest["shards"]] == [1024] * 3
-    apart = [search.LocalShardSearcher(handle, s) for s in range(3)]
-    together = search.LocalShardSearcher(handle, [0, 1, 2])
+    apart = [searchers.LocalShardSearcher(handle, s) for s in range(3)]
+    together = searchers.LocalShardSearcher(handle, [0, 1, 2])
     assert together.merged is not None and together.ntotal() == 3 * 1024
     xq = synthetic.queries(xb, 100, seed=62)
     D0, I0 = _by_score(*search.merge_topk([search.search_shard(s.index, xq, 3 * 1024, 1) for s in apart], 3 * 1024))
@@ -401,8 +402,8 @@ def test_shards_of_another_training_are_not_merged(ray_local, tmp_path):
     make(tmp_path / "a", xb[:3_000], nlist=16, pq=16)
     make(tmp_path / "b", xb[3_000:], nlist=16, pq=16)
     shards = [load.open_shard(load.open_version(str(tmp_path / name)), 0) for name in ("a", "b")]
-    assert not search.MergedShards.possible(shards)
-    assert search.MergedShards.possible([shards[0], load.open_shard(load.open_version(str(tmp_path / "a")), 0)])
+    assert not joining.MergedShards.possible(shards)
+    assert joining.MergedShards.possible([shards[0], load.open_shard(load.open_version(str(tmp_path / "a")), 0)])
 
 
 def test_id_locator_finds_shard_and_row():
@@ -423,16 +424,16 @@ def test_searcher_groups_fit_the_smallest_node_and_use_every_node(ray_local, tmp
     xb = synthetic.clustered(8_000, 32, seed=43)
     make(tmp_path, xb, shards=4, nlist=16)
     handle = load.open_version(str(tmp_path))
-    one = search.shard_memory(handle, 0)
+    one = searchers.shard_memory(handle, 0)
     big = {"CPU": 1, "memory": 100 * one}
-    assert search.searcher_groups(handle, [big]) == [[0, 1, 2, 3]]              # one CPU: one searcher
-    assert search.searcher_groups(handle, [big, big]) == [[0, 1], [2, 3]]       # one per node
-    assert search.searcher_groups(handle, [{"CPU": 2, "memory": 100 * one}]) == [[0, 1, 2, 3]]
-    assert search.searcher_groups(handle, [big] * 9) == [[0], [1], [2], [3]]    # never more than shards
-    tight = {"CPU": 1, "memory": search.group_memory(handle, [0, 1])}
-    assert search.searcher_groups(handle, [tight]) == [[0, 1], [2, 3]]          # split to fit a node
+    assert searchers.searcher_groups(handle, [big]) == [[0, 1, 2, 3]]              # one CPU: one searcher
+    assert searchers.searcher_groups(handle, [big, big]) == [[0, 1], [2, 3]]       # one per node
+    assert searchers.searcher_groups(handle, [{"CPU": 2, "memory": 100 * one}]) == [[0, 1, 2, 3]]
+    assert searchers.searcher_groups(handle, [big] * 9) == [[0], [1], [2], [3]]    # never more than shards
+    tight = {"CPU": 1, "memory": searchers.group_memory(handle, [0, 1])}
+    assert searchers.searcher_groups(handle, [tight]) == [[0, 1], [2, 3]]          # split to fit a node
     too_small = {"CPU": 1, "memory": one - 1}
-    assert search.searcher_groups(handle, [too_small]) == [[0], [1], [2], [3]]  # Ray then refuses, not swaps
+    assert searchers.searcher_groups(handle, [too_small]) == [[0], [1], [2], [3]]  # Ray then refuses, not swaps
 
 
 def test_drift_sample_takes_recorded_part_rows_without_footers(ray_local, tmp_path, monkeypatch):
@@ -443,12 +444,12 @@ def test_drift_sample_takes_recorded_part_rows_without_footers(ray_local, tmp_pa
     for i, (a, b) in enumerate(((0, 1_000), (1_000, 1_700), (1_700, 3_000))):
         uris.append(str(tmp_path / f"part-{i}.parquet"))
         storage.write_table(uris[-1], faces_table(xb[a:b]))
-    trained = faiss.serialize_index(build.train(xb, params.choose_params(3_000, 32, nlist=16)))
-    from_footers = build.sampled_similarity(uris, trained, 500)
+    trained = faiss.serialize_index(train.train(xb, params.choose_params(3_000, 32, nlist=16)))
+    from_footers = train.sampled_similarity(uris, trained, 500)
 
     def no_footers(*_a, **_k):
         raise AssertionError("a footer was read")
 
-    monkeypatch.setattr(build, "list_parts", no_footers)
-    assert build.sampled_similarity(uris, trained, 500, rows=[1_000, 700, 1_300]) == from_footers
+    monkeypatch.setattr(train, "list_parts", no_footers)
+    assert train.sampled_similarity(uris, trained, 500, rows=[1_000, 700, 1_300]) == from_footers
     assert 0.5 < from_footers <= 1.0

@@ -19,7 +19,7 @@ from facelake import faults, storage
 from facelake.record import tables as rootmod
 from facelake.index import layout
 from facelake.index.load import load_ids, open_version
-from facelake.index.search import search_version
+from facelake.index.searchers import search_version
 from facelake.jobs.embed import done_image_ids
 from facelake.faces.registry import get_model
 from facelake.jobs.rebuild import retrain_reason

@@ -22,9 +22,9 @@ from facelake import faults
 from facelake import storage
 from facelake.record import tables as rootmod
 from facelake.index import layout
-from facelake.index.build import build_version
+from facelake.index.build import BuildOptions, build_version
 from facelake.index.load import load_ids, open_version
-from facelake.index.search import search_version
+from facelake.index.searchers import search_version
 from facelake.index.update import _Group, _merge_tiers, _split, plan_groups
 from facelake.jobs.erase import EraseConfig, run_erase
 from facelake.faces.registry import get_model, weights_fingerprint
@@ -71,8 +71,8 @@ def assert_same_search_as_from_scratch(root: str, scratch_root: str) -> None:
     version = rootmod.current(root)
     spec = get_model()
     storage.remove(scratch_root, recursive=True)
-    build_version([rootmod.uri(root, rootmod.FACES, p) for p in version.faces], scratch_root, model=spec.name,
-                  weights_sha256=weights_fingerprint(spec), erased_ids=rootmod.erased_ids(root))
+    build_version([rootmod.uri(root, rootmod.FACES, p) for p in version.faces], scratch_root, BuildOptions(
+        model=spec.name, weights_sha256=weights_fingerprint(spec), erased_ids=rootmod.erased_ids(root)))
     live, scratch = topk(open_version(root), xq, k), topk(open_version(scratch_root), xq, k)
     exact = exact_topk(faces, xq, k)
     assert [set(r) for r in live] == [set(r) for r in scratch] == [set(r) for r in exact]
@@ -224,7 +224,7 @@ def test_publish_reuses_untouched_shards(where, ray_local, provisioned_weights, 
 
 
 def test_plan_groups_and_tiered_merges():
-    from facelake.index.build import Part
+    from facelake.index.parts import Part
 
     parts = [Part(uri=f"/r/faces/p{i}.parquet", rows=r, first_row=0) for i, r in enumerate([100, 50, 10])]
     live = {"next_id": 150, "shards": [
@@ -341,7 +341,8 @@ def test_compressed_version_extended_equals_build_on_same_quantizer(ray_local, t
     a, b, b2, c = (str(tmp_path / "faces" / f"part-{x}.parquet") for x in "a b b2 c".split())
     _synthetic_part(a, xb[:1500], "a")
     _synthetic_part(b, xb[1500:3000], "b")
-    v1 = build_version([a, b], root, model="m", weights_sha256="w", shard_size=1500, nlist=16, pq=32, keep=10)
+    v1 = build_version([a, b], root, BuildOptions(
+        model="m", weights_sha256="w", shard_size=1500, nlist=16, pq=32, keep=10))
     assert v1["pq"] and v1["rerank"] and all("vectors_file" in s for s in v1["shards"])
     _synthetic_part(b2, xb[1500:2900], "b")
     _synthetic_part(c, xb[2900:4500], "c")
@@ -353,8 +354,8 @@ def test_compressed_version_extended_equals_build_on_same_quantizer(ray_local, t
         assert v2["files"][v2["shards"][0][key]] == v1["files"][v1["shards"][0][key]]
     ids = load_ids(open_version(root, v2["version"]))["faiss_id"].to_pylist()
     assert len(ids) == len(set(ids))
-    same_q = build_version([a, b2, c], root, model="m", weights_sha256="w", shard_size=1500,
-                           trained_from=v2["version"], keep=10)
+    same_q = build_version([a, b2, c], root, BuildOptions(
+        model="m", weights_sha256="w", shard_size=1500, trained_from=v2["version"], keep=10))
     xq = np.ascontiguousarray(xb[::37])
     extended, rebuilt = topk(open_version(root, v2["version"]), xq, 10), topk(open_version(root, same_q["version"]), xq, 10)
     assert extended == rebuilt

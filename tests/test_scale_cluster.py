@@ -15,7 +15,7 @@ import pytest
 
 from facelake import faults, storage
 from facelake.record import audit
-from facelake.index import build, load, search, synthetic
+from facelake.index import build, load, searchers, synthetic
 from facelake.jobs import search as search_job
 from tests.helpers import MODEL, WEIGHTS, exact, faces_table, ranked_ids, results
 
@@ -44,9 +44,10 @@ def memory_cluster():
 def _gallery(tmp_path, n=9000, seed=31):
     xb = synthetic.clustered(n, 128, seed=seed)
     root = str(tmp_path / "root")
-    manifest = build.build_version(faces_table(xb), root, model=MODEL, weights_sha256=WEIGHTS, shards=3, nlist=16)
+    manifest = build.build_version(faces_table(xb), root,
+                                   build.BuildOptions(model=MODEL, weights_sha256=WEIGHTS, shards=3, nlist=16))
     handle = load.open_version(root)
-    whole = sum(search.shard_memory(handle, s) for s in range(handle.shard_count))
+    whole = sum(searchers.shard_memory(handle, s) for s in range(handle.shard_count))
     assert whole > NODE_MEMORY, "the index must not fit one node for this test to mean anything"
     return xb, root, manifest, handle
 
@@ -55,7 +56,7 @@ def test_shards_spread_over_nodes_and_results_equal_exact(memory_cluster, tmp_pa
     import ray
 
     xb, root, manifest, handle = _gallery(tmp_path)
-    actors = search.start_searchers(handle)
+    actors = searchers.start_searchers(handle)
     try:
         nodes = ray.get([actor.node_id.remote() for actor in actors], timeout=300)
     finally:

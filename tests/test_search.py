@@ -18,7 +18,7 @@ from facelake import calibration, faults, storage
 from facelake.record import audit
 from facelake.errors import ConfigError, IndexVersionError
 from facelake.faces import manifest
-from facelake.index import build, synthetic
+from facelake.index import build, parts, synthetic
 from facelake.jobs import search
 from facelake.jobs.embed import EmbedConfig, outputs, run_embed
 from facelake.schema import RESULT_COLUMNS
@@ -104,8 +104,8 @@ def test_sharded_search_equals_exact_and_unsharded(ray_local, tmp_path):
     gallery = faces_table(xb, camera=pa.array([f"cam{i % 7}" for i in range(len(xb))]))
     storage.write_table(str(tmp_path / "gallery" / "part-0.parquet"), gallery)
     for name, shards in (("sharded", 4), ("single", 1)):
-        build.build_version(str(tmp_path / "gallery"), str(tmp_path / name), model=MODEL, weights_sha256=WEIGHTS,
-                            shards=shards, nlist=32)
+        build.build_version(str(tmp_path / "gallery"), str(tmp_path / name), build.BuildOptions(
+            model=MODEL, weights_sha256=WEIGHTS, shards=shards, nlist=32))
     probes = tmp_path / "probes.parquet"
     storage.write_table(str(probes), faces_table(xq, "q", case=pa.array(["c1"] * len(xq))))
 
@@ -151,8 +151,8 @@ def test_sharded_search_equals_exact_and_unsharded(ray_local, tmp_path):
 def test_recall_at_10_default_nprobe_on_100k(ray_local, tmp_path):
     xb = synthetic.clustered(100_000, 128)
     xq = synthetic.queries(xb, 500)
-    manifest = build.build_version(faces_table(xb), str(tmp_path / "root"), model=MODEL, weights_sha256=WEIGHTS,
-                                   shards=2)
+    manifest = build.build_version(faces_table(xb), str(tmp_path / "root"), build.BuildOptions(
+        model=MODEL, weights_sha256=WEIGHTS, shards=2))
     storage.write_table(str(tmp_path / "probes.parquet"), faces_table(xq, "q"))
     summary = search.run_search(config(tmp_path / "probes.parquet", tmp_path / "root", tmp_path / "out"))
     found = ranked_ids(results(tmp_path / "out"), 500, 10)
@@ -166,7 +166,8 @@ def test_recall_at_10_default_nprobe_on_100k(ray_local, tmp_path):
 
 def test_audit_record_written_when_the_job_fails_half_way(ray_local, tmp_path, capsys):
     xb = synthetic.clustered(2000, 128, seed=7)
-    build.build_version(faces_table(xb), str(tmp_path / "root"), model=MODEL, weights_sha256=WEIGHTS, shards=2)
+    build.build_version(faces_table(xb), str(tmp_path / "root"), build.BuildOptions(
+        model=MODEL, weights_sha256=WEIGHTS, shards=2))
     storage.write_table(str(tmp_path / "probes.parquet"), faces_table(synthetic.queries(xb, 300), "q"))
 
     def crash(summary):
@@ -201,8 +202,8 @@ def sample_root(ray_local, provisioned_weights, tmp_path_factory):
     run_embed(EmbedConfig(manifest=str(manifest), out=str(base / "faces"), progress=False))
     faces_uri = outputs(str(base / "faces"))["faces"]
     faces = storage.read_table(faces_uri, columns=["model", "weights_sha256"])
-    build.build_version(faces_uri, str(base / "root"), model=faces["model"][0].as_py(),
-                        weights_sha256=faces["weights_sha256"][0].as_py())
+    build.build_version(faces_uri, str(base / "root"), build.BuildOptions(
+        model=faces["model"][0].as_py(), weights_sha256=faces["weights_sha256"][0].as_py()))
     return base
 
 
@@ -270,7 +271,7 @@ def test_identify_mode_on_a_manifest_of_probe_photos(sample_root, tmp_path):
     assert record["probes"]["sha256"] == manifest.validate(str(tmp_path / "probes.parquet")).fingerprint
     # an explicit threshold is taken and recorded as such; faces without a candidate get a null row
     probe_faces = storage.read_table(outputs(search.outputs(str(tmp_path / "out"))["probe_faces"])["faces"])
-    xq = build.embeddings(probe_faces) + np.random.default_rng(0).normal(0, 0.03, (probe_faces.num_rows, 128))
+    xq = parts.embeddings(probe_faces) + np.random.default_rng(0).normal(0, 0.03, (probe_faces.num_rows, 128))
     xq = (xq / np.linalg.norm(xq, axis=1, keepdims=True)).astype(np.float32)   # new photos, cosine ~0.95
     moved = probe_faces.set_column(probe_faces.schema.get_field_index("embedding"), "embedding",
                                    pa.FixedSizeListArray.from_arrays(pa.array(xq.ravel()), 128))

@@ -51,7 +51,8 @@ class BatchSearch:
     gallery rows -> false-match rates -> one result part file. Returns only counts."""
 
     def __init__(self, spec: BatchSpec, actors: list | None = None) -> None:
-        from facelake.index.search import CoarseQuantizer, LocalShardSearcher
+        from facelake.index.search import CoarseQuantizer
+        from facelake.index.searchers import LocalShardSearcher
 
         self.spec, self.actors = spec, actors
         every_shard = list(range(spec.handle.shard_count))
@@ -61,8 +62,8 @@ class BatchSearch:
         self.token, self.parts = uuid.uuid4().hex[:8], 0
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from facelake.index.build import embeddings
-        from facelake.index.search import search_rows
+        from facelake.index.parts import embeddings
+        from facelake.index.searchers import search_rows
 
         spec = self.spec
         D, I, rows = search_rows(spec.handle, embeddings(batch), spec.k, spec.nprobe, actors=self.actors,
@@ -109,7 +110,7 @@ def search_on_ray(probes: ProbeSource, spec: BatchSpec, actors: list, *, batch_s
     search workers (None: SEARCH_WORKERS); the per-batch counts, iterable once every shard is loaded."""
     import ray
 
-    from facelake.index.search import start_searchers
+    from facelake.index.searchers import start_searchers
 
     # the dataset first: reading Parquet footers runs Ray tasks that want a whole CPU, which the
     # shard actors may hold once started
