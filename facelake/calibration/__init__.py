@@ -18,19 +18,10 @@ Tests: tests/test_calibration.py (all modules, and every shipped file reproduced
 tests/test_calibrate.py (a gallery calibration measured and used by search).
 """
 
-from facelake.calibration.formats import GALLERY_KIND, GALLERY_SCHEMA_VERSION, SCHEMA_VERSION
-from facelake.calibration.gallery import (EXTRAPOLATED, GALLERY_MARGIN, MEASURED, GalleryCalibration,
-                                          within_margin)
-from facelake.calibration.shipped import DEFAULT_DATASET, Calibration, load, load_default, shipped_path
-from facelake.calibration.stats import (CONFIDENCE, CalibrationError, TailFit, clopper_pearson_upper, fit_tail,
-                                        fmr_for_fpir, fpir_at_calibrated_size, gpd_pwm, wilson_upper)
-from facelake.calibration.store import (GALLERY_DIR, GALLERY_SUFFIX, find_gallery, gallery_dir, load_any,
-                                        load_gallery, save_gallery)
-
-__all__ = [
-    "CONFIDENCE", "DEFAULT_DATASET", "EXTRAPOLATED", "GALLERY_DIR", "GALLERY_KIND", "GALLERY_MARGIN",
-    "GALLERY_SCHEMA_VERSION", "MEASURED", "SCHEMA_VERSION", "Calibration", "CalibrationError",
-    "GalleryCalibration", "TailFit", "clopper_pearson_upper", "find_gallery", "fit_tail", "fmr_for_fpir",
-    "fpir_at_calibrated_size", "gallery_dir", "gpd_pwm", "load", "load_any", "load_default", "load_gallery",
-    "save_gallery", "shipped_path", "wilson_upper", "within_margin",
-]
+from facelake.calibration.formats import SCHEMA_VERSION
+from facelake.calibration.gallery import GALLERY_MARGIN, GalleryCalibration
+from facelake.calibration.shipped import Calibration, load, load_default, shipped_path
+from facelake.calibration.stats import (CalibrationError, clopper_pearson_upper, fit_tail, fmr_for_fpir,
+                                        fpir_at_calibrated_size, gpd_pwm, wilson_upper)
+from facelake.calibration.store import (GALLERY_SUFFIX, find_gallery, gallery_dir, load_any, load_gallery,
+                                        save_gallery)

@@ -37,7 +37,6 @@ from facelake.faces.registry import ModelSpec, get_model, weights_fingerprint
 # tightened by the ratio of sizes (FPIR_cal = 1 - (1 - FPIR)**(N_cal / N)).
 GALLERY_MARGIN = 0.10
 EXTRAPOLATED = "extrapolated"
-MEASURED = "measured"
 
 
 def within_margin(calibrated_size: int, gallery_size: int, margin: float = GALLERY_MARGIN) -> bool:

@@ -47,10 +47,6 @@ from facelake.faces.registry import ModelSpec, get_model, weights_fingerprint
 DEFAULT_DATASET = "lfw"
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 @dataclass
 class Calibration:
     """Thresholds -> measured FMR (with a 95% upper bound) and FNMR for one model + detector."""
@@ -67,7 +63,7 @@ class Calibration:
     genuine_below: np.ndarray     # genuine pairs with similarity < threshold (int64)
     confidence: float = CONFIDENCE
     notes: str = ""
-    created: str = field(default_factory=_now)
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     summary: dict = field(default_factory=dict)
 
     @classmethod
