@@ -134,10 +134,11 @@ def gpd_pwm(excess: np.ndarray) -> tuple[float, float]:
     """(shape xi, scale sigma) of a generalised Pareto fitted to exceedances over a threshold by
     probability-weighted moments (Hosking & Wallis 1987); survival (1 + xi*y/sigma)**(-1/xi).
 
-    Chosen over maximum likelihood (``genpareto.fit`` with loc fixed at 0): on the shipped LFW
-    impostor tails the two shapes differ by less than one bootstrap standard deviation, both
-    bootstrap bounds met their target on every synthetic seed of the test, and the moments are
-    closed form (no optimiser to fail), about a thousand times faster per bootstrap resample.
+    Chosen over maximum likelihood (``genpareto.fit`` with loc fixed at 0): on the top 1,000 and
+    10,000 impostor scores of the shipped LFW tables the two shapes differ by 0.006 to 0.019, 0.4
+    to 1.2 bootstrap standard deviations (0.012 to 0.033), so the stated uncertainty does not tell
+    them apart; both bootstrap bounds met their target on 10 of 10 normal-parent seeds of the
+    test; and the moments are closed form (no optimiser to fail), ~1,000x faster per resample.
     """
     y = np.sort(np.asarray(excess, np.float64))
     n = len(y)
