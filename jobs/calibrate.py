@@ -41,6 +41,7 @@ import pyarrow.compute as pc
 import typer
 
 from facelake import calibration, storage
+from facelake.calibration.gallery import nonmated_max, same_identity
 from facelake.record import audit
 from facelake.errors import ConfigError, FacelakeError, IndexVersionError
 from facelake.faces.registry import get_model, weights_fingerprint
@@ -333,35 +334,16 @@ def _search_scores(config: CalibrateConfig, handle, nprobe: int, faces: pa.Table
         for start in range(0, faces.num_rows, config.batch_size):
             batch = faces.slice(start, config.batch_size)
             D, I = searchers.search_version(handle, embeddings(batch), k, nprobe, actors)
-            same = None if probe_ids is None else _same_identity(I, gallery_ids, probe_ids[start:start + len(I)])
-            out.append(_nonmated_max(D, I, same, summary))
+            same = None if probe_ids is None else same_identity(I, gallery_ids, probe_ids[start:start + len(I)])
+            scores, excluded, saturated = nonmated_max(D, I, same)
+            summary.excluded_same_identity += excluded
+            summary.saturated += saturated
+            out.append(scores)
     finally:
         for actor in actors:
             ray.kill(actor)
     summary.searches = faces.num_rows
     return np.concatenate(out)
-
-
-def _same_identity(I: np.ndarray, gallery_ids: np.ndarray, probe_ids: np.ndarray) -> np.ndarray:
-    """(n, k) True where the candidate is the probe's own identity (a null identity never matches)."""
-    cand = gallery_ids[np.clip(I, 0, None)]
-    same = (cand == probe_ids[:, None]) & (I >= 0)
-    return same & np.array([[p is not None] for p in probe_ids])
-
-
-def _nonmated_max(D: np.ndarray, I: np.ndarray, same: np.ndarray | None, summary: CalibrateSummary) -> np.ndarray:
-    """Per row: the first (highest) score of a non-mated candidate; -1 when the search found nothing;
-    the k-th score when every candidate was mated (an upper bound on the non-mated maximum)."""
-    valid = I >= 0
-    nonmated = valid if same is None else valid & ~same
-    if same is not None:
-        summary.excluded_same_identity += int((valid & same).sum())
-    first = np.argmax(nonmated, axis=1)
-    rows = np.arange(len(D))
-    scores = np.where(nonmated.any(axis=1), D[rows, first], -1.0)
-    saturated = valid.all(axis=1) & ~nonmated.any(axis=1)
-    summary.saturated += int(saturated.sum())
-    return np.where(saturated, D[:, -1], scores).astype(np.float64)
 
 
 # ------------------------------------------------------------------------------ audit and CLI

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from facelake import calibration, storage
+from facelake.calibration.gallery import nonmated_max
 from facelake.record import audit
 from facelake.errors import ConfigError
 from facelake.index import build, parts
@@ -157,16 +158,13 @@ def test_calibration_of_another_version_or_model_is_refused(gallery, tmp_path):
 
 
 def test_saturated_and_empty_searches_are_scored_conservatively():
-    from facelake.jobs.calibrate import CalibrateSummary, _nonmated_max
-
     D = np.array([[0.9, 0.8, 0.7], [0.95, 0.6, 0.5], [0.4, -np.inf, -np.inf]], np.float32)
     I = np.array([[1, 2, 3], [4, 5, 6], [7, -1, -1]])
     same = np.array([[True, True, True], [True, False, False], [True, False, False]])
-    summary = CalibrateSummary(job_id="t")
-    scores = _nonmated_max(D, I, same, summary)
+    scores, excluded, saturated = nonmated_max(D, I, same)
     # all mated: the k-th score bounds the non-mated maximum; mated first: the next one; none left: -1
     np.testing.assert_allclose(scores, [0.7, 0.6, -1.0], atol=1e-6)
-    assert summary.saturated == 1 and summary.excluded_same_identity == 5
+    assert saturated == 1 and excluded == 5
 
 
 def test_calibrate_a_manifest_of_photos_for_a_new_version(gallery, capsys):

@@ -1,7 +1,9 @@
-"""facelake.calibration: FMR bounds, thresholds by target, the versioned file, the shipped LFW table."""
+"""facelake.calibration: FMR bounds, thresholds by target, the versioned file, the shipped LFW tables
+(each reproduced from its counts), the live-gallery calibration and its extrapolated tail."""
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import math
 
@@ -10,6 +12,7 @@ import pytest
 
 from facelake.calibration import (SCHEMA_VERSION, Calibration, CalibrationError, fmr_for_fpir, load,
                                   load_default, shipped_path, wilson_upper)
+from facelake.calibration.formats import calibration_fields
 from facelake.faces.registry import get_model
 
 
@@ -124,6 +127,26 @@ def test_shipped_lfw_calibration():
     low, high = cal.threshold_for_fpir(1e-2, 1_000), cal.threshold_for_fpir(1e-2, 100_000)
     assert low < high
     assert cal.summary["genuine_mean"] > cal.summary["impostor_mean"]
+
+
+SHIPPED = sorted((p for p in importlib.resources.files("facelake").joinpath("data").iterdir()
+                  if p.name.startswith("calibration-") and p.name.endswith(".json")), key=lambda p: p.name)
+
+
+@pytest.mark.parametrize("resource", SHIPPED, ids=lambda p: p.name)
+def test_shipped_file_reproduces_its_bounds_and_thresholds(resource):
+    """Every shipped table's stored bounds (written with the file) come back from its counts, and
+    each target's threshold is the one the stored bounds choose."""
+    data = json.loads(resource.read_text())
+    cal = Calibration(**calibration_fields(data, resource.name))
+    stored = np.array([row["fmr_upper95"] for row in data["rows"]], np.float64)
+    np.testing.assert_allclose(cal.fmr_upper, stored, rtol=1e-9, atol=0)
+    thresholds = np.array([row["threshold"] for row in data["rows"]], np.float64)
+    for target in (1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7):
+        assert cal.threshold_for_fmr(target) == thresholds[np.flatnonzero(stored <= target)[0]], target
+    for fpir, size in ((1e-2, 1_000), (1e-2, 100_000), (1e-1, 1_000_000)):
+        want = thresholds[np.flatnonzero(stored <= fmr_for_fpir(fpir, size))[0]]
+        assert cal.threshold_for_fpir(fpir, size) == want
 
 
 # ---- live-gallery calibrations (facelake calibrate) ---------------------------------------------
