@@ -9,10 +9,8 @@ core every layer above it uses (``facelake.index``, then ``facelake.cluster``, t
 - ``record/``: the root of record: table versions, erasure list, lock, audit log.
 - ``evaluation/``: measured error rates on labeled photos: verification, pairs-file protocol,
   identification, per-group rates, the report (tests/test_evaluate.py).
-- ``calibration``: similarity -> measured false-match rate, thresholds by target
-  (tests/test_calibration.py).
-- ``search_thresholds``: a search's threshold policy: which calibration serves it, the threshold
-  it applies, each candidate's estimated false-match rate (tests/test_search.py, test_calibrate.py).
+- ``calibration/``: similarity -> measured false-match rate, thresholds by target, a search's
+  threshold policy (tests/test_calibration.py).
 - ``results``: a search's result rows built from one batch of search hits (tests/test_search.py).
 - ``review/``: reading outputs in notebooks, face crops and review grids; it sits above
   ``facelake.index`` (tests/test_review.py).

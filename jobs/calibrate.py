@@ -9,7 +9,7 @@ searches that return a candidate at or above each threshold. This job does that 
 live index version and writes a ``calibration.GalleryCalibration`` (FPIR vs threshold, counts, the
 exact one-sided 95% Clopper-Pearson bound; tied to the model, weights fingerprint, index version
 and gallery size) to ROOT/calibration/<version>--<job id>.gallery-calibration.json. Identify-mode
-searches then choose their threshold from it (jobs/search.py ``_calibration``).
+searches then choose their threshold from it (``facelake.calibration.thresholds.choose_calibration``).
 
 1. NONMATED_MANIFEST is a manifest of images (embedded with the live version's model by
    ``run_embed`` into a work folder, ROOT/_calibrate/<manifest fingerprint>/ by default, so a rerun

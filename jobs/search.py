@@ -16,7 +16,7 @@
    (facelake.jobs.work.search_batches; the rows are built by facelake.results). The driver sees
    per-batch counts only, so its memory grows with neither the gallery nor the probes.
    ``executor="local"`` runs the same worker code in this process (notebooks, benchmarks).
-3. Modes (the threshold policy is facelake.search_thresholds). investigate (default): the top-K
+3. Modes (the threshold policy is facelake.calibration.thresholds). investigate (default): the top-K
    candidates of every probe face, each with its similarity and the estimated false-match rate at
    that similarity (``Calibration.fmr_at``, a 95% upper bound); nothing is called a match, but
    ``above_threshold`` still says where a candidate stands against the identify threshold.
@@ -65,7 +65,7 @@ from facelake.jobs.work.search_batches import BatchSpec, local_batches, search_o
 from facelake.record import audit
 from facelake.results import ResultSpec, result_metadata
 from facelake.schema import ID_TABLE_SCHEMA, RESULT_METADATA_KEY
-from facelake.search_thresholds import DEFAULT_MAX_FPIR, ThresholdOptions, choose_calibration, choose_threshold
+from facelake.calibration.thresholds import DEFAULT_MAX_FPIR, ThresholdOptions, choose_calibration, choose_threshold
 
 Mode = Literal["investigate", "identify"]
 Executor = Literal["ray", "local"]
@@ -146,7 +146,7 @@ class SearchConfig:
             raise ConfigError("--out must not be the index root: give a folder of its own for the results")
 
     def threshold_options(self) -> ThresholdOptions:
-        """The options that choose the calibration and the threshold (facelake.search_thresholds)."""
+        """The options that choose the calibration and the threshold (facelake.calibration.thresholds)."""
         return ThresholdOptions(mode=self.mode, threshold=self.threshold, max_fpir=self.max_fpir, nprobe=self.nprobe,
                                 calibration_file=self.calibration, allow_extrapolation=self.allow_extrapolation)
 

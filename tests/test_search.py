@@ -88,7 +88,7 @@ def test_result_rows_keep_rank_order_and_give_a_face_without_candidates_one_null
 
 
 def test_threshold_policy_without_calibration():
-    from facelake.search_thresholds import ThresholdOptions, choose_threshold, false_match_rates
+    from facelake.calibration.thresholds import ThresholdOptions, choose_threshold, false_match_rates
 
     assert choose_threshold(ThresholdOptions("identify", threshold=0.4), None, 10) == (0.4, "explicit --threshold")
     assert choose_threshold(ThresholdOptions("investigate"), None, 10) == (None, "none: no calibration for the model")

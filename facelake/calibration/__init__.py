@@ -13,9 +13,12 @@ Two kinds, one per way of measuring:
 - ``formats``: the versioned JSON of both kinds.
 - ``store``: where live-gallery calibrations live under ROOT/calibration/, save/load/find, and
   ``load_any`` for a file of either kind.
+- ``thresholds``: a search's threshold policy: which calibration serves it, the threshold and how
+  it was chosen, the false-match rate of each candidate.
 
 Tests: tests/test_calibration.py (all modules, and every shipped file reproduced),
-tests/test_calibrate.py (a gallery calibration measured and used by search).
+tests/test_calibrate.py (a gallery calibration measured and used by search), tests/test_search.py
+(the threshold policy).
 """
 
 from facelake.calibration.formats import SCHEMA_VERSION

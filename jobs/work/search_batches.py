@@ -22,7 +22,7 @@ import pyarrow as pa
 from facelake import storage
 from facelake.jobs.work.probes import ProbeSource, parquet_schema
 from facelake.results import ResultSpec, probe_columns, result_table
-from facelake.search_thresholds import false_match_rates
+from facelake.calibration.thresholds import false_match_rates
 
 # Search workers (Ray Data actors that fan batches out to the shard actors, merge, annotate and
 # write): two keep the shard actors busy while one batch is merged and written.
