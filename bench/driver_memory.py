@@ -161,6 +161,7 @@ def measure(case: str, folder: str) -> dict:
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    from facelake.record import erasures as erasure_list
     from facelake.record import tables as rootmod
     from facelake.jobs import rebuild
     from facelake.jobs.work import resume
@@ -188,14 +189,14 @@ def measure(case: str, folder: str) -> dict:
 
         root = os.path.join(folder, "recorded")
         plan = rebuild_plan.plan_in_tasks(rebuild.RebuildConfig(manifest=m, root=root), info, rootmod.current(root),
-                                          rootmod.erased_ids(root), storage.StorageOptions())
+                                          erasure_list.erased_ids(root), storage.StorageOptions())
         out = {"new": plan.new, "changed": plan.changed, "removed": plan.removed}
     elif case == "rebuild_plan_before":
         root = os.path.join(folder, "recorded")
         table, _ = rebuild._resolve_manifest(m, storage.StorageOptions())
         record = rootmod.record_ids(root, rootmod.current(root))
         plan = rebuild.plan(rebuild.RebuildConfig(manifest=m, root=root), table, record,
-                            rootmod.erased_ids(root), storage.StorageOptions())
+                            erasure_list.erased_ids(root), storage.StorageOptions())
         out = {"new": plan.new, "changed": plan.changed, "removed": plan.removed}
     elif case == "erase":
         from facelake.jobs import erase

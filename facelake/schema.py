@@ -112,7 +112,7 @@ RESULT_METADATA_KEY = b"facelake.search"
 RESULT_METADATA_FIELDS = ("job_id", "mode", "index_version", "model", "gallery_size", "threshold",
                           "threshold_how", "calibration")
 
-# The erasure list of record (ROOT/erasures/<seq>.parquet, facelake.record.tables): one row per erased id.
+# The erasure list of record (ROOT/erasures/<seq>.parquet, facelake.record.erasures): one row per erased id.
 ERASURE_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("reason", pa.string()), ("user", pa.string()), ("claimed_user", pa.string()),
     ("erased_at", pa.string()), ("job_id", pa.string()),

@@ -60,6 +60,7 @@ from facelake import faults, storage
 from facelake.record import audit
 from facelake.faces import manifest
 from facelake.faces import reader
+from facelake.record import erasures as erasure_list
 from facelake.record import tables as rootmod
 from facelake.errors import ConfigError
 from facelake.record.lock import DEFAULT_TTL_S, RootLock
@@ -683,7 +684,7 @@ def _rebuild(config: RebuildConfig, spec, info: manifest.ManifestInfo, summary: 
             if base is not None and base.model not in (None, spec.name):
                 raise ConfigError(f"{storage.redact(config.root)} holds faces of model {base.model!r}, not "
                                   f"{spec.name!r}: use one root per model")
-            erased = rootmod.erased_ids(config.root, options)
+            erased = erasure_list.erased_ids(config.root, options)
             started_ray = not ray.is_initialized()
             runtime.connect(config.address)
             t = time.monotonic()
