@@ -17,5 +17,8 @@
 - ``erasure``: what every publisher does about the erasure list: the checked list, the refusal to
   publish a version holding an erased id, removing other versions that hold one. Tested in
   tests/test_erase.py.
+- ``publish``: ``publish_index``: the index version of a table version of record (after rebuild
+  or erase), the live version extended while its trained quantizer fits, else retrained. Tested
+  in tests/test_rebuild*.py and tests/test_erase.py.
 - ``synthetic``: clustered unit vectors for tests and bench/index.py.
 """

@@ -348,7 +348,8 @@ def _complete(config: EraseConfig, summary: EraseSummary, base, live: str | None
     pointer = rootmod.read_pointer(config.root, options) or {}
     stale = version is not None and (version is not base or pointer.get("index_version") != live or live is None)
     if stale or live_holds:
-        live = _republish(config, version, live, erased, lock, options)
+        live, dropped = _republish(config, version, live, erased, lock, options)
+        summary.versions_removed += dropped
     summary.index_version = live
     if live is not None:
         check_publishable(config.root, live, erased, options)
@@ -360,21 +361,23 @@ def _complete(config: EraseConfig, summary: EraseSummary, base, live: str | None
 
 
 def _republish(config: EraseConfig, version, live: str | None, erased: pa.Array,
-               lock: RootLock, options: StorageOptions) -> str | None:
+               lock: RootLock, options: StorageOptions) -> tuple[str | None, list[str]]:
+    """(the index version published without the erased ids, the other versions holding one that
+    publishing removed)."""
     import ray
 
     from facelake.cluster import runtime
-    from facelake.jobs.rebuild import publish_index
+    from facelake.index.publish import publish_index
 
     started_ray = not ray.is_initialized()
     runtime.connect(None)
     try:
         if version is None:  # a root made by embed + index: no faces of record
-            return _publish_from_source(config.root, live, erased, config.keep, lock, options, config.driver_rows)
+            return _publish_from_source(config.root, live, erased, config.keep, lock, options, config.driver_rows), []
         spec = get_model(version.model)
         published = publish_index(config.root, version, model=spec.name, weights_sha256=weights_fingerprint(spec), keep=config.keep,
                                   full=False, lock=lock, options=options)
-        return published["version"]
+        return published["version"], published["dropped"]
     finally:
         runtime.shutdown_if_local(started_ray)
 

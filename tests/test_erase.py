@@ -199,6 +199,8 @@ def test_erase_on_a_rebuild_root_stays_erased_and_a_deleted_list_is_refused(wher
     assert result.exit_code == 0, result.output
     live = layout.current_version(root)
     assert live != first.index_version and first.index_version not in layout.list_versions(root)
+    # the version publishing replaced held the erased face: it is deleted, and counted
+    assert "live index version " + live + "; 1 other version(s) holding erased faces deleted" in result.output
     assert TARGET not in rootmod.read_faces(root)["image_id"].to_pylist() and TARGET not in found()
     assert "img2" in found() or "img4" in found()         # the same person's other photos stay searchable
     erased = erasure_list.erasures(root).to_pylist()
@@ -206,6 +208,7 @@ def test_erase_on_a_rebuild_root_stays_erased_and_a_deleted_list_is_refused(wher
         [(TARGET, "subject request #42", "dpo-officer", 1)]
     (record,) = audit.list_records(root, kind="erase")
     assert record["user"] == audit.os_user() != "dpo-officer" and record["claimed_user"] == "dpo-officer"
+    assert record["versions_removed"] == [first.index_version]
     assert not any(TARGET in p for p in storage.list_files(f"{root}/faces"))
 
     again = run_rebuild(config)                            # still in the manifest, never embedded again

@@ -23,7 +23,8 @@ from facelake.index.load import load_ids, open_version
 from facelake.index.search import search_version
 from facelake.jobs.embed import done_image_ids
 from facelake.faces.registry import get_model
-from facelake.jobs.rebuild import RebuildConfig, retrain_reason, run_rebuild
+from facelake.index.publish import retrain_reason
+from facelake.jobs.rebuild import RebuildConfig, run_rebuild
 from tests.conftest import start_local_ray
 from tests.helpers import SAMPLE_DIR, fails_at_armed_fault, sample_manifest
 
