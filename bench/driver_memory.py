@@ -14,8 +14,8 @@ validated, streamed: every job's first step):
   recorded (counted by jobs/work/counts.py tasks), against reading every image id (before).
 - ``rebuild``: rebuild's change detection (the manifest carries size and mtime, so no photo is
   statted; the record holds two faces per photo; nothing changed, so all of it is compared):
-  ``jobs/rebuild_plan.plan_in_tasks`` (hash-partitioned tasks) against the driver's plan
-  (``_resolve_manifest`` + ``record_ids`` + ``plan``: what every rebuild ran before, and still
+  ``jobs/work/changes.plan_in_tasks`` (hash-partitioned tasks) against the driver's plan
+  (``resolve_manifest`` + ``record_ids`` + ``plan``: what every rebuild ran before, and still
   runs below rebuild_plan.DRIVER_ROWS).
 - ``erase``: finding what erasing 10 ids (9 held, one not) removes and where, in the root of
   record above: jobs/erase.py ``_scan`` (each task filters its parts against the 10 ids and
@@ -161,9 +161,9 @@ def measure(case: str, folder: str) -> dict:
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    from facelake.record import erasures as erasure_list
     from facelake.record import tables as rootmod
-    from facelake.jobs import rebuild
-    from facelake.jobs.work import resume
+    from facelake.jobs.work import changes, photos, resume
     from facelake.jobs.embed import done_image_ids
     from facelake.jobs.status import collect
     from facelake.faces.registry import get_model
@@ -187,15 +187,15 @@ def measure(case: str, folder: str) -> dict:
         from facelake.jobs.work import changes as rebuild_plan
 
         root = os.path.join(folder, "recorded")
-        plan = rebuild_plan.plan_in_tasks(rebuild.RebuildConfig(manifest=m, root=root), info, rootmod.current(root),
-                                          rootmod.erased_ids(root), storage.StorageOptions())
+        plan = rebuild_plan.plan_in_tasks(rebuild_plan.ChangeConfig(manifest=m, root=root), info, rootmod.current(root),
+                                          erasure_list.erased_ids(root), storage.StorageOptions())
         out = {"new": plan.new, "changed": plan.changed, "removed": plan.removed}
     elif case == "rebuild_plan_before":
         root = os.path.join(folder, "recorded")
-        table, _ = rebuild._resolve_manifest(m, storage.StorageOptions())
+        table, _ = photos.resolve_manifest(m, storage.StorageOptions())
         record = rootmod.record_ids(root, rootmod.current(root))
-        plan = rebuild.plan(rebuild.RebuildConfig(manifest=m, root=root), table, record,
-                            rootmod.erased_ids(root), storage.StorageOptions())
+        plan = changes.plan(changes.ChangeConfig(manifest=m, root=root), table, record,
+                            erasure_list.erased_ids(root), storage.StorageOptions())
         out = {"new": plan.new, "changed": plan.changed, "removed": plan.removed}
     elif case == "erase":
         from facelake.jobs import erase

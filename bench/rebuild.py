@@ -79,7 +79,7 @@ def seed_root(root: str, photos: Path, n: int, sources: list[Path]) -> dict:
     published index version, through the root / table-version / publish code a rebuild uses."""
     from facelake.record import tables as rootmod
     from facelake.index.synthetic import clustered
-    from facelake.jobs.rebuild import publish_index
+    from facelake.index.publish import publish_index
     from facelake.record.lock import RootLock
     from facelake.faces.registry import get_model, weights_fingerprint
     from facelake.schema import faces_schema

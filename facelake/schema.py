@@ -123,7 +123,7 @@ def result_schema(probe_carried: pa.Schema, gallery_carried: pa.Schema, metadata
     fields += [pa.field(f"gallery_{f.name}", f.type) for f in gallery_carried]
     return pa.schema(fields, metadata={RESULT_METADATA_KEY: metadata})
 
-# The erasure list of record (ROOT/erasures/<seq>.parquet, facelake.record.tables): one row per erased id.
+# The erasure list of record (ROOT/erasures/<seq>.parquet, facelake.record.erasures): one row per erased id.
 ERASURE_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("reason", pa.string()), ("user", pa.string()), ("claimed_user", pa.string()),
     ("erased_at", pa.string()), ("job_id", pa.string()),

@@ -32,6 +32,10 @@ Versions on storage:
   publish a version holding an erased id, removing other versions that hold one. Tested in
   tests/test_erase.py and tests/test_erase_holdings.py.
 
+- ``publish``: ``publish_index``: the index version of a table version of record (after rebuild
+  or erase), the live version extended while its trained quantizer fits, else retrained. Tested
+  in tests/test_rebuild*.py and tests/test_erase.py.
+
 Searching:
 
 - ``search``: primitives, no Ray: ``search_shard``, ``search_reranked``, ``exact_scores``,

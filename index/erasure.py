@@ -5,7 +5,7 @@ Publishers (``facelake index``, ``rebuild``, ``erase``; any future one) call, un
 ``erased_ids_checked`` before building (and pass the result to ``build_version(erased_ids=)``),
 ``check_publishable`` just before CURRENT is written (a ``before_pointer`` hook), and
 ``drop_versions_holding`` after publishing, so versions kept by --keep never hold an erased face.
-The erasure list itself (chained, anchored) is ``facelake.record.tables``'s. The id tables are matched
+The erasure list itself (chained, anchored) is ``facelake.record.erasures``. The id tables are matched
 against the list shard by shard: in Ray tasks (SHARDS_PER_TASK shards each, returning only the
 numbers of the shards holding an erased id) when Ray is connected (publishers connect it to build)
 and the version holds more than DRIVER_ROWS faces, else in the driver, one shard in memory at a
@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from facelake import storage
-from facelake.record import tables as rootmod
+from facelake.record import erasures as erasure_list
 from facelake.errors import FacelakeError
 from facelake.index import layout
 from facelake.index.load import open_version, shard_ids
@@ -34,11 +34,11 @@ TASK_CPUS = 0.25
 def erased_ids_checked(root: str, options: StorageOptions | None) -> pa.Array:
     """The erasure list (chain and audit anchor checked), also checked against the live version:
     a list shorter than what the live version's manifest says it left out was truncated."""
-    erased = rootmod.erased_ids(root, options)
+    erased = erasure_list.erased_ids(root, options)
     live = layout.current_version(root, options)
     expected = open_version(root, live, options=options).manifest.get("erased_ids_count", 0) if live else 0
     if expected > len(erased):
-        raise rootmod.ErasureListError(
+        raise erasure_list.ErasureListError(
             f"the live index version {live} was built leaving out {expected} erased id(s), but the erasure list "
             f"names {len(erased)}: entries were deleted; restore ROOT/erasures from a backup; nothing is "
             f"published until then")
@@ -52,8 +52,8 @@ def check_publishable(root: str, version: str, erased: pa.Array, options: Storag
         try:
             handle = open_version(root, version, options=options)
             for number in shards_holding(handle, erased):   # raises on the first
-                rootmod.refuse_erased(shard_ids(handle, number)["image_id"], erased, f"index version {version}")
-        except rootmod.ErasureListError:
+                erasure_list.refuse_erased(shard_ids(handle, number)["image_id"], erased, f"index version {version}")
+        except erasure_list.ErasureListError:
             storage.remove(layout.version_uri(root, version), recursive=True, options=options)
             raise
 

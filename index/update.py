@@ -23,7 +23,7 @@ all still in the table of record holds exactly the faces it would be built from 
    log_MERGE_FACTOR(shard_size / nightly delta) times in its life.
 
 The trained quantizer, the parameters and nprobe (with the recall curve measured when it was
-trained) are the live version's; the caller (facelake.jobs.rebuild.publish_index) decides when
+trained) are the live version's; the caller (facelake.index.publish.publish_index) decides when
 drift or growth calls for a full rebuild. A live version this cannot extend (built before sources
 were recorded, another model or weights, other id-table columns) raises NotIncremental and the
 caller builds in full. Tested in tests/test_rebuild_incremental.py.

@@ -12,7 +12,7 @@ list and refuse to publish a version holding one):
    not found (exit 1 in the CLI). Ids already on the erasure list (an earlier or killed erase)
    report the counts recorded when they were listed.
 2. Append the new ids with their counts, reason and user to the erasure list of record
-   (facelake.record.tables: append-only, hash-chained, anchored in the audit log). From here on no
+   (facelake.record.erasures: append-only, hash-chained, anchored in the audit log). From here on no
    publisher embeds or indexes them again, even while a manifest or faces table lists them.
 3. Remove staging runs (a killed rebuild's staged faces may include them).
 4. Write a table version of record without any erased id (only the parts the scan found holding
@@ -44,6 +44,7 @@ import typer
 
 from facelake import faults, storage
 from facelake.record import audit
+from facelake.record import erasures as erasure_list
 from facelake.record import tables as rootmod
 from facelake.errors import ConfigError, FacelakeError
 from facelake.record.lock import DEFAULT_TTL_S, RootLock
@@ -267,7 +268,7 @@ def _erase(config: EraseConfig, ids: list[str], summary: EraseSummary,
     with RootLock(config.root, summary.job_id, ttl_s=config.lock_ttl_s, options=options) as lock, \
             _ray_for(config, options):
         before = erased_ids_checked(config.root, options)                 # refuses a tampered list
-        listed_before = rootmod.erasures(config.root, options)
+        listed_before = erasure_list.erasures(config.root, options)
         base = rootmod.current(config.root, options)
         live = layout.current_version(config.root, options)
         mine = pa.array(ids, pa.string())
@@ -280,11 +281,11 @@ def _erase(config: EraseConfig, ids: list[str], summary: EraseSummary,
         _report(summary, ids, listed, holdings)
         new = {i: holdings[i] for i, v in summary.per_id.items() if v["status"] == "erased"}
         if new:
-            rootmod.append_erasure(config.root, new, reason=config.reason, job_id=summary.job_id, options=options)
+            erasure_list.append_erasure(config.root, new, reason=config.reason, job_id=summary.job_id, options=options)
         faults.point("erase.after_erasure_list", summary.job_id)
         _complete(config, summary, base, live, scan, set(wanted.to_pylist()), lock, options)
         if config.purge_results:
-            summary.purged_results = purge_results(config.root, rootmod.erased_ids(config.root, options), options)
+            summary.purged_results = purge_results(config.root, erasure_list.erased_ids(config.root, options), options)
 
 
 @contextlib.contextmanager
@@ -348,7 +349,8 @@ def _complete(config: EraseConfig, summary: EraseSummary, base, live: str | None
     pointer = rootmod.read_pointer(config.root, options) or {}
     stale = version is not None and (version is not base or pointer.get("index_version") != live or live is None)
     if stale or live_holds:
-        live = _republish(config, version, live, erased, lock, options)
+        live, dropped = _republish(config, version, live, erased, lock, options)
+        summary.versions_removed += dropped
     summary.index_version = live
     if live is not None:
         check_publishable(config.root, live, erased, options)
@@ -360,21 +362,23 @@ def _complete(config: EraseConfig, summary: EraseSummary, base, live: str | None
 
 
 def _republish(config: EraseConfig, version, live: str | None, erased: pa.Array,
-               lock: RootLock, options: StorageOptions) -> str | None:
+               lock: RootLock, options: StorageOptions) -> tuple[str | None, list[str]]:
+    """(the index version published without the erased ids, the other versions holding one that
+    publishing removed)."""
     import ray
 
     from facelake.cluster import runtime
-    from facelake.jobs.rebuild import publish_index
+    from facelake.index.publish import publish_index
 
     started_ray = not ray.is_initialized()
     runtime.connect(None)
     try:
         if version is None:  # a root made by embed + index: no faces of record
-            return _publish_from_source(config.root, live, erased, config.keep, lock, options, config.driver_rows)
+            return _publish_from_source(config.root, live, erased, config.keep, lock, options, config.driver_rows), []
         spec = get_model(version.model)
         published = publish_index(config.root, version, model=spec.name, weights_sha256=weights_fingerprint(spec), keep=config.keep,
                                   full=False, lock=lock, options=options)
-        return published["version"]
+        return published["version"], published["dropped"]
     finally:
         runtime.shutdown_if_local(started_ray)
 

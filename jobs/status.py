@@ -19,6 +19,7 @@ import typer
 from facelake import storage
 from facelake.record import audit
 from facelake.record import lock as lockmod
+from facelake.record import erasures as erasure_list
 from facelake.record import tables as rootmod
 from facelake.errors import IndexVersionError
 from facelake.jobs.options import EndpointUrl
@@ -38,8 +39,8 @@ def collect(root: str, options: StorageOptions | None = None) -> dict:
     error_parts = [rootmod.uri(root, rootmod.ERRORS, p) for p in table.errors] if table else []
     problems: list[str] = []
     try:
-        erased_count = len(pc.unique(rootmod.erasures(root, options)["image_id"]))
-    except rootmod.ErasureListError as err:
+        erased_count = len(pc.unique(erasure_list.erasures(root, options)["image_id"]))
+    except erasure_list.ErasureListError as err:
         erased_count, problems = None, [f"erasure list: {err}"]
     versions = []
     for name in layout.list_versions(root, options):

@@ -145,7 +145,7 @@ def test_rerun_with_other_options_is_refused_or_overwritten_never_mixed(tmp_path
 
 def test_rebuild_staging_is_reused_only_for_the_same_fingerprint(tmp_path):
     from facelake.record import tables as rootmod
-    from facelake.jobs.rebuild import _staging_run
+    from facelake.jobs.work.staging import reuse_run as _staging_run
 
     root, options = str(tmp_path / "root"), storage.StorageOptions()
     run = _staging_run(root, options, "sface-yunet", "a" * 64)

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from facelake import faults, storage
 from facelake.record import audit
+from facelake.record import erasures as erasure_list
 from facelake.record import tables as rootmod
 from facelake.errors import ConfigError, ManifestError
 from facelake.index import layout
@@ -88,7 +89,7 @@ def test_erase_completes_on_an_embed_and_index_root_and_index_never_republishes(
     assert f"{TARGET}: erased: 1 face(s)" in result.output and "not found" in result.output
     assert "line, multi" in result.output
     assert TARGET not in live_ids(root) and TARGET not in all_version_ids(root)
-    assert rootmod.erasures(root)["image_id"].to_pylist() == [TARGET]     # unknown ids are not recorded
+    assert erasure_list.erasures(root)["image_id"].to_pylist() == [TARGET]     # unknown ids are not recorded
     (record,) = audit.list_records(root, kind="erase")
     assert record["status"] == "succeeded" and record["resulting_version"] == layout.current_version(root)
     per_id = {r["status"]: r for r in record["per_id"]}
@@ -97,18 +98,18 @@ def test_erase_completes_on_an_embed_and_index_root_and_index_never_republishes(
     assert per_id["erased"]["id_hmac"] == audit.id_hmac(root, [TARGET])[0]
 
     # `facelake index` of the same faces table (it still holds the face) leaves it out
-    before = rootmod.erasures(root).num_rows
+    before = erasure_list.erasures(root).num_rows
     again = invoke("index", embedded, "--root", root, "--keep", "5")
     assert again.exit_code == 0, again.output
-    assert TARGET not in all_version_ids(root) and rootmod.erasures(root).num_rows == before
+    assert TARGET not in all_version_ids(root) and erasure_list.erasures(root).num_rows == before
     assert open_version(root).manifest["erased_ids_count"] == 1
     (index_record,) = [r for r in audit.list_records(root, kind="index") if r["index_version"] == layout.current_version(root)]
     assert index_record["status"] == "succeeded" and index_record["erased_left_out"] == 1
 
     # a publisher that forgets the erasure list is refused before CURRENT moves
     live = layout.current_version(root)
-    erased = rootmod.erased_ids(root)
-    with pytest.raises(rootmod.ErasureListError, match="refusing to publish index version"):
+    erased = erasure_list.erased_ids(root)
+    with pytest.raises(erasure_list.ErasureListError, match="refusing to publish index version"):
         build_version(embedded, root, BuildOptions(
             model=open_version(root).model, weights_sha256=open_version(root).manifest["weights_sha256"], keep=5,
             hooks={"before_pointer": lambda v: check_publishable(root, v, erased, None)}))
@@ -119,7 +120,7 @@ def test_erase_completes_on_an_embed_and_index_root_and_index_never_republishes(
     storage.remove(f"{root}/erasures", recursive=True)
     storage.remove(f"{root}/audit", recursive=True)
     refused = invoke("index", embedded, "--root", root)
-    assert isinstance(refused.exception, rootmod.ErasureListError) and "leaving out 1" in str(refused.exception)
+    assert isinstance(refused.exception, erasure_list.ErasureListError) and "leaving out 1" in str(refused.exception)
     assert TARGET not in all_version_ids(root)
 
 
@@ -147,7 +148,7 @@ def test_killed_erase_resumes_and_purges_search_results(embedded, tmp_path):
     assert resumed["status"] == "succeeded" and resumed["faces_removed"] == 1 and resumed["purged_results"] == [out]
     table = storage.read_table(search.outputs(out)["results"])
     assert TARGET not in table["gallery_image_id"].to_pylist() + table["probe_image_id"].to_pylist()
-    assert table.num_rows > 0 and rootmod.erasures(root)["image_id"].to_pylist() == [TARGET]
+    assert table.num_rows > 0 and erasure_list.erasures(root)["image_id"].to_pylist() == [TARGET]
 
 
 def test_erase_on_s3_embed_and_index_root_kill_and_resume(embedded, s3_bucket):
@@ -170,7 +171,7 @@ def test_erase_on_s3_embed_and_index_root_kill_and_resume(embedded, s3_bucket):
     for part in storage.list_files(f"{root}/erasures"):
         storage.remove(part)
     result = invoke("index", faces, "--root", root)
-    assert isinstance(result.exception, rootmod.ErasureListError) and "deleted" in str(result.exception)
+    assert isinstance(result.exception, erasure_list.ErasureListError) and "deleted" in str(result.exception)
     assert not {TARGET, "img3"} & all_version_ids(root)
 
 
@@ -198,13 +199,16 @@ def test_erase_on_a_rebuild_root_stays_erased_and_a_deleted_list_is_refused(wher
     assert result.exit_code == 0, result.output
     live = layout.current_version(root)
     assert live != first.index_version and first.index_version not in layout.list_versions(root)
+    # the version publishing replaced held the erased face: it is deleted, and counted
+    assert "live index version " + live + "; 1 other version(s) holding erased faces deleted" in result.output
     assert TARGET not in rootmod.read_faces(root)["image_id"].to_pylist() and TARGET not in found()
     assert "img2" in found() or "img4" in found()         # the same person's other photos stay searchable
-    erased = rootmod.erasures(root).to_pylist()
+    erased = erasure_list.erasures(root).to_pylist()
     assert [(e["image_id"], e["reason"], e["claimed_user"], e["faces"]) for e in erased] == \
         [(TARGET, "subject request #42", "dpo-officer", 1)]
     (record,) = audit.list_records(root, kind="erase")
     assert record["user"] == audit.os_user() != "dpo-officer" and record["claimed_user"] == "dpo-officer"
+    assert record["versions_removed"] == [first.index_version]
     assert not any(TARGET in p for p in storage.list_files(f"{root}/faces"))
 
     again = run_rebuild(config)                            # still in the manifest, never embedded again
@@ -219,7 +223,7 @@ def test_erase_on_a_rebuild_root_stays_erased_and_a_deleted_list_is_refused(wher
     # before: deleting ROOT/erasures made the next rebuild re-embed the erased photo
     for part in storage.list_files(f"{root}/erasures"):
         storage.remove(part)
-    with pytest.raises(rootmod.ErasureListError, match="deleted"):
+    with pytest.raises(erasure_list.ErasureListError, match="deleted"):
         run_rebuild(config)
     assert TARGET not in found() and layout.current_version(root) == live
     assert audit.list_records(root, kind="rebuild")[-1]["status"] == "failed"
@@ -256,9 +260,9 @@ def test_erasure_list_is_chained_and_anchored(where, tmp_path, request):
     # an object written before the chain (ROOT/erasures/<job id>.parquet) is still obeyed
     storage.write_table(f"{root}/erasures/erase-old.parquet", pa.table({
         "image_id": ["old"], "reason": ["r"], "user": ["u"], "erased_at": ["t"], "job_id": ["erase-old"]}))
-    rootmod.append_erasure(root, {"a": (1, 0)}, reason="r", job_id="erase-1")
-    rootmod.append_erasure(root, {"b": (2, 1)}, reason="r", job_id="erase-2")
-    assert sorted(rootmod.erased_ids(root).to_pylist()) == ["a", "b", "old"]
+    erasure_list.append_erasure(root, {"a": (1, 0)}, reason="r", job_id="erase-1")
+    erasure_list.append_erasure(root, {"b": (2, 1)}, reason="r", job_id="erase-2")
+    assert sorted(erasure_list.erased_ids(root).to_pylist()) == ["a", "b", "old"]
 
     def rewrite(seq: int, image_id: str) -> None:
         target = f"{root}/erasures/{seq:010d}.parquet"
@@ -270,12 +274,12 @@ def test_erasure_list_is_chained_and_anchored(where, tmp_path, request):
 
     original = storage.read_bytes(f"{root}/erasures/{1:010d}.parquet")
     rewrite(1, "someone-else")                       # an altered entry breaks the link to the next one
-    with pytest.raises(rootmod.ErasureListError, match="entry 2 does not follow entry 1"):
-        rootmod.erased_ids(root)
+    with pytest.raises(erasure_list.ErasureListError, match="entry 2 does not follow entry 1"):
+        erasure_list.erased_ids(root)
     storage.write_bytes_atomic(f"{root}/erasures/{1:010d}.parquet", original)
     rewrite(2, "someone-else")                       # the newest entry is checked against the audit anchor
-    with pytest.raises(rootmod.ErasureListError, match="differs from what the audit log recorded"):
-        rootmod.erased_ids(root)
+    with pytest.raises(erasure_list.ErasureListError, match="differs from what the audit log recorded"):
+        erasure_list.erased_ids(root)
     storage.remove(f"{root}/erasures/{2:010d}.parquet")
-    with pytest.raises(rootmod.ErasureListError, match="records 2 erasure list entries .* holds 1"):
-        rootmod.erased_ids(root)
+    with pytest.raises(erasure_list.ErasureListError, match="records 2 erasure list entries .* holds 1"):
+        erasure_list.erased_ids(root)

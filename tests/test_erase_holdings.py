@@ -11,6 +11,7 @@ import pyarrow as pa
 import pytest
 
 from facelake import storage
+from facelake.record import erasures as erasure_list
 from facelake.record import tables as rootmod
 from facelake.index import layout
 from facelake.index.build import BuildOptions, build_version
@@ -136,6 +137,6 @@ def test_erasure_checks_in_tasks_refuse_and_find_versions_holding(tmp_path, ray_
     assert erasure.versions_holding(root, clean, None, None) == []
     held = pa.array(["nope", "a-000033"], pa.string())
     assert erasure.versions_holding(root, held, None, None) == [live]
-    with pytest.raises(rootmod.ErasureListError, match="refusing to publish index version"):
+    with pytest.raises(erasure_list.ErasureListError, match="refusing to publish index version"):
         erasure.check_publishable(root, live, held, None)
     assert not storage.exists(layout.version_uri(root, live))      # the refused folder is gone

@@ -22,7 +22,7 @@ from facelake.index.load import load_ids, open_version
 from facelake.index.searchers import search_version
 from facelake.jobs.embed import done_image_ids
 from facelake.faces.registry import get_model
-from facelake.jobs.rebuild import retrain_reason
+from facelake.index.publish import retrain_reason
 from tests.helpers import (ADDED, BASE, SAMPLE_DIR, Crash, assert_record_consistent, crash, fails_at_armed_fault,
                            put_photos, rebuild, start_local_ray, write_manifest)
 

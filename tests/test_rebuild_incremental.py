@@ -20,6 +20,7 @@ import pytest
 from facelake import faults
 
 from facelake import storage
+from facelake.record import erasures as erasure_list
 from facelake.record import tables as rootmod
 from facelake.index import layout
 from facelake.index.build import BuildOptions, build_version
@@ -72,7 +73,7 @@ def assert_same_search_as_from_scratch(root: str, scratch_root: str) -> None:
     spec = get_model()
     storage.remove(scratch_root, recursive=True)
     build_version([rootmod.uri(root, rootmod.FACES, p) for p in version.faces], scratch_root, BuildOptions(
-        model=spec.name, weights_sha256=weights_fingerprint(spec), erased_ids=rootmod.erased_ids(root)))
+        model=spec.name, weights_sha256=weights_fingerprint(spec), erased_ids=erasure_list.erased_ids(root)))
     live, scratch = topk(open_version(root), xq, k), topk(open_version(scratch_root), xq, k)
     exact = exact_topk(faces, xq, k)
     assert [set(r) for r in live] == [set(r) for r in scratch] == [set(r) for r in exact]

@@ -14,7 +14,8 @@ from facelake.faces import manifest
 from facelake.record import tables as rootmod
 from facelake.faces.imaging import content_sha256
 from facelake.jobs.work import changes as rebuild_plan
-from facelake.jobs.rebuild import RebuildConfig, _resolve_manifest, plan
+from facelake.jobs.work.changes import ChangeConfig, plan
+from facelake.jobs.work.photos import resolve_manifest
 
 N, HELD = 300, 250
 
@@ -79,10 +80,10 @@ def test_tasks_find_exactly_the_change(tmp_path, ray_local, own_stats):
     uri = str(tmp_path / "manifest")
     storage.write_table(os.path.join(uri, "m0.parquet"), table.slice(0, 150))
     storage.write_table(os.path.join(uri, "m1.parquet"), table.slice(150))
-    config = RebuildConfig(manifest=uri, root=root)
+    config = ChangeConfig(manifest=uri, root=root)
     info = manifest.validate(uri)
     options = storage.StorageOptions()
-    resolved, _ = _resolve_manifest(uri, options, info)
+    resolved, _ = resolve_manifest(uri, options, info)
     driver = plan(config, resolved, rootmod.record_ids(root, base), erased, options)
     tasks = rebuild_plan.plan_in_tasks(config, info, base, erased, options, buckets=3)
 
@@ -117,7 +118,7 @@ def test_table_version_from_the_plans_parts_equals_reading_every_part(tmp_path, 
     root, base, table, erased, _ = _archive(tmp_path)
     uri = str(tmp_path / "manifest.parquet")
     storage.write_table(uri, table)
-    config = RebuildConfig(manifest=uri, root=root)
+    config = ChangeConfig(manifest=uri, root=root)
     info = manifest.validate(uri)
     made = rebuild_plan.plan_in_tasks(config, info, base, erased, storage.StorageOptions(), buckets=2)
     assert len(base.faces) >= 8 and 0 < len(made.drop_parts) < len(base.faces) + len(base.errors) - 4

@@ -11,7 +11,7 @@ import pytest
 from facelake import storage
 from facelake.faces import reader
 from facelake.record import tables as rootmod
-from facelake.jobs.rebuild import ALLOWED_ROOTS_FILE, _hash_chunk, remembered_roots
+from facelake.jobs.work.photos import ALLOWED_ROOTS_FILE, hash_chunk, remembered_roots
 from tests.helpers import put_photos, rebuild, write_manifest
 
 
@@ -23,8 +23,8 @@ def test_hash_chunk_never_reads_outside_roots(tmp_path):
     os.mkfifo(outside / "pipe.jpg")     # reading it would hang the task
     (outside / "b.jpg").write_bytes(b"secret")
     limits = reader.ReadLimits((str(inside),))
-    hashes = _hash_chunk([str(inside / "a.jpg"), str(outside / "pipe.jpg"), str(outside / "b.jpg"), "/etc/passwd"],
-                         None, limits)
+    hashes = hash_chunk([str(inside / "a.jpg"), str(outside / "pipe.jpg"), str(outside / "b.jpg"), "/etc/passwd"],
+                        None, limits)
     assert hashes[0] is not None and hashes[1:] == [None, None, None]
 
 

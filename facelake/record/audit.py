@@ -11,7 +11,7 @@ Tamper evidence: record n is created write-if-absent under the name n (zero padd
 the sha256 of the bytes of record n-1, so editing or deleting a record breaks the chain at the
 next one; ``verify`` names the first broken link (``facelake audit ROOT --verify``). Deleting
 the newest records is only visible against an anchor kept elsewhere (erase anchors the erasure
-list; see facelake.record.tables). On S3 write-if-absent is ``If-None-Match: *``; stores that ignore it
+list; see facelake.record.erasures). On S3 write-if-absent is ``If-None-Match: *``; stores that ignore it
 can fork the chain when two jobs append at the same instant, which ``verify`` then reports.
 
 Ids that can name a person are written as ``id_hmac``: HMAC-SHA256 under a key kept out of the

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from facelake.jobs.work import counts
 from facelake.record import tables as rootmod
 
 # CPUs per unit: it holds one part (up to PART_ROWS rows, embeddings included) in memory.
@@ -50,8 +51,6 @@ def ray_map(units: list[rootmod.Unit]) -> list[rootmod.Written]:
 def table_map(rows: int, driver_rows: int | None = None) -> rootmod.MapFn:
     """``ray_map`` when Ray is connected and ``rows`` (the root's rows of record plus the manifest's,
     or the change's) exceed ``driver_rows`` (default jobs/work/counts.py DRIVER_ROWS), else in this process."""
-    from facelake.jobs.work import counts
-
     if rows <= (counts.DRIVER_ROWS if driver_rows is None else driver_rows):
         return rootmod.map_local
     import ray
