@@ -85,6 +85,12 @@ READ_CPUS = 0.25
 
 Executor = Literal["auto", "local", "ray"]
 EXECUTORS = ("auto", "local", "ray")
+# How photos are prepared for the recognizer: "threads", "processes", or "auto": processes where
+# the recognizer runs on CUDA (preparation is then the bottleneck, and two processes prepare 1.99x
+# what one does against 1.73x for two threads, bench/prepare.py), threads where the recognizer
+# shares the CPUs with them.
+Preparing = Literal["auto", "threads", "processes"]
+PREPARING = ("auto", "threads", "processes")
 # --executor auto runs a manifest of at most this many rows in this process, without Ray, when
 # no cluster is named. A job that starts its own Ray pays ~13-17 s before its first result (Ray,
 # the actor pool, each actor importing and loading the model) for no more CPUs on one machine,
@@ -120,10 +126,13 @@ class EmbedConfig:
     overwrite: bool = False   # delete OUT's tables first (when they were made with other options)
     # where the chunks run: "ray" (actors), "local" (this process, threads), "auto" (choose_executor)
     executor: Executor = "auto"
+    prepare: Preparing = "auto"
 
     def validate(self) -> ModelSpec:
         if self.executor not in EXECUTORS:
             raise ConfigError(f"--executor must be one of {', '.join(EXECUTORS)}, not {self.executor!r}")
+        if self.prepare not in PREPARING:
+            raise ConfigError(f"--prepare must be one of {', '.join(PREPARING)}, not {self.prepare!r}")
         if self.executor == "local" and self.address is not None:
             raise ConfigError("--executor local runs in this process and joins no cluster: drop --address, "
                               "or use --executor ray (or auto)")
@@ -203,7 +212,7 @@ class ChunkEmbedder:
                  base_dir: str, threads: int, carried: tuple[str, ...],
                  carried_schema: pa.Schema, out: str, run_id: str, batch_size: int, shard_rows: int,
                  weights_sha256: str, limits: reader.ReadLimits | None = None, prepare_threads: int = 1,
-                 recognizer_threads: int | None = None) -> None:
+                 recognizer_threads: int | None = None, prepare: Preparing = "auto") -> None:
         # the model's libraries (OpenCV, the recognizer runtime) load where the model runs, not
         # in a driver that only plans and counts
         from facelake.faces.models import FaceEngine, QualityFloor
@@ -214,7 +223,8 @@ class ChunkEmbedder:
         self.pipeline = FacePipeline(engine, floor=QualityFloor(min_face=min_face, min_score=min_score),
                                      limits=limits or reader.ReadLimits(allowed_roots), options=options,
                                      base_dir=base_dir, max_pixels=max_pixels, batch_size=batch_size,
-                                     threads=prepare_threads)
+                                     threads=prepare_threads,
+                                     processes=prepare == "processes" or (prepare == "auto" and engine.runtime == "cuda"))
         self.options = options
         self.carried = carried
         self.layout, self.run_id = outputs(out), run_id
@@ -424,7 +434,7 @@ def _worker_options(config: EmbedConfig, start: _Start) -> dict:
         allowed_roots=config.allowed_roots, base_dir=manifest.base_dir(config.manifest, start.options),
         carried=start.info.carried, carried_schema=pa.schema([start.info.schema.field(c) for c in start.info.carried]),
         out=config.out, run_id=start.summary.run_id, batch_size=config.batch_size, shard_rows=config.shard_rows,
-        weights_sha256=weights_fingerprint(start.spec), limits=config.limits)
+        weights_sha256=weights_fingerprint(start.spec), limits=config.limits, prepare=config.prepare)
 
 
 def embed_dataset(config: EmbedConfig) -> EmbedPlan:
@@ -617,6 +627,8 @@ def register(app: typer.Typer) -> None:
                                      f"without --address for at most {LOCAL_MAX_ROWS} manifest rows, else ray"),
         overwrite: bool = typer.Option(False, "--overwrite", help="delete OUT's faces, errors and dropped tables first "
                                        "(needed when they were made with other options)"),
+        prepare: str = typer.Option("auto", "--prepare", help="prepare photos on threads or processes; auto: processes "
+                                    "where the recognizer runs on a GPU, else threads"),
     ) -> None:
         """Detect and embed every face of a manifest's images into a faces table."""
         summary = run_embed(EmbedConfig(
@@ -624,5 +636,5 @@ def register(app: typer.Typer) -> None:
             batch_size=batch_size, min_face=min_face, min_score=min_score, max_pixels=max_pixels,
             endpoint_url=endpoint_url, weights_from=weights_from, allowed_roots=tuple(allow_root),
             max_bytes=max_bytes, shard_rows=shard_rows, chunk_images=chunk_images, workers=workers,
-            overwrite=overwrite, executor=executor))
+            overwrite=overwrite, executor=executor, prepare=prepare))
         print_summary(summary)

@@ -35,10 +35,10 @@ def _one_face_at_a_time(engine: FaceEngine, path) -> list[tuple[tuple, np.ndarra
             for det in engine.detect(image) if floor.reason(det) is None]
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_embeddings_are_bit_identical_to_one_face_at_a_time(face_engine, threads):
+@pytest.mark.parametrize("threads, processes", [(1, False), (2, False), (2, True)])
+def test_embeddings_are_bit_identical_to_one_face_at_a_time(face_engine, threads, processes):
     rows = [{"image_id": p.stem, "uri": str(p)} for p in PHOTOS]
-    with FacePipeline(face_engine, threads=threads, batch_size=4) as pipeline:
+    with FacePipeline(face_engine, threads=threads, batch_size=4, processes=processes) as pipeline:
         outcomes = list(pipeline.run(rows))
     assert [o.row["image_id"] for o in outcomes] == [p.stem for p in PHOTOS]  # input order
     faces = 0

@@ -164,6 +164,7 @@ class FaceEngine:
         recognizer's runtime (see FaceEmbedder).
         """
         self.spec = model if isinstance(model, ModelSpec) else get_model(model)
+        self.weights_from = weights_from
         paths = provision(self.spec, weights_from)
         if self.spec.detector not in DETECTORS:
             raise ConfigError(f"model {self.spec.name} names detector {self.spec.detector!r}, which has no adapter "
