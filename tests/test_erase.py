@@ -257,12 +257,14 @@ def test_erasure_list_is_chained_and_anchored(where, tmp_path, request):
     import pyarrow.parquet as pq
 
     root = str(tmp_path / "root") if where == "local" else f"{request.getfixturevalue('s3_bucket')}/root"
-    # an object written before the chain (ROOT/erasures/<job id>.parquet) is still obeyed
-    storage.write_table(f"{root}/erasures/erase-old.parquet", pa.table({
-        "image_id": ["old"], "reason": ["r"], "user": ["u"], "erased_at": ["t"], "job_id": ["erase-old"]}))
     erasure_list.append_erasure(root, {"a": (1, 0)}, reason="r", job_id="erase-1")
     erasure_list.append_erasure(root, {"b": (2, 1)}, reason="r", job_id="erase-2")
-    assert sorted(erasure_list.erased_ids(root).to_pylist()) == ["a", "b", "old"]
+    assert sorted(erasure_list.erased_ids(root).to_pylist()) == ["a", "b"]
+    # a Parquet file dropped beside the chain is no entry of it: refused, not obeyed or ignored
+    storage.write_table(f"{root}/erasures/erase-old.parquet", pa.table({"image_id": ["old"]}))
+    with pytest.raises(erasure_list.ErasureListError, match="is not part of the erasure list"):
+        erasure_list.erased_ids(root)
+    storage.remove(f"{root}/erasures/erase-old.parquet")
 
     def rewrite(seq: int, image_id: str) -> None:
         target = f"{root}/erasures/{seq:010d}.parquet"

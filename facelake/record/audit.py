@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
+import json
 import logging
 import os
 import re
@@ -94,8 +95,6 @@ SUBMITTER_TAG = "facelake_user"   # = facelake.cluster.submit.USER_TAG (core may
 
 def _ray_job() -> tuple[str | None, str | None]:
     """(Ray submission id, submitter's user tag) when this driver runs as a submitted Ray job."""
-    import json
-
     try:
         metadata = json.loads(os.environ.get(RAY_JOB_CONFIG_ENV) or "{}").get("metadata") or {}
     except (ValueError, AttributeError):
@@ -218,35 +217,8 @@ def read_log(root: str, options: storage.StorageOptions | None = None) -> Log:
             continue
         records.append(record)
     for uri in other:
-        legacy = _legacy_record(uri, options)
-        if legacy is None:
-            problems.append(f"{storage.redact(uri)}: not an audit record (foreign file)")
-        else:
-            records.append(legacy)
+        problems.append(f"{storage.redact(uri)}: not an audit record (facelake writes ROOT/audit/<seq>.json only)")
     return Log(records, problems)
-
-
-def _legacy_record(uri: str, options: storage.StorageOptions | None) -> AuditRecord | None:
-    """A record written before the chain (ROOT/audit/<job id>.json), typed with seq 0 and
-    details["legacy"] = True so that listings keep showing it; ``verify`` still names it."""
-    import json
-
-    try:
-        raw = json.loads(storage.read_bytes(uri, options))
-    except ValueError:
-        return None
-    if not isinstance(raw, dict) or not isinstance(raw.get("job_id"), str) or not isinstance(raw.get("kind"), str):
-        return None
-    status = raw.get("status") or {"failed": "failed"}.get(raw.get("outcome"), "succeeded")
-    common = ("job_id", "kind", "status", "user", "host", "started_at", "ended_at", "finished_at",
-              "recorded_at", "error")
-    return AuditRecord(
-        seq=0, prev_sha256=None, job_id=raw["job_id"], kind=raw["kind"],
-        status=status if status in ("started", "succeeded", "failed", "interrupted") else "succeeded",
-        os_user=str(raw.get("user") or ""), claimed_user=None, host=str(raw.get("host") or ""), pid=0,
-        ray_job=None, ray_submitter=None, started_at=raw.get("started_at") or raw.get("recorded_at") or "",
-        ended_at=raw.get("ended_at") or raw.get("finished_at"), recorded_at=raw.get("recorded_at") or "",
-        error=raw.get("error"), details={**{k: v for k, v in raw.items() if k not in common}, "legacy": True})
 
 
 def jobs(records: list[AuditRecord]) -> list[dict[str, Any]]:

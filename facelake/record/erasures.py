@@ -35,9 +35,9 @@ class ErasureListError(FacelakeError):
     """The erasure list of record was deleted, altered or truncated."""
 
 
-def _erasure_files(root: str, options: StorageOptions | None) -> tuple[dict[int, str], list[str]]:
-    """({seq: uri} of the chain, [uris of pre-chain objects ROOT/erasures/<job id>.parquet])."""
-    files, legacy = {}, []
+def _erasure_files(root: str, options: StorageOptions | None) -> dict[int, str]:
+    """{seq: uri} of the chain's entries; any other file in ROOT/erasures is refused."""
+    files = {}
     fs, path = storage.filesystem(uri(root, ERASURES), options)
     fs.invalidate_cache(path)
     for file_uri in storage.list_files(uri(root, ERASURES), options=options):
@@ -45,13 +45,11 @@ def _erasure_files(root: str, options: StorageOptions | None) -> tuple[dict[int,
         match = ERASURE_NAME.match(name)
         if match:
             files[int(match.group(1))] = file_uri
-        elif name.endswith(".parquet"):
-            legacy.append(file_uri)  # written before the chain: still obeyed (only ever erases more)
         elif ".tmp-" not in name:
             raise ErasureListError(f"{storage.redact(file_uri)} is not part of the erasure list (added or "
                                    f"renamed): move it out of ROOT/erasures, or restore the folder from a "
                                    f"backup; nothing is published until the list verifies")
-    return files, legacy
+    return files
 
 
 def _anchor(root: str, options: StorageOptions | None) -> dict | None:
@@ -73,17 +71,9 @@ def _anchor(root: str, options: StorageOptions | None) -> dict | None:
 
 def erasure_log(root: str, options: StorageOptions | None = None) -> tuple[pa.Table, dict | None]:
     """(the erasure list of record, its head {"seq", "sha256"} or None), chain and anchor checked."""
-    files, legacy = _erasure_files(root, options)
+    files = _erasure_files(root, options)
     tables, prev, head = [], None, None
     fix = "restore ROOT/erasures from a backup (facelake audit ROOT lists the erasures); nothing is published until then"
-    for file_uri in legacy:
-        try:
-            old = pq.read_table(io.BytesIO(storage.read_bytes(file_uri, options)))
-            tables.append(pa.table({f.name: old[f.name].cast(f.type) if f.name in old.column_names
-                                    else pa.nulls(old.num_rows, f.type) for f in ERASURE_SCHEMA},
-                                   schema=ERASURE_SCHEMA))
-        except (pa.ArrowException, KeyError, ValueError) as err:
-            raise ErasureListError(f"{storage.redact(file_uri)} (written before the chain) is unreadable: {fix}") from err
     for seq in range(1, max(files, default=0) + 1):
         if seq not in files:
             raise ErasureListError(f"erasure list entry {seq} is missing (deleted): {fix}")
