@@ -36,8 +36,10 @@ demo: $(VENV)/.installed
 	$(BIN)/facelake weights
 	$(BIN)/facelake demo --out demo-out
 
+# whole test files on TEST_WORKERS pytest-xdist workers (tests/conftest.py starts the longest first)
+TEST_WORKERS ?= 3
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/index.py

@@ -82,8 +82,8 @@ def build_gallery(base: Path, *, gallery: int, nlist: int, shards: int = 2, prob
     faces = pa.concat_tables([real, fake.select(real.column_names).cast(real.schema)])
     del fake
     spec = get_model()
-    build.build_version(faces, str(base / "root"), model=spec.name, weights_sha256=weights_fingerprint(spec),
-                        nlist=nlist, shards=shards)
+    build.build_version(faces, str(base / "root"), build.BuildOptions(
+        model=spec.name, weights_sha256=weights_fingerprint(spec), nlist=nlist, shards=shards))
     vectors = synthetic.clustered(2 * probes, 128, seed=PROBE_SEED)
     storage.write_table(str(base / "nonmated.parquet"), faces_table(vectors[:probes], prefix="nm"))
     storage.write_table(str(base / "heldout.parquet"), faces_table(vectors[probes:], prefix="q"))

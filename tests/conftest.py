@@ -122,3 +122,17 @@ def sample_dir() -> Path:
     from tests.helpers import SAMPLE_DIR
 
     return SAMPLE_DIR
+
+
+# `make test` runs the files on several pytest-xdist workers, each file whole on one worker
+# (--dist loadfile: a file's module fixtures are built once). Files start in collection order, so
+# the longest go first: none of them starts last and runs alone while the other workers idle.
+LONGEST_FIRST = ("test_embed_parts.py", "test_rebuild_incremental.py", "test_rebuild.py", "test_hardening_secrets.py",
+                 "test_submit.py", "test_hardening_faults.py", "test_search.py", "test_notebooks.py",
+                 "test_table_tasks.py", "test_progress.py", "test_evaluate.py", "test_calibrate_live_gallery.py",
+                 "test_calibrate.py", "test_erase.py", "test_embed.py", "test_scale_cluster.py", "test_cli.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: place for place, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept

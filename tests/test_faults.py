@@ -54,7 +54,7 @@ def test_file_armed_point_fails_every_hit_after_n_in_every_process():
 def test_every_listed_point_is_in_the_code_and_every_point_in_the_code_is_listed():
     found = set()
     for folder in ("facelake", "jobs", "index", "cluster"):
-        for path in (REPO / folder).glob("*.py"):
+        for path in (REPO / folder).rglob("*.py"):
             text = path.read_text()
             found |= set(re.findall(r'faults\.point\("([a-z_.]+)"', text))
             if 'faults.point(f"index.{name}"' in text:   # build_version's two points share one call
@@ -67,7 +67,7 @@ def test_no_job_takes_test_hooks_any_more():
     production callbacks: the CLI's progress and the publishers' lock and erasure checks)."""
     offenders = []
     for folder in ("facelake", "jobs", "index", "cluster"):
-        for path in (REPO / folder).glob("*.py"):
+        for path in (REPO / folder).rglob("*.py"):
             for line_no, line in enumerate(path.read_text().splitlines(), 1):
                 if re.search(r"HOOK_NAMES|after_block|stepped|Turns\b", line) and path.name != "build.py":
                     offenders.append(f"{path.relative_to(REPO)}:{line_no}: {line.strip()}")

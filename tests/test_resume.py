@@ -62,6 +62,7 @@ def _check(base: str, ids: list[str], done: set[str], todo: resume.Todo) -> None
 def test_driver_checks_a_small_manifest_without_ray(tmp_path):
     import ray
 
+    ray.shutdown()   # the session's shared Ray, if a test before left it up (ray_local starts it again)
     base = str(tmp_path)
     ids, done = _archive(base)
     info = manifest.validate(storage.join(base, "manifest"))
