@@ -184,12 +184,7 @@ def apply_int8_recipe(model: onnx.ModelProto, recipe: dict) -> onnx.ModelProto:
     for node in graph.node:
         nodes.append(node)
         nodes.extend(after.get(id(node), []))
-    del graph.node[:]
-    graph.node.extend(nodes)
-    used = {i for node in graph.node for i in node.input}
-    survivors = [init for init in graph.initializer if init.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(survivors)
+    _replace_nodes(graph, nodes)
     return model
 
 
